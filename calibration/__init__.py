@@ -1,0 +1,1 @@
+"""mirasol.calibration: int8 post-training calibration."""

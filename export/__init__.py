@@ -1,0 +1,1 @@
+"""mirasol.export: split ONNX export, bundle writing and validation."""

@@ -1,0 +1,1 @@
+"""mirasol.runtime: chain the exported graphs with numpy + ONNX Runtime (or TensorRT). Never imports torch."""
