@@ -1,0 +1,94 @@
+"""Trace one graph of the model to ONNX with torch.export (dynamo) and dynamic shapes."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.export import Dim
+
+from mirasol.model import Mirasol
+
+from .specs import GraphSpec
+
+EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit: larger graphs keep their weights beside them
+DEFAULT_OPSET = 18
+
+
+class _FlatInputs(nn.Module):
+    """forward(*inputs) in the spec's input order, so dynamic_shapes is one tuple per input."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.inner(*inputs)
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_graph(spec: GraphSpec, model: Mirasol, path: Path, metadata: dict[str, str],
+                 opset: int = DEFAULT_OPSET) -> Path:
+    """Write `spec`'s graph to `path` (plus `path.data` when its weights pass 2 GB)."""
+    module = _FlatInputs(spec.build(model)).eval()
+    sizes = spec.trace_sizes()
+    example = spec.example(sizes, np.random.default_rng(0))
+    dims = {axis: Dim(axis, min=r.min, max=r.max) for axis, r in spec.axes.items() if r.min != r.max}
+    dynamic_shapes = (tuple({i: dims[d] for i, d in enumerate(t.shape) if d in dims} or None
+                            for t in spec.inputs),)
+    quiet = io.StringIO()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, tuple(torch.from_numpy(v) for v in example.values()), dynamo=True,
+            dynamic_shapes=dynamic_shapes, input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs], opset_version=opset, optimize=True, verbose=False)
+    _name_output_axes(program.model, spec)
+    program.model.metadata_props.update(metadata)
+    program.model.graph.name = spec.name
+    program.save(str(path), external_data=parameter_bytes(module) >= EXTERNAL_DATA_BYTES)
+    return path
+
+
+def graph_metadata(model: Mirasol, producer: dict[str, str], precision: str) -> dict[str, str]:
+    """What each graph carries in metadata_props: the config and the producing versions."""
+    return {"mirasol.config": model.config.to_json(), "mirasol.precision": precision,
+            **{f"mirasol.producer.{k}": v for k, v in producer.items()}}
+
+
+def _name_output_axes(model: ir.Model, spec: GraphSpec) -> None:
+    """Give output axes the spec's names (the exporter writes expressions like 'past_av + 4')."""
+    for value, tensor in zip(model.graph.outputs, spec.outputs):
+        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in tensor.shape])
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def read_config_metadata(path: Path) -> dict:
+    """The config a graph file was exported with (from its metadata_props)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props["mirasol.config"])
