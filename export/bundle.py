@@ -1,7 +1,6 @@
 """`export_bundle`: model -> the four graphs, validated, in a bundle directory with its manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -16,6 +15,7 @@ import torch
 
 from mirasol.model import Mirasol
 from mirasol.runtime.backends.base import TensorInfo
+from mirasol.runtime.bundle import sha256_file
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.manifest import GraphEntry, Manifest
 from mirasol.runtime.tokenizer import ByteTokenizer
@@ -29,14 +29,6 @@ from .validate import validate_graph
 PRECISIONS = ("fp32", "fp16")
 TOKENIZER_FILE = "tokenizer.json"
 Progress = Callable[[str], None]
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def producer_versions(opset: int) -> dict[str, str]:

@@ -1,0 +1,89 @@
+"""ONNX Runtime backend: one InferenceSession per graph, shared by every stream and thread."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import BackendError
+from .base import Backend, GraphSession, TensorInfo
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class OrtGraphSession(GraphSession):
+    def __init__(self, name: str, session: ort.InferenceSession, inputs: Sequence[TensorInfo],
+                 outputs: Sequence[TensorInfo]) -> None:
+        self.name = name
+        self.session = session
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self._all_outputs = [t.name for t in self.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+            ) -> dict[str, np.ndarray]:
+        names = self._all_outputs if output_names is None else list(output_names)
+        try:
+            values = self.session.run(names, feeds)  # type: ignore[arg-type]
+        except Exception as failure:  # onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime failed running graph {self.name!r}: {failure}") from failure
+        return dict(zip(names, values))
+
+
+class OnnxRuntimeBackend(Backend):
+    """Providers are tried in the order given (CPU by default); options map to ort.SessionOptions."""
+
+    name = "onnxruntime"
+
+    def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,
+                 inter_op_threads: int | None = None, optimization: str = "all", profile_dir: str | None = None
+                 ) -> None:
+        available = ort.get_available_providers()
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        for provider in self.providers:
+            provider_name = provider[0] if isinstance(provider, tuple) else provider
+            if provider_name not in available:
+                raise BackendError(f"onnxruntime provider {provider_name!r} is not available in this install "
+                                   f"(available: {available}); install onnxruntime-gpu for CUDA/TensorRT")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise BackendError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}")
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        if threads:
+            self.options.intra_op_num_threads = threads
+        if inter_op_threads:
+            self.options.inter_op_num_threads = inter_op_threads
+        if profile_dir:
+            self.options.enable_profiling = True
+            self.options.profile_file_prefix = profile_dir.rstrip("/") + "/ort"
+
+    def load(self, graph_name: str, path: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]
+             ) -> GraphSession:
+        try:
+            session = ort.InferenceSession(path, sess_options=self.options, providers=self.providers)
+        except Exception as failure:
+            raise BackendError(f"onnxruntime could not load graph {graph_name!r} from {path}: {failure}") from failure
+        declared = {t.name: t for t in (*inputs, *outputs)}
+        actual = {**{i.name: i for i in session.get_inputs()}, **{o.name: o for o in session.get_outputs()}}
+        if set(declared) != set(actual):
+            raise BackendError(f"graph {graph_name!r} at {path}: its IO {sorted(actual)} does not match the "
+                               f"manifest's {sorted(declared)}")
+        for name, tensor in declared.items():
+            onnx_type = actual[name].type  # e.g. "tensor(float)"
+            if onnx_type != _ORT_TYPES.get(tensor.dtype):
+                raise BackendError(f"graph {graph_name!r}: {name!r} is {onnx_type} in the file but "
+                                   f"{tensor.dtype} in the manifest")
+            if len(actual[name].shape) != len(tensor.shape):
+                raise BackendError(f"graph {graph_name!r}: {name!r} has rank {len(actual[name].shape)} in the "
+                                   f"file but {len(tensor.shape)} in the manifest")
+        return OrtGraphSession(graph_name, session, inputs, outputs)
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+              "int32": "tensor(int32)"}

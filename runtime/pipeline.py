@@ -1,0 +1,365 @@
+"""Pipeline and Stream: chain the bundle's graphs, carry the state, generate answers.
+
+Everything the loops do is read from the manifest: which graphs a step runs, where each graph input
+comes from (the caller, an earlier graph of the step, a carried state tensor or a counter) and how the
+state is updated. The plan is resolved once at load; the per-chunk and per-token paths only look it up.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, GraphSession, get_backend
+from .backends.base import TensorInfo
+from .bundle import Bundle
+from .errors import BundleError, InputError
+from .manifest import CounterSpec, StateSpec
+from .sampling import Sampler
+
+STATE_FORMAT = "mirasol-stream-state"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """Where one graph input comes from in a step: 'input' (the caller), 'step' (an earlier graph), 'state'
+    or 'counter' (by name)."""
+
+    input: str
+    kind: str
+    key: str
+
+
+@dataclass
+class _StepPlan:
+    graphs: list[tuple[GraphSession, list[_Feed]]]
+    state: list[StateSpec]  # carried tensors this step produces
+    counters: list[CounterSpec]  # counters this step advances
+    returns: str | None
+
+
+@dataclass
+class Timings:
+    """Seconds spent per graph in backend run calls, and in whole steps (for overhead accounting)."""
+
+    graph_seconds: dict[str, float] = field(default_factory=dict)
+    graph_calls: dict[str, int] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, table: dict[str, float], key: str, seconds: float) -> None:
+        table[key] = table.get(key, 0.0) + seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"graph_seconds": self.graph_seconds, "graph_calls": self.graph_calls,
+                "step_seconds": self.step_seconds}
+
+
+class Pipeline:
+    """The graphs of a bundle, loaded once; shared by any number of streams and threads."""
+
+    def __init__(self, bundle: Bundle, backend: Backend) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.tokenizer = bundle.tokenizer
+        manifest = bundle.manifest
+        self.config = manifest.config
+        self.sessions = {name: backend.load(name, str(bundle.file(g.file)), g.inputs, g.outputs)
+                         for name, g in manifest.graphs.items()}
+        self._state = {s.name: s for s in manifest.state}
+        self._counters = {c.name: c for c in manifest.counters}
+        self._plans = {name: self._plan(name) for name in manifest.steps}
+        push = manifest.steps["push"]
+        self.chunk_inputs = {name: self._input_info(push.graphs, name) for name in push.inputs}
+        self.max_text_len = int(self.config["max_text_len"])
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str | Backend = "onnxruntime", verify: bool = True,
+             **backend_options: Any) -> "Pipeline":
+        """Load a bundle directory with a backend ("onnxruntime" or "tensorrt") and its options."""
+        return cls(Bundle.load(path, verify=verify), get_backend(backend, **backend_options))
+
+    def _input_info(self, graphs: tuple[str, ...], name: str) -> TensorInfo:
+        for graph in graphs:
+            for tensor in self.bundle.graphs[graph].inputs:
+                if tensor.name == name:
+                    return tensor
+        raise BundleError(f"no graph of {graphs} has input {name!r}")
+
+    def _plan(self, step_name: str) -> _StepPlan:
+        manifest = self.bundle.manifest
+        step = manifest.steps[step_name]
+        produced: set[str] = set()
+        graphs = []
+        for graph_name in step.graphs:
+            feeds = []
+            for tensor in manifest.graphs[graph_name].inputs:
+                binding = manifest.binding(graph_name, tensor.name)
+                if tensor.name in step.inputs:
+                    feeds.append(_Feed(tensor.name, "input", tensor.name))
+                elif tensor.name in produced:
+                    feeds.append(_Feed(tensor.name, "step", tensor.name))
+                elif isinstance(binding, StateSpec):
+                    feeds.append(_Feed(tensor.name, "state", binding.name))
+                else:
+                    feeds.append(_Feed(tensor.name, "counter", binding.name))  # type: ignore[union-attr]
+            produced.update(t.name for t in manifest.graphs[graph_name].outputs)
+            graphs.append((self.sessions[graph_name], feeds))
+        return _StepPlan(graphs, [s for s in manifest.state if s.source_graph in step.graphs],
+                         [c for c in manifest.counters if c.graph in step.graphs], step.returns)
+
+    def stream(self) -> "Stream":
+        """A fresh stream: TTM memory zeros, empty caches, counters at 0."""
+        return Stream(self)
+
+    def restore(self, path: str | Path) -> "Stream":
+        """A stream continued from a file written by `Stream.save` with this bundle."""
+        stream = Stream(self)
+        stream._load(Path(path))
+        return stream
+
+    def answer(self, video: np.ndarray, audio: np.ndarray, question: str, **generation: Any) -> str:
+        """Whole clip: video [N*F, 3, H, W], audio log-mel [n_mels, N*A] -> the answer to `question`."""
+        frames = int(self.config["frames_per_chunk"])
+        mel_frames = self.chunk_inputs["audio"].shape[-1]
+        if video.ndim != 4 or audio.ndim != 2:
+            raise InputError(f"answer: expected video [frames, 3, H, W] and audio [n_mels, mel_frames], got "
+                             f"video {video.shape} and audio {audio.shape}")
+        chunks = video.shape[0] // frames
+        if chunks == 0 or video.shape[0] % frames or audio.shape[1] != chunks * mel_frames:
+            raise InputError(f"answer: video of {video.shape[0]} frames and audio of {audio.shape[1]} mel frames "
+                             f"must form the same whole number of chunks ({frames} frames and {mel_frames} "
+                             f"mel frames each)")
+        stream = self.stream()
+        for i in range(chunks):
+            stream.push(video[i * frames:(i + 1) * frames], audio[:, i * mel_frames:(i + 1) * mel_frames])
+        return stream.ask(question, **generation)
+
+
+class Stream:
+    """One video stream's state. Not shared between threads; many streams share one Pipeline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.batch: int | None = None
+        self.state: dict[str, np.ndarray] = {}
+        self.counters: dict[str, np.ndarray] = {}
+        self.chunks = 0
+        self.timings = Timings()
+        self._lock = threading.Lock()
+
+    # ---- state ----
+    def _init(self, scope: str, batch: int) -> None:
+        p = self.pipeline
+        graphs = p.bundle.graphs
+        for spec in p._state.values():
+            if spec.scope == scope:
+                info = graphs[spec.graph].input(spec.input)
+                shape = [batch if d == "batch" else (0 if i == spec.axis and spec.init == "empty" else d)
+                         for i, d in enumerate(info.shape)]
+                if any(isinstance(d, str) for d in shape):
+                    raise BundleError(f"state {spec.name}: cannot size axes {info.shape} of {spec.graph}.{spec.input}")
+                self.state[spec.name] = np.zeros(shape, dtype=info.dtype)
+        for counter in p._counters.values():
+            if counter.scope == scope:
+                self.counters[counter.name] = np.zeros(batch, dtype=np.int64)
+
+    def _run(self, step_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a step's graphs; state and counters change only once every graph has succeeded."""
+        plan = self.pipeline._plans[step_name]
+        produced: dict[str, np.ndarray] = {}
+        start = time.perf_counter()
+        for session, feeds in plan.graphs:
+            values = {}
+            for feed in feeds:
+                if feed.kind == "input":
+                    values[feed.input] = inputs[feed.key]
+                elif feed.kind == "step":
+                    values[feed.input] = produced[feed.key]
+                elif feed.kind == "state":
+                    values[feed.input] = self.state[feed.key]
+                else:
+                    values[feed.input] = self.counters[feed.key]
+            t0 = time.perf_counter()
+            outputs = session.run(values)
+            self.timings.add(self.timings.graph_seconds, session.name, time.perf_counter() - t0)
+            self.timings.graph_calls[session.name] = self.timings.graph_calls.get(session.name, 0) + 1
+            produced.update(outputs)
+        for spec in plan.state:
+            value = produced[spec.output]
+            if spec.update == "append":
+                value = np.concatenate([self.state[spec.name], value], axis=spec.axis)
+            if spec.window is not None and value.shape[spec.axis] > spec.window:
+                index = [slice(None)] * value.ndim
+                index[spec.axis] = slice(value.shape[spec.axis] - spec.window, None)
+                value = np.ascontiguousarray(value[tuple(index)])
+            self.state[spec.name] = value
+        for counter in plan.counters:
+            step = counter.step if counter.length_of is None else inputs[counter.length_of[0]].shape[counter.length_of[1]]
+            self.counters[counter.name] = self.counters[counter.name] + step
+        self.timings.add(self.timings.step_seconds, step_name, time.perf_counter() - start)
+        return produced
+
+    # ---- streaming ----
+    def push(self, video: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """Add one chunk: video [B, F, 3, H, W], audio log-mel [B, n_mels, A] (or both without the batch
+        axis, for batch 1). Returns the chunk's av_context [B, m, D] (no batch axis if none was given)."""
+        unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
+        feeds = {"video": video, "audio": audio}
+        if unbatched:
+            feeds = {name: value[None] if isinstance(value, np.ndarray) else value for name, value in feeds.items()}
+        batch = self._check_chunk(feeds)
+        with self._lock:
+            if self.batch is None:
+                self._init("stream", batch)
+                self.batch = batch
+            produced = self._run("push", feeds)
+            self.chunks += 1
+        context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
+        return context[0] if unbatched else context
+
+    def _check_chunk(self, feeds: Mapping[str, Any]) -> int:
+        """Refuse at the boundary what the graphs cannot take; returns the batch size."""
+        batch = None
+        for name, info in self.pipeline.chunk_inputs.items():
+            value = feeds[name]
+            where = f"push: input {name!r} of graph combiner"
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"{where}: expected a numpy array, got {type(value).__name__}")
+            if value.ndim != len(info.shape):
+                raise InputError(f"{where}: expected rank {len(info.shape)} {list(info.shape)} (or without the "
+                                 f"batch axis), got shape {value.shape}")
+            if value.size == 0:
+                raise InputError(f"{where}: the chunk is empty (shape {value.shape})")
+            expected = [value.shape[0] if d == "batch" else d for d in info.shape]
+            if list(value.shape) != expected:
+                raise InputError(f"{where}: expected shape {list(info.shape)} = {expected}, got {list(value.shape)}")
+            if value.dtype != np.dtype(info.dtype):
+                raise InputError(f"{where}: expected dtype {info.dtype}, got {value.dtype}")
+            if not np.isfinite(value).all():
+                raise InputError(f"{where}: contains NaN or inf")
+            if batch is None:
+                batch = value.shape[0]
+            elif value.shape[0] != batch:
+                raise InputError(f"{where}: batch {value.shape[0]} differs from the other input's {batch}")
+        if self.batch is not None and batch != self.batch:
+            raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch {batch}")
+        return batch  # type: ignore[return-value]
+
+    # ---- questions ----
+    def ask(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+            top_p: float = 1.0, seed: int | None = None) -> str | list[str]:
+        """Answer about the chunks pushed so far; greedy unless temperature > 0. Batch 1 gives a str."""
+        pieces: list[list[int]] = [[] for _ in range(self.batch or 1)]
+        for tokens in self._generate(question, max_new_tokens, Sampler(temperature, top_k, top_p, seed)):
+            for row, token in enumerate(tokens):
+                if token is not None:
+                    pieces[row].append(token)
+        answers = [self.pipeline.tokenizer.decode(ids) for ids in pieces]
+        return answers[0] if len(answers) == 1 else answers
+
+    def ask_iter(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is generated (batch 1), whole UTF-8 characters at a time."""
+        if (self.batch or 1) != 1:
+            raise InputError(f"ask_iter: streams text for batch 1; this stream has batch {self.batch}")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for (token,) in self._generate(question, max_new_tokens, Sampler(temperature, top_k, top_p, seed)):
+            if token is not None and token < 256:
+                text = decoder.decode(bytes([token]))
+                if text:
+                    yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def token_ids(self, question: str, max_new_tokens: int = 32, **sampling: Any) -> list[list[int]]:
+        """The generated token ids per batch row (EOS excluded)."""
+        rows: list[list[int]] = [[] for _ in range(self.batch or 1)]
+        for tokens in self._generate(question, max_new_tokens, Sampler(**sampling)):
+            for row, token in enumerate(tokens):
+                if token is not None:
+                    rows[row].append(token)
+        return rows
+
+    def _generate(self, question: str, max_new_tokens: int, sampler: Sampler) -> Iterator[list[int | None]]:
+        """Per generated position, the token of each batch row (None once that row has ended)."""
+        tokenizer = self.pipeline.tokenizer
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("ask: the question is empty")
+        prompt = tokenizer.prompt(question)
+        room = self.pipeline.max_text_len - len(prompt)
+        if room < 1:
+            raise InputError(f"ask: the question is {len(prompt)} tokens with its markers; the text decoder's "
+                             f"context holds {self.pipeline.max_text_len}")
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= room:
+            raise InputError(f"ask: max_new_tokens must be an int in [1, {room}] for this question "
+                             f"(context {self.pipeline.max_text_len} - prompt {len(prompt)}), got {max_new_tokens!r}")
+        if self.chunks == 0:
+            raise InputError("ask: push at least one chunk before asking")
+        with self._lock:
+            batch = self.batch or 1
+            self._init("question", batch)
+            self._run("ask", {})
+            ids = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
+            logits_name = self.pipeline._plans["generate"].returns
+            alive = np.ones(batch, dtype=bool)
+            for _ in range(max_new_tokens):
+                logits = self._run("generate", {"input_ids": ids})[logits_name][:, -1]  # type: ignore[index]
+                tokens = sampler(logits)
+                ended = tokens == tokenizer.EOS
+                row_tokens: list[int | None] = [int(t) if a and not e else None
+                                                for t, a, e in zip(tokens, alive, ended)]
+                alive &= ~ended
+                if not alive.any():
+                    break
+                yield row_tokens
+                ids = tokens[:, None].astype(np.int64)
+
+    # ---- persistence ----
+    def save(self, path: str | Path) -> Path:
+        """Write the stream's state (numpy arrays + JSON header; no pickle) to `path` (.npz)."""
+        path = Path(path)
+        header = {"format": STATE_FORMAT, "version": STATE_VERSION, "bundle": self.pipeline.bundle.fingerprint,
+                  "batch": self.batch, "chunks": self.chunks}
+        arrays = {f"state/{k}": v for k, v in self.state.items() if self.pipeline._state[k].scope == "stream"}
+        arrays.update({f"counter/{k}": v for k, v in self.counters.items()
+                       if self.pipeline._counters[k].scope == "stream"})
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+        tmp.replace(path)
+        return path
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise BundleError(f"state file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(bytes(data["header"]).decode())
+                arrays = {name: data[name] for name in data.files if name != "header"}
+        except (ValueError, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as bad:
+            raise BundleError(f"state file {path} is not a readable stream state: {bad}") from None
+        if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
+            raise BundleError(f"state file {path}: unknown format {header.get('format')!r} v{header.get('version')!r}")
+        if header.get("bundle") != self.pipeline.bundle.fingerprint:
+            raise BundleError(f"state file {path} was saved with another bundle; restore it with the bundle it "
+                              f"came from")
+        batch = header["batch"]
+        if batch is not None:
+            self._init("stream", int(batch))
+            for key, table in (("state", self.state), ("counter", self.counters)):
+                for name in table:
+                    stored = arrays.get(f"{key}/{name}")
+                    if stored is None or stored.dtype != table[name].dtype or stored.ndim != table[name].ndim:
+                        raise BundleError(f"state file {path}: {key} {name!r} is missing or malformed")
+                    table[name] = stored
+        self.batch = batch
+        self.chunks = int(header["chunks"])
