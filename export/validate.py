@@ -1,6 +1,7 @@
 """Check an exported graph against its PyTorch module at several values of every dynamic axis."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,16 @@ def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, 
 
 
 def format_table(validation: dict[str, dict[str, object]]) -> str:
-    """A plain-text table: graph, output, max abs error, max rel error."""
+    """A plain-text table: graph, output (per-layer outputs folded into one row), max abs and rel error."""
     rows = [("graph", "output", "max abs err", "max rel err")]
     for graph, result in validation.items():
+        folded: dict[str, tuple[float, float, int]] = {}
         for output, err in result["outputs"].items():
-            rows.append((graph, output, f"{err['max_abs']:.2e}", f"{err['max_rel']:.2e}"))
+            name = re.sub(r"_\d+$", "_*", output)
+            abs_err, rel_err, count = folded.get(name, (0.0, 0.0, 0))
+            folded[name] = (max(abs_err, err["max_abs"]), max(rel_err, err["max_rel"]), count + 1)
+        for name, (abs_err, rel_err, count) in folded.items():
+            label = f"{name} ({count})" if count > 1 else name
+            rows.append((graph, label, f"{abs_err:.2e}", f"{rel_err:.2e}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

@@ -125,22 +125,27 @@ class Pipeline:
         stream._load(Path(path))
         return stream
 
-    def answer(self, video: np.ndarray, audio: np.ndarray, question: str, **generation: Any) -> str:
-        """Whole clip: video [N*F, 3, H, W], audio log-mel [n_mels, N*A] -> the answer to `question`."""
+    def split_clip(self, video: np.ndarray, audio: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Whole clip: video [N*F, 3, H, W], audio log-mel [n_mels, N*A] -> N (video, audio) chunks."""
         frames = int(self.config["frames_per_chunk"])
-        mel_frames = self.chunk_inputs["audio"].shape[-1]
+        mel_frames = int(self.chunk_inputs["audio"].shape[-1])
         if video.ndim != 4 or audio.ndim != 2:
-            raise InputError(f"answer: expected video [frames, 3, H, W] and audio [n_mels, mel_frames], got "
+            raise InputError(f"clip: expected video [frames, 3, H, W] and audio [n_mels, mel_frames], got "
                              f"video {video.shape} and audio {audio.shape}")
         chunks = video.shape[0] // frames
         if chunks == 0 or video.shape[0] % frames or audio.shape[1] != chunks * mel_frames:
-            raise InputError(f"answer: video of {video.shape[0]} frames and audio of {audio.shape[1]} mel frames "
+            raise InputError(f"clip: video of {video.shape[0]} frames and audio of {audio.shape[1]} mel frames "
                              f"must form the same whole number of chunks ({frames} frames and {mel_frames} "
                              f"mel frames each)")
+        return [(video[i * frames:(i + 1) * frames], audio[:, i * mel_frames:(i + 1) * mel_frames])
+                for i in range(chunks)]
+
+    def answer(self, video: np.ndarray, audio: np.ndarray, question: str, **generation: Any) -> str:
+        """Whole clip: chunk it, stream it, ask `question` about it."""
         stream = self.stream()
-        for i in range(chunks):
-            stream.push(video[i * frames:(i + 1) * frames], audio[:, i * mel_frames:(i + 1) * mel_frames])
-        return stream.ask(question, **generation)
+        for chunk_video, chunk_audio in self.split_clip(video, audio):
+            stream.push(chunk_video, chunk_audio)
+        return stream.ask(question, **generation)  # type: ignore[return-value]
 
 
 class Stream:

@@ -69,12 +69,35 @@ def engine_file_name(graph: str, precision: str) -> str:
     return name
 
 
-def rebuild_command(bundle_dir: str | os.PathLike[str], precision: str | None = None) -> str:
-    """The exact shell command that (re)builds the engines of a bundle on this machine."""
-    command = f"{BUILD_COMMAND} {shlex.quote(str(bundle_dir))}"
-    if precision:
-        command += f" --precision {precision}"
-    return command
+def rebuild_command(bundle_dir: str | os.PathLike[str], precision: str | None = None,
+                    args: Sequence[str] | None = None) -> str:
+    """The exact shell command that (re)builds the engines of a bundle on this machine.
+
+    `args`: the options an engine was built with (its record's "build_args"); else just `--precision`.
+    """
+    if args is None:
+        args = ["--precision", precision] if precision else []
+    return " ".join([BUILD_COMMAND, shlex.quote(str(bundle_dir)), *(shlex.quote(str(a)) for a in args)])
+
+
+def build_args(precision: str, axis_max: Mapping[str, int] | None = None, *, typing: str = "auto",
+               workspace_mb: int | None = None, int8_fp16: bool = True, tf32: bool = False,
+               optimization_level: int | None = None) -> list[str]:
+    """The command-line options that reproduce a build (recorded per engine as "build_args")."""
+    args = ["--precision", precision]
+    for axis, value in sorted((axis_max or {}).items()):
+        args += ["--max", f"{axis}={int(value)}"]
+    if typing != "auto":
+        args += ["--typing", typing]
+    if workspace_mb is not None and workspace_mb != DEFAULT_WORKSPACE_MB:
+        args += ["--workspace-mb", str(int(workspace_mb))]
+    if not int8_fp16:
+        args.append("--int8-fp32")
+    if tf32:
+        args.append("--tf32")
+    if optimization_level is not None:
+        args += ["--opt-level", str(int(optimization_level))]
+    return args
 
 
 def profile_axes(entry: GraphEntry, axis_max: Mapping[str, int] | None = None) -> dict[str, AxisRange]:
@@ -440,6 +463,8 @@ def build_engines(
     cache_path = bundle / TIMING_CACHE_FILE
     shared_cache = None  # one ITimingCache shared by every graph's config, saved after each build
     results: dict[str, dict[str, Any]] = {}
+    args = build_args(precision, axis_max, typing=typing, workspace_mb=workspace_mb, int8_fp16=int8_fp16, tf32=tf32,
+                      optimization_level=optimization_level)
     report(f"building {precision} engines for {len(selected)} graph(s) on {gpu['name']} "
            f"(compute capability {gpu['compute_capability']}), TensorRT {trt.__version__}")
 
@@ -532,7 +557,7 @@ def build_engines(
             "bytes": len(data), **wanted, "input_shapes": shapes,
             "workspace_mb": workspace_mb, "build_seconds": round(seconds, 3),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": rebuild_command(bundle, precision)}
+            "build_args": args}
         manifest = record_engine(bundle, name, record)
         results[name] = record
         report(f"[{name}] wrote {engine_name} ({len(data) / 1e6:.1f} MB) in {seconds:.1f} s")
