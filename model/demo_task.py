@@ -332,7 +332,7 @@ class DemoTask:
             indices = range(start, start + count)
             if progress:
                 from tqdm import tqdm
-                indices = tqdm(indices, desc=f"clips (seed {seed})", unit="clip")
+                indices = tqdm(indices, desc=f"clips (seed {seed})", unit="clip", disable=None)  # None: TTY only
             for index in indices:
                 clip = self.make_clip(seed, index, questions_per_clip, work)
                 if directory is None:

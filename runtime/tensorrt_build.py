@@ -16,14 +16,17 @@ Documentation followed (TensorRT 10 Python API):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Builder.html
 - IBuilderConfig (set_flag / clear_flag, set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes),
   add_optimization_profile, create_timing_cache / set_timing_cache / get_timing_cache, progress_monitor,
-  builder_optimization_level): https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
+  builder_optimization_level):
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
 - IProgressMonitor (phase_start / step_complete / phase_finish; must be thread-safe; returning False from
-  step_complete cancels the build): https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ProgressMonitor.html
+  step_complete cancels the build):
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ProgressMonitor.html
   and the sample NVIDIA/TensorRT samples/python/simple_progress_monitor/simple_progress_monitor.py
 - ITimingCache (serialize; a cache is shared across builder configs):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/TimingCache.html
 - Explicit quantization (Q/DQ networks; symmetric quantization; TensorRT 11 removes the precision flags and
-  is always strongly typed): https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html
+  is always strongly typed):
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html
   and https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/api/migration/tensorrt-10x-to-11x-c-api.html
 """
 from __future__ import annotations
@@ -349,7 +352,8 @@ def import_tensorrt() -> Any:
     except ImportError as missing:
         raise BackendError(
             f"TensorRT is not installed ({missing}). On Jetson it ships with JetPack (python3-libnvinfer); make the "
-            f"virtual environment with --system-site-packages. Elsewhere: pip install 'mirasol-edge[tensorrt]'") from None
+            f"virtual environment with --system-site-packages. Elsewhere: pip install 'mirasol-edge[tensorrt]'"
+        ) from None
     major = int(str(trt.__version__).split(".")[0])
     if major < 10:
         raise BackendError(f"TensorRT {trt.__version__} is too old: mirasol-edge uses the TensorRT 10 API "
@@ -572,8 +576,9 @@ def _check_network_io(network: Any, entry: GraphEntry) -> None:
     expected_in = {t.name for t in entry.inputs}
     expected_out = {t.name for t in entry.outputs}
     if set(inputs) != expected_in or outputs != expected_out:
-        raise BundleError(f"graph {entry.name!r}: the ONNX file's IO (inputs {sorted(inputs)}, outputs {sorted(outputs)}) "
-                          f"differs from the manifest's (inputs {sorted(expected_in)}, outputs {sorted(expected_out)})")
+        raise BundleError(f"graph {entry.name!r}: the ONNX file's IO (inputs {sorted(inputs)}, outputs "
+                          f"{sorted(outputs)}) differs from the manifest's (inputs {sorted(expected_in)}, "
+                          f"outputs {sorted(expected_out)})")
     for name, tensor in inputs.items():
         if getattr(tensor, "is_shape_tensor", False):
             raise BundleError(f"graph {entry.name!r}: input {name!r} is a shape tensor for TensorRT (its values decide "

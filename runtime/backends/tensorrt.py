@@ -403,7 +403,8 @@ class TensorRTSession(GraphSession):
         wanted = list(self._output_names if output_names is None else output_names)
         for out in wanted:
             if out not in self._dtypes or out in self._profile:
-                raise InputError(f"graph {self.name!r} has no output {out!r} (outputs: {', '.join(self._output_names)})")
+                raise InputError(f"graph {self.name!r} has no output {out!r} "
+                                 f"(outputs: {', '.join(self._output_names)})")
         keep = self.keep_on_device if keep_on_device is None else frozenset(keep_on_device)
         missing = [n for n in self._input_names if n not in feeds]
         if missing:
@@ -417,7 +418,8 @@ class TensorRTSession(GraphSession):
             context, stream = slot.context, slot.stream
             for n, value in prepared.items():
                 if not context.set_input_shape(n, value.shape):
-                    raise InputError(f"graph {self.name!r}: TensorRT refused shape {tuple(value.shape)} for input {n!r}")
+                    raise InputError(f"graph {self.name!r}: TensorRT refused shape {tuple(value.shape)} "
+                                     f"for input {n!r}")
             for n, value in prepared.items():
                 if isinstance(value, DeviceArray):
                     address = value.ptr if value.nbytes else slot.dummy.ptr

@@ -1,0 +1,608 @@
+"""TensorRT readiness of ONNX graphs, checked without TensorRT (numpy + onnx, onnx imported lazily).
+
+Run at export time so a bundle that TensorRT's ONNX parser would reject, or would build badly, says so before it
+reaches the device:
+
+    from mirasol.runtime.tensorrt_readiness import check_bundle, check_model
+    report = check_bundle("bundle/")           # every graph of the manifest
+    for finding in report.findings: print(finding)   # "error [text_decoder] node 'CumSum_3': ..."
+    findings = check_model("g.onnx", axes={"batch": (1, 1, 8)})
+
+What is checked, per graph:
+- every operator is in TensorRT's ONNX parser support matrix (domain ai.onnx), and new enough for the target
+  TensorRT (default 10.3, what JetPack 6.1 / 6.2 ship); the per-operator type restrictions of the matrix for the
+  node's data input, and the restrictions that matter for our graphs (constant `axes` of Reduce*/Squeeze/
+  Unsqueeze, constant CumSum axis, LayerNormalization's extra outputs, Q/DQ zero points);
+- the opset is one TensorRT parses;
+- tensor dtypes TensorRT supports (no float64, no string, no complex, no 16/32/64-bit unsigned; uint8 only as
+  graph input/output);
+- every dynamic input dimension is bounded: it has a name, and that name has a range in the manifest's axes
+  (which become the optimization profile);
+- Q/DQ placement TensorRT can fuse: QuantizeLinear -> DequantizeLinear pairs whose DequantizeLinear feeds (possibly
+  through shape-only ops) a MatMul / Gemm / Conv / ConvTranspose, both data inputs of such an op quantized, signed
+  int8 with zero points equal to 0 (TensorRT's quantization is symmetric), constant positive scales.
+
+Sources (the data below is copied from them, by hand):
+- Operator support matrix of TensorRT 10.15 (opset 9 to 24): onnx/onnx-tensorrt, docs/operators.md
+  ("TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"),
+  https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
+- Operators added during TensorRT 10.x: onnx/onnx-tensorrt docs/Changelog.md (10.1 DeformConv; 10.4 Blackman/
+  Hamming/HannWindow; 10.5 STFT; 10.9 opset-21 GroupNormalization; 10.14 Attention; 10.15 RotaryEmbedding,
+  RMSNormalization, TensorScatter). TensorRT 10.0 documents opset 9 to 20.
+- Symmetric quantization, Q/DQ:
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html
+  and .../quantized-types-explicit-quantization.html
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TARGET = "10.3"  # JetPack 6.1 and 6.2 ship TensorRT 10.3
+MATRIX_VERSION = "10.15"
+OPSET_RANGE = {"10.0": (9, 20), "10.15": (9, 24)}
+
+_FP = ("FP32", "FP16", "BF16")
+_FPI = _FP + ("INT32", "INT64")
+_ALL = _FPI + ("BOOL",)
+
+# op -> (supported types of the data input, restriction text). From onnx-tensorrt docs/operators.md (TensorRT 10.15).
+SUPPORTED_OPS: dict[str, tuple[tuple[str, ...], str]] = {
+    "Abs": (_FPI, ""), "Acos": (_FP, ""), "Acosh": (_FP, ""), "Add": (_FPI, ""), "And": (("BOOL",), ""),
+    "ArgMax": (_FPI, ""), "ArgMin": (_FPI, ""), "Asin": (_FP, ""), "Asinh": (_FP, ""), "Atan": (_FP, ""),
+    "Atanh": (_FP, ""),
+    "Attention": (_FP + ("INT8", "FP8"), "Q, K, V and attn_mask must be 4D; past_key, past_value, nonpad_kv_seqlen "
+                  "inputs and present_key, present_value, qk_matmul_output outputs are unsupported"),
+    "AveragePool": (_FP, "2D or 3D pooling only; dilations must be empty or all ones"),
+    "BatchNormalization": (_FP, ""), "BlackmanWindow": (("FP32", "FP16"), ""),
+    "Cast": (_FPI + ("UINT8", "BOOL"), ""), "CastLike": (_FPI + ("UINT8", "BOOL"), ""),
+    "Ceil": (_FP, ""), "Celu": (_FP, ""), "Clip": (_FP, ""), "Concat": (_ALL, ""),
+    "Constant": (_FP + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL"),
+                 "sparse_value, value_string and value_strings attributes are unsupported"),
+    "ConstantOfShape": (_FP + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL"), ""),
+    "Conv": (_FP, ""), "ConvTranspose": (_FP, ""), "Cos": (_FP, ""), "Cosh": (_FP, ""),
+    "CumSum": (_FP, "axis must be a build-time constant"),
+    "DeformConv": (("FP32", "FP16"), "input must have 1D or 2D spatial dimensions"),
+    "DepthToSpace": (_FPI, ""),
+    "DequantizeLinear": (("INT8", "FP8", "FP4", "INT4"), "x_zero_point must be zero"),
+    "Div": (_FPI, ""), "Dropout": (_FP, "is_training must be an initializer and evaluate to False"),
+    "Einsum": (_FP, ""), "Elu": (_FP, ""), "Equal": (_FPI, ""), "Erf": (_FP, ""), "Exp": (_FP, ""),
+    "Expand": (_ALL, ""), "EyeLike": (_ALL, "input must have static dimensions"), "Flatten": (_ALL, ""),
+    "Floor": (_FP, ""), "Gather": (_ALL, ""), "GatherElements": (_ALL, ""), "GatherND": (_ALL, ""),
+    "Gelu": (_FP + ("INT8", "INT32", "INT64"), ""), "Gemm": (_FP, ""), "GlobalAveragePool": (_FP, ""),
+    "GlobalLpPool": (_FP, ""), "GlobalMaxPool": (_FP, ""), "Greater": (_FPI, ""), "GreaterOrEqual": (_FPI, ""),
+    "GridSample": (("FP32", "FP16"), "input must be 4D"), "GroupNormalization": (_FP, ""),
+    "GRU": (_FP, "bidirectional GRUs need the same activations in both directions"),
+    "HammingWindow": (("FP32", "FP16"), ""), "HannWindow": (("FP32", "FP16"), ""), "HardSigmoid": (_FP, ""),
+    "HardSwish": (_FP, ""), "Hardmax": (_FP, "axis dimension of input must be a build-time constant"),
+    "Identity": (_ALL, ""), "If": (_ALL, "both branches' outputs must have the same rank and different names"),
+    "ImageScaler": (_FP, ""), "InstanceNormalization": (_FP, ""), "IsInf": (_FP, ""), "IsNaN": (_FPI, ""),
+    "LayerNormalization": (_FP, "only the first output Y is supported"), "LeakyRelu": (_FP, ""),
+    "Less": (_FPI, ""), "LessOrEqual": (_FPI, ""), "Log": (_FP, ""), "LogSoftmax": (_FP, ""),
+    "Loop": (_ALL, "scan output length cannot be dynamic; loop-carried shapes must not change"),
+    "LRN": (_FP, ""), "LSTM": (_FP, "input_forget must be 0, layout must be 0"), "LpNormalization": (_FP, ""),
+    "LpPool": (_FP, "dilations must be empty or all ones"), "MatMul": (_FP, ""), "Max": (_FPI, ""),
+    "MaxPool": (_FP, "2D or 3D pooling only; Indices output unsupported; dilations empty or all ones"),
+    "Mean": (_FP + ("FP8", "INT32", "INT64"), ""), "MeanVarianceNormalization": (_FP, ""), "Min": (_FPI, ""),
+    "Mish": (("FP32", "FP16"), ""), "Mod": (_FPI, ""), "Mul": (_FPI, ""), "Neg": (_FPI, ""),
+    "NonMaxSuppression": (("FP32", "FP16"), ""), "NonZero": (("FP32", "FP16"), ""), "Not": (("BOOL",), ""),
+    "OneHot": (_ALL, "depth must be a build-time constant"), "Or": (("BOOL",), ""), "Pad": (_FPI, ""),
+    "ParametricSoftplus": (_FP, ""), "Pow": (_FPI, ""), "PRelu": (_FP, ""),
+    "QuantizeLinear": (_FP, "y_zero_point must be 0"),
+    "RandomNormal": (_FP, "seed is ignored"), "RandomNormalLike": (_FP, "seed is ignored"),
+    "RandomUniform": (_FP, "seed is ignored"), "RandomUniformLike": (_FP, "seed is ignored"),
+    "Range": (_FPI, ""), "Reciprocal": (_FP, ""),
+    **{op: (_FPI, "axes must be an initializer") for op in (
+        "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+        "ReduceProd", "ReduceSum", "ReduceSumSquare")},
+    "Relu": (_FPI, ""), "Reshape": (_ALL, ""),
+    "Resize": (_FP, "modes nearest/linear only; no antialiasing; aspect ratio policy stretch"),
+    "ReverseSequence": (_ALL, ""), "RMSNormalization": (_FP, ""),
+    "RNN": (_FP, "bidirectional RNNs need the same activations in both directions"),
+    "RoiAlign": (("FP32", "FP16"), ""), "RotaryEmbedding": (_FP, "position_ids must be INT64"), "Round": (_FP, ""),
+    "STFT": (("FP32",), "frame_step and window must be initializers; input must be real-valued"),
+    "ScaledTanh": (_FP, ""), "Scan": (_FP, ""), "Scatter": (_FPI, ""), "ScatterElements": (_FPI, ""),
+    "ScatterND": (_FPI, "reduction other than none is not supported"), "Selu": (_FP, ""), "Shape": (_ALL, ""),
+    "Shrink": (_FPI, ""), "Sigmoid": (_FP, ""), "Sign": (_FPI, ""), "Sin": (_FP, ""), "Sinh": (_FP, ""),
+    "Size": (_ALL, ""), "Slice": (_ALL, ""), "Softmax": (_FP, ""), "Softplus": (_FP, ""), "Softsign": (_FP, ""),
+    "SpaceToDepth": (_FPI, ""), "Split": (_ALL, ""), "Sqrt": (_FP, ""),
+    "Squeeze": (_ALL, "axes must be resolvable to a constant"), "Sub": (_FPI, ""), "Sum": (_FPI, ""),
+    "Tan": (_FP, ""), "Tanh": (_FP, ""),
+    "TensorScatter": (_FP + ("INT32",), "past_cache and update must be 4D; axis must be -2"),
+    "ThresholdedRelu": (_FP, ""), "Tile": (_ALL, ""),
+    "TopK": (_FPI, "sorted must be 1; K must be less than 3840"), "Transpose": (_ALL, ""), "Trilu": (_ALL, ""),
+    "Unsqueeze": (_ALL, "axes must be resolvable to a constant"), "Upsample": (_FP, ""), "Where": (_ALL, ""),
+    "Xor": (("BOOL",), ""),
+}
+
+# Marked "N" in the same matrix.
+UNSUPPORTED_OPS = frozenset({
+    "AffineGrid", "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Col2Im",
+    "CenterCropPad", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det", "DynamicQuantizeLinear",
+    "ImageDecoder", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MelWeightMatrix", "Multinomial",
+    "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement", "OptionalHasElement", "QLinearConv",
+    "QLinearMatMul", "RegexFullMatch", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
+    "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringConcat",
+    "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique"})
+
+# First TensorRT release whose parser has the op (onnx-tensorrt docs/Changelog.md); older ops are in 10.0.
+OP_SINCE = {"DeformConv": "10.1", "BlackmanWindow": "10.4", "HammingWindow": "10.4", "HannWindow": "10.4",
+            "STFT": "10.5", "Attention": "10.14", "RotaryEmbedding": "10.15", "RMSNormalization": "10.15",
+            "TensorScatter": "10.15"}
+
+# ONNX TensorProto.DataType -> the matrix's type names (None: TensorRT has no such type).
+_TYPE_NAMES = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
+               9: "BOOL", 10: "FP16", 11: "DOUBLE", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64", 15: "COMPLEX128",
+               16: "BF16", 17: "FP8", 18: "FP8", 19: "FP8", 20: "FP8", 21: "UINT4", 22: "INT4", 23: "FP4"}
+_TRT_TYPES = {"FP32", "FP16", "BF16", "INT32", "INT64", "INT8", "BOOL", "UINT8", "FP8", "INT4", "FP4"}
+# FP8 in TensorRT is E4M3FN (ONNX FLOAT8E4M3FN = 17); the other FP8 encodings are not TensorRT types.
+_UNSUPPORTED_ELEM = {18: "FLOAT8E4M3FNUZ", 19: "FLOAT8E5M2", 20: "FLOAT8E5M2FNUZ", 21: "UINT4"}
+
+# Q/DQ: operators TensorRT runs in int8 when their inputs are dequantized, and shape-only operators a
+# DequantizeLinear may pass through on the way (TensorRT propagates Q/DQ across them).
+QDQ_FUSABLE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+QDQ_PASS_THROUGH = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice",
+                              "Concat", "Split", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
+                              "Pad", "Expand", "Gather"})
+_WEIGHTED_DATA_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0, 1), "ConvTranspose": (0, 1)}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: severity "error" (TensorRT will reject or mis-build it) or "warning" (it builds, but badly)."""
+
+    severity: str
+    graph: str
+    node: str
+    message: str
+    code: str = ""
+
+    def __str__(self) -> str:
+        parts = [self.severity]
+        if self.graph:
+            parts.append(f"[{self.graph}]")
+        if self.node:
+            parts.append(f"node {self.node!r}")
+        return " ".join(parts) + f": {self.message}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"severity": self.severity, "graph": self.graph, "node": self.node, "message": self.message,
+                "code": self.code}
+
+
+@dataclass
+class ReadinessReport:
+    """The findings of every graph of a bundle."""
+
+    findings: list[Finding] = field(default_factory=list)
+    target: str = DEFAULT_TARGET
+    graphs: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        head = (f"TensorRT {self.target} readiness: {len(self.errors)} error(s), {len(self.warnings)} warning(s) "
+                f"in {len(self.graphs)} graph(s)")
+        return "\n".join([head, *(f"  {f}" for f in self.findings)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_tensorrt": self.target, "matrix": MATRIX_VERSION, "ok": self.ok,
+                "findings": [f.to_dict() for f in self.findings]}
+
+
+def check_bundle(bundle_dir: str | os.PathLike[str], *, target: str = DEFAULT_TARGET) -> ReadinessReport:
+    """Check every graph of a bundle against its manifest (axes, inputs, precision)."""
+    from .manifest import Manifest  # noqa: PLC0415
+
+    bundle = Path(bundle_dir)
+    manifest = Manifest.read(bundle)
+    report = ReadinessReport(target=target, graphs=list(manifest.graphs))
+    for name, entry in manifest.graphs.items():
+        path = bundle / entry.file
+        if not path.is_file():
+            report.findings.append(Finding("error", name, "", f"graph file {path} is missing", "missing-file"))
+            continue
+        report.findings.extend(check_model(
+            path, graph=name, axes=entry.axes, inputs={t.name: tuple(t.shape) for t in entry.inputs},
+            target=target, precision=manifest.precision))
+    return report
+
+
+def check_model(model: Any, *, graph: str = "", axes: Mapping[str, Any] | None = None,
+                inputs: Mapping[str, Sequence[int | str]] | None = None, target: str = DEFAULT_TARGET,
+                precision: str | None = None, base_dir: str | os.PathLike[str] | None = None) -> list[Finding]:
+    """Findings for one ONNX model (a path or a ModelProto).
+
+    axes: axis name -> range (AxisRange, dict with min/opt/max, or (min, opt, max)); with it, every dynamic input
+    dimension must be named by one of them. inputs: the manifest's symbolic shape per input name (the names the
+    engine builder uses); when given they take precedence over the ONNX dim_params. precision: the bundle's
+    ("int8" expects Q/DQ nodes, "fp32"/"fp16" do not). base_dir: where external data lives (default: the model's
+    directory), to read zero points stored outside the model.
+    """
+    import onnx  # noqa: PLC0415
+
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        base_dir = base_dir if base_dir is not None else path.parent
+        proto = onnx.load(str(path), load_external_data=False)
+        graph = graph or path.stem
+    else:
+        proto = model
+    checker = _Checker(proto, graph=graph, axes=axes, inputs=inputs, target=target, precision=precision,
+                       base_dir=Path(base_dir) if base_dir is not None else None)
+    return checker.run()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(".") if p.isdigit())
+
+
+def _axis_range(value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return int(value["min"]), int(value["opt"]), int(value["max"])
+    if hasattr(value, "min") and hasattr(value, "max"):
+        return int(value.min), int(value.opt), int(value.max)
+    low, opt, high = value
+    return int(low), int(opt), int(high)
+
+
+class _Checker:
+    def __init__(self, proto: Any, *, graph: str, axes: Mapping[str, Any] | None,
+                 inputs: Mapping[str, Sequence[int | str]] | None, target: str, precision: str | None,
+                 base_dir: Path | None) -> None:
+        import onnx  # noqa: PLC0415
+
+        self.onnx = onnx
+        self.proto = proto
+        self.graph_name = graph
+        self.axes = dict(axes) if axes is not None else None
+        self.manifest_inputs = dict(inputs) if inputs is not None else None
+        self.target = target
+        self.precision = precision
+        self.base_dir = base_dir
+        self.findings: list[Finding] = []
+        self.functions = {(f.domain, f.name): f for f in proto.functions}
+        try:
+            self.inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+        except Exception as failed:  # noqa: BLE001 - keep going with the declared types
+            self.inferred = proto
+            self.add("warning", "", f"ONNX shape inference failed ({failed}); dtype checks use declared types only",
+                     "shape-inference")
+        self.types: dict[str, int] = {}
+        self._collect_types(self.inferred.graph)
+
+    def add(self, severity: str, node: str, message: str, code: str) -> None:
+        self.findings.append(Finding(severity, self.graph_name, node, message, code))
+
+    def run(self) -> list[Finding]:
+        self.check_opset()
+        self.check_io_dims()
+        self.check_dtypes(self.proto.graph)
+        self.check_nodes(self.proto.graph.node, self.proto.graph, depth=0)
+        self.check_qdq(self.proto.graph)
+        return self.findings
+
+    # -- types --------------------------------------------------------------------------------------------------
+    def _collect_types(self, graph: Any) -> None:
+        for info in [*graph.input, *graph.output, *graph.value_info]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                self.types[info.name] = info.type.tensor_type.elem_type
+        for init in graph.initializer:
+            self.types[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.t is not None:
+                        self.types[node.output[0]] = attr.t.data_type
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == self.onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    self._collect_types(sub)
+
+    # -- opset --------------------------------------------------------------------------------------------------
+    def check_opset(self) -> None:
+        for opset in self.proto.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                low, high = OPSET_RANGE[MATRIX_VERSION]
+                if not low <= opset.version <= high:
+                    self.add("error", "", f"opset {opset.version} is outside the opsets TensorRT "
+                             f"{MATRIX_VERSION} parses ({low} to {high})", "opset")
+                elif opset.version > OPSET_RANGE["10.0"][1] and _version(self.target) < _version(MATRIX_VERSION):
+                    self.add("warning", "", f"opset {opset.version}: TensorRT 10.0 documents opsets up to "
+                             f"{OPSET_RANGE['10.0'][1]} and {MATRIX_VERSION} up to {high}; check that TensorRT "
+                             f"{self.target} parses it, or export with opset {OPSET_RANGE['10.0'][1]} or lower",
+                             "opset")
+
+    # -- dynamic input dimensions -------------------------------------------------------------------------------
+    def check_io_dims(self) -> None:
+        initializers = {i.name for i in self.proto.graph.initializer}
+        for info in self.proto.graph.input:
+            if info.name in initializers or not info.type.HasField("tensor_type"):
+                continue
+            dims = list(info.type.tensor_type.shape.dim) if info.type.tensor_type.HasField("shape") else None
+            declared = self.manifest_inputs.get(info.name) if self.manifest_inputs is not None else None
+            if self.manifest_inputs is not None and declared is None:
+                self.add("error", "", f"graph input {info.name!r} is not in the manifest, so no profile bounds it",
+                         "unbounded-dim")
+                continue
+            if dims is None:
+                if declared is None:
+                    self.add("error", "", f"graph input {info.name!r} has no shape (unknown rank): TensorRT needs the "
+                             f"rank and a bounded range for every dynamic dimension", "unbounded-dim")
+                continue
+            if declared is not None and len(declared) != len(dims):
+                self.add("error", "", f"graph input {info.name!r} has rank {len(dims)} in the ONNX file but "
+                         f"{len(declared)} in the manifest", "rank-mismatch")
+                continue
+            for i, dim in enumerate(dims):
+                symbol: int | str | None
+                if declared is not None:
+                    symbol = declared[i]
+                elif dim.HasField("dim_value"):
+                    symbol = int(dim.dim_value)
+                elif dim.HasField("dim_param") and dim.dim_param:
+                    symbol = dim.dim_param
+                else:
+                    symbol = None
+                if symbol is None or (isinstance(symbol, int) and symbol < 0):
+                    self.add("error", "", f"input {info.name!r} dimension {i} is dynamic without a name, so no "
+                             f"optimization profile can bound it; name it (dynamic_shapes) and give it a range",
+                             "unbounded-dim")
+                elif isinstance(symbol, str) and self.axes is not None:
+                    rng = _axis_range(self.axes.get(symbol))
+                    if rng is None:
+                        self.add("error", "", f"input {info.name!r} dimension {i} is {symbol!r}, which has no "
+                                 f"min/opt/max in the manifest axes ({', '.join(sorted(self.axes)) or 'none'}): "
+                                 f"TensorRT cannot bound it", "unbounded-dim")
+                    elif not 0 <= rng[0] <= rng[1] <= rng[2]:
+                        self.add("error", "", f"axis {symbol!r} range {rng} is not 0 <= min <= opt <= max", "bad-range")
+                    elif dim.HasField("dim_value") and not rng[0] <= dim.dim_value <= rng[2]:
+                        self.add("error", "", f"input {info.name!r} dimension {i} is fixed to {dim.dim_value} in the "
+                                 f"ONNX file, outside axis {symbol!r} range {rng[0]}..{rng[2]}", "bad-range")
+                elif isinstance(symbol, int) and dim.HasField("dim_value") and dim.dim_value != symbol:
+                    self.add("error", "", f"input {info.name!r} dimension {i} is {dim.dim_value} in the ONNX file and "
+                             f"{symbol} in the manifest", "rank-mismatch")
+
+    # -- dtypes -------------------------------------------------------------------------------------------------
+    def check_dtypes(self, graph: Any) -> None:
+        io_names = {i.name for i in graph.input} | {o.name for o in graph.output}
+        seen: set[str] = set()
+        for name, elem in self.types.items():
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            type_name = _TYPE_NAMES.get(elem, f"type {elem}")
+            what = "graph input/output" if name in io_names else "tensor"
+            if elem == 11:
+                self.add("error", "", f"{what} {name!r} is float64: TensorRT has no float64 (its parser only casts "
+                         f"DOUBLE down to FLOAT, clamping); export it as float32", "float64")
+            elif elem in (8, 14, 15):
+                self.add("error", "", f"{what} {name!r} is {type_name}, which TensorRT has no type for", "dtype")
+            elif elem in _UNSUPPORTED_ELEM or type_name not in _TRT_TYPES:
+                self.add("error", "", f"{what} {name!r} is {_UNSUPPORTED_ELEM.get(elem, type_name)}, which "
+                         f"TensorRT has no type for", "dtype")
+            elif elem == 2 and name not in io_names and not self._is_qdq_constant(name):
+                self.add("warning", "", f"tensor {name!r} is uint8: TensorRT supports UINT8 only as a network input or "
+                         f"output type", "dtype")
+
+    def _is_qdq_constant(self, name: str) -> bool:
+        return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") and name in node.input
+                   for node in self.proto.graph.node)
+
+    # -- operators ----------------------------------------------------------------------------------------------
+    def check_nodes(self, nodes: Iterable[Any], graph: Any, depth: int, via: str = "") -> None:
+        constants = self._constant_names(graph)
+        for node in nodes:
+            label = node.name or f"{node.op_type}({', '.join(node.output)})"
+            label = f"{via}/{label}" if via else label
+            domain = node.domain or ""
+            if (domain, node.op_type) in self.functions:
+                if depth < 8:
+                    function = self.functions[(domain, node.op_type)]
+                    self.check_nodes(function.node, graph, depth + 1, via=label)
+                continue
+            if domain not in ("", "ai.onnx"):
+                self.add("error", label, f"{node.op_type} of domain {domain!r} is not an ONNX operator "
+                         f"TensorRT's parser knows (it would need a TensorRT plugin)", "unsupported-op")
+                continue
+            self.check_op(node, label, constants)
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.type == self.onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for sub in subgraphs:
+                    if depth < 8:
+                        self.check_nodes(sub.node, sub, depth + 1, via=f"{label}.{attr.name}")
+
+    def check_op(self, node: Any, label: str, constants: set[str]) -> None:
+        op = node.op_type
+        if op in UNSUPPORTED_OPS:
+            self.add("error", label, f"{op} is not supported by TensorRT's ONNX parser (support matrix "
+                     f"{MATRIX_VERSION})", "unsupported-op")
+            return
+        if op not in SUPPORTED_OPS:
+            self.add("error", label, f"{op} is not in TensorRT's ONNX parser support matrix ({MATRIX_VERSION})",
+                     "unsupported-op")
+            return
+        since = OP_SINCE.get(op)
+        if since and _version(self.target) < _version(since):
+            self.add("error", label, f"{op} needs TensorRT {since} or newer; the target is TensorRT {self.target}",
+                     "op-too-new")
+        types, _ = SUPPORTED_OPS[op]
+        data = node.input[0] if node.input else ""
+        elem = self.types.get(data) if data else None
+        if elem is not None:
+            type_name = _TYPE_NAMES.get(elem, str(elem))
+            if type_name not in types:
+                self.add("error", label, f"{op} on {type_name} input {data!r}: TensorRT's {op} supports "
+                         f"{', '.join(types)}", "op-dtype")
+        # Restrictions of the matrix that our exports can hit.
+        if op.startswith("Reduce") and len(node.input) > 1 and node.input[1] and node.input[1] not in constants:
+            self.add("error", label, f"{op}: axes must be an initializer (here {node.input[1]!r} is computed)",
+                     "op-restriction")
+        if op in ("Squeeze", "Unsqueeze") and len(node.input) > 1 and node.input[1] and node.input[1] not in constants:
+            self.add("warning", label, f"{op}: axes must be resolvable to a constant (here {node.input[1]!r} is "
+                     f"computed)", "op-restriction")
+        if op == "CumSum" and len(node.input) > 1 and node.input[1] not in constants:
+            self.add("error", label, "CumSum: axis must be a build-time constant", "op-restriction")
+        if op == "LayerNormalization" and any(o for o in node.output[1:]):
+            self.add("error", label, "LayerNormalization: only the first output Y is supported", "op-restriction")
+        if op == "Dropout" and len(node.input) > 2 and node.input[2] and node.input[2] not in constants:
+            self.add("error", label, "Dropout: is_training must be an initializer that is False", "op-restriction")
+
+    def _constant_names(self, graph: Any) -> set[str]:
+        names = {i.name for i in graph.initializer}
+        names.update(n.output[0] for n in graph.node if n.op_type == "Constant" and n.output)
+        return names
+
+    # -- Q/DQ ---------------------------------------------------------------------------------------------------
+    def check_qdq(self, graph: Any) -> None:
+        nodes = list(graph.node)
+        producers = {out: n for n in nodes for out in n.output if out}
+        consumers: dict[str, list[Any]] = {}
+        for n in nodes:
+            for name in n.input:
+                if name:
+                    consumers.setdefault(name, []).append(n)
+        outputs = {o.name for o in graph.output}
+        has_qdq = False
+        for node in nodes:
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            has_qdq = True
+            label = node.name or f"{node.op_type}({', '.join(node.output)})"
+            self._check_qdq_params(node, label, graph)
+            if node.op_type == "QuantizeLinear":
+                for user in consumers.get(node.output[0], []):
+                    if user.op_type != "DequantizeLinear":
+                        self.add("error", label, f"QuantizeLinear output feeds {user.op_type} "
+                                 f"{user.name or user.output[0]!r}: TensorRT needs every QuantizeLinear followed by a "
+                                 f"DequantizeLinear", "qdq-pair")
+                if node.output[0] in outputs:
+                    self.add("warning", label, "a quantized tensor is a graph output", "qdq-pair")
+            else:
+                source = producers.get(node.input[0])
+                if source is not None and source.op_type not in ("QuantizeLinear", "Constant"):
+                    self.add("warning", label, f"DequantizeLinear input comes from {source.op_type}, not from a "
+                             f"QuantizeLinear or a constant", "qdq-pair")
+                reached = self._qdq_reaches(node.output[0], consumers, outputs, set())
+                if not reached:
+                    users = (", ".join(sorted({u.op_type for u in consumers.get(node.output[0], [])}))
+                             or "a graph output")
+                    self.add("warning", label, f"DequantizeLinear feeds {users}, which TensorRT does not fuse with "
+                             f"Q/DQ (it runs in float: the Q/DQ pair costs time and gains nothing); quantize the "
+                             f"inputs of MatMul/Gemm/Conv instead", "qdq-unfused")
+        if has_qdq:
+            for node in nodes:
+                data_inputs = _WEIGHTED_DATA_INPUTS.get(node.op_type)
+                if not data_inputs:
+                    continue
+                quantized = [self._dequantized(node.input[i], producers) for i in data_inputs if i < len(node.input)]
+                if any(quantized) and not all(quantized):
+                    label = node.name or f"{node.op_type}({', '.join(node.output)})"
+                    self.add("warning", label, f"{node.op_type} has Q/DQ on only some of its data inputs; "
+                             f"TensorRT runs it in int8 only when all of them are quantized (quantize all inputs "
+                             f"of weighted ops)", "qdq-partial")
+        if self.precision == "int8" and not has_qdq:
+            self.add("warning", "", "the bundle is int8 but this graph has no QuantizeLinear/DequantizeLinear: "
+                     "TensorRT builds it in floating point", "qdq-missing")
+        if self.precision in ("fp32", "fp16") and has_qdq:
+            self.add("warning", "", f"the bundle is {self.precision} but this graph has Q/DQ nodes", "qdq-unexpected")
+
+    def _dequantized(self, name: str, producers: Mapping[str, Any]) -> bool:
+        seen = 0
+        node = producers.get(name)
+        while node is not None and seen < 16:
+            if node.op_type == "DequantizeLinear":
+                return True
+            if node.op_type not in QDQ_PASS_THROUGH or not node.input:
+                return False
+            node = producers.get(node.input[0])
+            seen += 1
+        return False
+
+    def _qdq_reaches(self, name: str, consumers: Mapping[str, list[Any]], outputs: set[str], seen: set[str]) -> bool:
+        """True when every path from `name` reaches a fusable op (through pass-through ops only)."""
+        if name in seen:
+            return True
+        seen.add(name)
+        users = consumers.get(name, [])
+        if not users or name in outputs:
+            return False
+        for user in users:
+            if user.op_type in QDQ_FUSABLE:
+                continue
+            if user.op_type in QDQ_PASS_THROUGH:
+                if not all(self._qdq_reaches(out, consumers, outputs, seen) for out in user.output if out):
+                    return False
+                continue
+            return False
+        return True
+
+    def _check_qdq_params(self, node: Any, label: str, graph: Any) -> None:
+        op = node.op_type
+        scale = self._constant(node.input[1], graph) if len(node.input) > 1 else None
+        if len(node.input) > 1 and scale is None:
+            self.add("warning", label, f"{op}: the scale {node.input[1]!r} is not a constant; TensorRT expects "
+                     f"build-time constant scales", "qdq-scale")
+        elif scale is not None and np.any(~(scale > 0)):
+            self.add("error", label, f"{op}: scales must be positive (found {scale.min()!r})", "qdq-scale")
+        zero_name = node.input[2] if len(node.input) > 2 else ""
+        if zero_name:
+            zero = self._constant(zero_name, graph)
+            if zero is None:
+                self.add("error", label, f"{op}: the zero point {zero_name!r} is not a constant; TensorRT requires a "
+                         f"constant zero point of 0 (symmetric quantization)", "qdq-zero-point")
+            elif np.any(zero != 0):
+                self.add("error", label, f"{op}: zero point {zero_name!r} is {np.unique(zero)[:4].tolist()}, not 0: "
+                         f"TensorRT only does symmetric quantization (zero_point must be 0)", "qdq-zero-point")
+            elem = self.types.get(zero_name)
+        else:
+            elem = None
+        # The quantized type: the zero point's type, else QuantizeLinear's output_dtype, else uint8 (ONNX default).
+        if op == "QuantizeLinear" and elem is None:
+            elem = next((a.i for a in node.attribute if a.name == "output_dtype" and a.i), 2)
+        if op == "DequantizeLinear" and elem is None:
+            elem = self.types.get(node.input[0])
+        if elem == 2:
+            self.add("error", label, f"{op} quantizes to uint8 (asymmetric); TensorRT needs signed int8 with "
+                     f"zero point 0 (uint8 Q/DQ is only for DLA)", "qdq-zero-point")
+
+    def _constant(self, name: str, graph: Any) -> np.ndarray | None:
+        from onnx import numpy_helper  # noqa: PLC0415
+
+        for init in graph.initializer:
+            if init.name == name:
+                return self._to_array(init, numpy_helper)
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output and node.output[0] == name:
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        return self._to_array(attr.t, numpy_helper)
+                    if attr.name in ("value_float", "value_int"):
+                        return np.asarray(attr.f if attr.name == "value_float" else attr.i)
+                    if attr.name in ("value_floats", "value_ints"):
+                        return np.asarray(list(attr.floats) if attr.name == "value_floats" else list(attr.ints))
+        return None
+
+    def _to_array(self, tensor: Any, numpy_helper: Any) -> np.ndarray | None:
+        try:
+            if tensor.data_location == 1:  # TensorProto.EXTERNAL
+                return numpy_helper.to_array(tensor, str(self.base_dir) if self.base_dir else "")
+            return numpy_helper.to_array(tensor)
+        except Exception:  # noqa: BLE001 - external data not reachable: treat as unknown
+            return None

@@ -1,0 +1,111 @@
+"""Export: the graphs match PyTorch, the bundle is complete and checked, a failed export changes nothing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from mirasol.export import bundle as bundle_module
+from mirasol.export.bundle import export_bundle
+from mirasol.export.specs import graph_specs
+from mirasol.export.validate import TOLERANCES, torch_reference
+from mirasol.runtime.bundle import Bundle, sha256_file
+from mirasol.runtime.errors import ExportError
+from mirasol.runtime.pipeline import Pipeline
+
+from .conftest import make_model
+
+GRAPHS = ("combiner", "av_autoregressor", "text_cross_kv", "text_decoder")
+
+
+@pytest.mark.parametrize("name", ["transformer", "ttm", "ttm-fp16"])
+def test_bundle_is_complete_and_checked(tiny_bundles, name) -> None:
+    path = tiny_bundles[name]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "mirasol-bundle" and manifest["format_version"] == 1
+    assert manifest["precision"] == ("fp16" if name.endswith("fp16") else "fp32")
+    assert set(manifest["graphs"]) == set(GRAPHS)
+    assert {"torch", "onnx", "opset", "mirasol-edge"} <= set(manifest["producer"])
+    for graph_name, graph in manifest["graphs"].items():
+        file = path / graph["file"]
+        assert sha256_file(file) == graph["sha256"]
+        onnx.checker.check_model(str(file), full_check=True)
+        model = onnx.load(str(file), load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert json.loads(props["mirasol.config"]) == manifest["config"]
+        assert [i.name for i in model.graph.input] == [t["name"] for t in graph["inputs"]]
+        assert [o.name for o in model.graph.output] == [t["name"] for t in graph["outputs"]]
+        result = manifest["validation"][graph_name]
+        assert result["passed"] and result["cases"] >= 2
+    assert (path / "tokenizer.json").is_file()
+    Bundle.load(path)  # checksums verified on load
+
+
+@pytest.mark.parametrize("name", ["ttm", "ttm-fp16"])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_graph_matches_pytorch_at_every_axis_extreme(tiny_bundles, tiny_models, name, graph) -> None:
+    """Independently of the export's own validation: fresh seed, every axis at min/opt/max, empty caches included."""
+    precision = "fp16" if name.endswith("fp16") else "fp32"
+    model = tiny_models["ttm"]
+    spec = graph_specs(model.config)[graph]
+    tolerance = TOLERANCES[precision]
+    pipe = Pipeline.load(tiny_bundles[name], verify=False)
+    session = pipe.sessions[graph]
+    rng = np.random.default_rng(1234)
+    sizes_seen = {axis: set() for axis in spec.axes}
+    for sizes in spec.validation_sizes():
+        feeds = spec.example(sizes, rng)
+        reference = torch_reference(spec, model, feeds)
+        outputs = session.run(feeds)
+        for output, ref in reference.items():
+            assert outputs[output].shape == ref.shape
+            error = float(np.abs(outputs[output] - ref).max()) if ref.size else 0.0
+            assert error <= tolerance.abs + tolerance.rel * float(np.abs(ref).max(initial=0)), (output, sizes, error)
+        for axis, size in sizes.items():
+            sizes_seen[axis].add(size)
+    for axis, r in spec.axes.items():
+        assert {r.min, r.max} <= sizes_seen[axis]
+    if "past_av" in spec.axes or "past_text" in spec.axes:
+        assert 0 in sizes_seen.get("past_av", sizes_seen.get("past_text", set()))  # the empty cache
+
+
+def test_fp16_keeps_rotary_angles_fp32_by_measurement(tiny_bundles) -> None:
+    manifest = json.loads((tiny_bundles["ttm-fp16"] / "manifest.json").read_text())
+    decisions = manifest["quantization"]["fp16"]["av_autoregressor"]["groups"]
+    assert decisions["rotary_angles"]["kept_fp32"] is True
+    assert decisions["rotary_angles"]["error_in_fp16"] > 10 * manifest["quantization"]["fp16"]["av_autoregressor"]["final_error"]
+    fp16_weights = [t for t in onnx.load(str(tiny_bundles["ttm-fp16"] / "text_decoder.onnx")).graph.initializer
+                    if t.data_type == onnx.TensorProto.FLOAT16]
+    assert fp16_weights, "fp16 bundle has no fp16 weights"
+
+
+def _snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_failed_export_leaves_target_as_it_was(tiny_bundles, tmp_path, monkeypatch) -> None:
+    target = tmp_path / "bundle"
+    import shutil
+    shutil.copytree(tiny_bundles["transformer"], target)
+    before = _snapshot(target)
+    calls = []
+
+    def failing_validate(spec, *args, **kwargs):
+        calls.append(spec.name)
+        if len(calls) == 3:
+            raise ExportError(f"injected failure validating {spec.name}")
+        return {"cases": 0, "outputs": {}, "passed": True}
+
+    monkeypatch.setattr(bundle_module, "validate_graph", failing_validate)
+    with pytest.raises(ExportError, match="injected"):
+        export_bundle(make_model("ttm"), target, precision="fp32")
+    assert _snapshot(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temporary directory left behind
+
+
+def test_unknown_precision_is_refused(tmp_path) -> None:
+    with pytest.raises(ExportError, match="precision"):
+        export_bundle(make_model(), tmp_path / "b", precision="fp8")
+    assert not (tmp_path / "b").exists()
