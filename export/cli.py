@@ -55,11 +55,14 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--calibration-data", type=str,
               help="int8: a directory of media files or .npz chunk files, or 'synthetic'.")
 @click.option("--calibration-clips", default=16, show_default=True, help="int8: clips to calibrate on.")
+@click.option("--engine", is_flag=True,
+              help="Also build TensorRT engines for this GPU (needs TensorRT; or later: mirasol-build-engines).")
+@click.option("--workspace-mb", default=1024, show_default=True, help="--engine: TensorRT workspace limit.")
 @click.option("--params-only", is_flag=True, help="Print the parameter count per component and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str, out: Path | None, opset: int,
          validate: bool, max_batch: int, fp16_io: bool, calibration_data: str | None, calibration_clips: int,
-         params_only: bool, debug: bool) -> None:
+         engine: bool, workspace_mb: int, params_only: bool, debug: bool) -> None:
     """Export Mirasol as a bundle: combiner, AV autoregressor and text decoder graphs (plus the text
     decoder's cross-attention projection), their state wiring and a manifest, validated against PyTorch.
 
@@ -114,6 +117,14 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         click.echo(f"  {'total':<24} {human_bytes(total):>10}")
         if manifest.validation:
             click.echo("\n" + format_table(manifest.validation))
+        from mirasol.runtime.tensorrt_readiness import check_bundle
+        readiness = check_bundle(out)
+        click.echo("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings
+                                                  else "\n" + readiness.format()))
+        if engine:
+            from mirasol.runtime.tensorrt_build import build_engines
+            build_engines(out, precision=None if precision == "int8" else precision,
+                          axis_max={"batch": max_batch}, workspace_mb=workspace_mb, progress=click.echo)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         click.echo(f"\nwrote {out} ({precision}) in {time.perf_counter() - start:.1f}s, peak memory {peak:.0f} MB")
 

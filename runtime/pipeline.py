@@ -216,10 +216,14 @@ class Stream:
     def push(self, video: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """Add one chunk: video [B, F, 3, H, W], audio log-mel [B, n_mels, A] (or both without the batch
         axis, for batch 1). Returns the chunk's av_context [B, m, D] (no batch axis if none was given)."""
-        unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
         feeds = {"video": video, "audio": audio}
+        for name, value in feeds.items():
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"push: input {name!r} of graph combiner: expected a numpy array, "
+                                 f"got {type(value).__name__}")
+        unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
         if unbatched:
-            feeds = {name: value[None] if isinstance(value, np.ndarray) else value for name, value in feeds.items()}
+            feeds = {name: value[None] for name, value in feeds.items()}
         batch = self._check_chunk(feeds)
         with self._lock:
             if self.batch is None:
@@ -236,8 +240,6 @@ class Stream:
         for name, info in self.pipeline.chunk_inputs.items():
             value = feeds[name]
             where = f"push: input {name!r} of graph combiner"
-            if not isinstance(value, np.ndarray):
-                raise InputError(f"{where}: expected a numpy array, got {type(value).__name__}")
             if value.ndim != len(info.shape):
                 raise InputError(f"{where}: expected rank {len(info.shape)} {list(info.shape)} (or without the "
                                  f"batch axis), got shape {value.shape}")

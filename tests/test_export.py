@@ -109,3 +109,13 @@ def test_unknown_precision_is_refused(tmp_path) -> None:
     with pytest.raises(ExportError, match="precision"):
         export_bundle(make_model(), tmp_path / "b", precision="fp8")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("name", ["transformer", "ttm", "ttm-fp16"])
+def test_bundles_are_tensorrt_ready(tiny_bundles, name) -> None:
+    """Every op, dtype, dynamic axis (and Q/DQ placement) of the real graphs is one TensorRT's parser takes."""
+    from mirasol.runtime.tensorrt_readiness import check_bundle
+
+    report = check_bundle(tiny_bundles[name])
+    assert report.ok and not report.errors, report.format()
+    assert set(report.graphs) == set(GRAPHS)
