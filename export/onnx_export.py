@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -33,10 +32,6 @@ class _FlatInputs(nn.Module):
         return self.inner(*inputs)
 
 
-def parameter_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def export_graph(spec: GraphSpec, model: Mirasol, path: Path, metadata: dict[str, str],
                  opset: int = DEFAULT_OPSET) -> Path:
     """Write `spec`'s graph to `path` (plus `path.data` when its weights pass 2 GB)."""
@@ -56,7 +51,9 @@ def export_graph(spec: GraphSpec, model: Mirasol, path: Path, metadata: dict[str
     _name_output_axes(program.model, spec)
     program.model.metadata_props.update(metadata)
     program.model.graph.name = spec.name
-    program.save(str(path), external_data=parameter_bytes(module) >= EXTERNAL_DATA_BYTES)
+    weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                       if v.const_value is not None)
+    program.save(str(path), external_data=weight_bytes >= EXTERNAL_DATA_BYTES)
     return path
 
 
@@ -84,11 +81,3 @@ def _quiet_loggers():
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
-
-def read_config_metadata(path: Path) -> dict:
-    """The config a graph file was exported with (from its metadata_props)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props["mirasol.config"])

@@ -77,7 +77,9 @@ class Pipeline:
         self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: self._plan(name) for name in manifest.steps}
         push = manifest.steps["push"]
-        self.chunk_inputs = {name: self._input_info(push.graphs, name) for name in push.inputs}
+        located = {name: self._input_info(push.graphs, name) for name in push.inputs}
+        self.chunk_inputs = {name: info for name, (_, info) in located.items()}
+        self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
 
     @classmethod
@@ -86,11 +88,12 @@ class Pipeline:
         """Load a bundle directory with a backend ("onnxruntime" or "tensorrt") and its options."""
         return cls(Bundle.load(path, verify=verify), get_backend(backend, **backend_options))
 
-    def _input_info(self, graphs: tuple[str, ...], name: str) -> TensorInfo:
+    def _input_info(self, graphs: tuple[str, ...], name: str) -> tuple[str, TensorInfo]:
+        """The first graph of a step taking input `name`, and that input's description."""
         for graph in graphs:
             for tensor in self.bundle.graphs[graph].inputs:
                 if tensor.name == name:
-                    return tensor
+                    return graph, tensor
         raise BundleError(f"no graph of {graphs} has input {name!r}")
 
     def _plan(self, step_name: str) -> _StepPlan:
@@ -219,7 +222,7 @@ class Stream:
         feeds = {"video": video, "audio": audio}
         for name, value in feeds.items():
             if not isinstance(value, np.ndarray):
-                raise InputError(f"push: input {name!r} of graph combiner: expected a numpy array, "
+                raise InputError(f"{self.pipeline._chunk_where[name]}: expected a numpy array, "
                                  f"got {type(value).__name__}")
         unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
         if unbatched:
@@ -239,7 +242,7 @@ class Stream:
         batch = None
         for name, info in self.pipeline.chunk_inputs.items():
             value = feeds[name]
-            where = f"push: input {name!r} of graph combiner"
+            where = self.pipeline._chunk_where[name]
             if value.ndim != len(info.shape):
                 raise InputError(f"{where}: expected rank {len(info.shape)} {list(info.shape)} (or without the "
                                  f"batch axis), got shape {value.shape}")
