@@ -53,7 +53,8 @@ def graph_entry(spec: GraphSpec, directory: Path, onnx_model: onnx.ModelProto | 
         name=spec.name, file=spec.file, sha256=sha256_file(path),
         inputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.inputs),
         outputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.outputs),
-        axes=derived_axes(spec), external_data=external)
+        axes=derived_axes(spec), external_data=external,
+        external_sha256={name: sha256_file(directory / name) for name in external})
 
 
 def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,

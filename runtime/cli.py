@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import BoundedNpz
 from .errors import InputError, MirasolError
 from .pipeline import Pipeline
 
@@ -45,11 +46,9 @@ def _chunks(args: argparse.Namespace, config: dict) -> tuple[np.ndarray, np.ndar
         return load_clip(args.video, config)
     if not args.chunks.is_file():
         raise InputError(f"{args.chunks} does not exist")
-    try:
-        with np.load(args.chunks, allow_pickle=False) as data:
-            return data["video"], data["audio"]
-    except (KeyError, ValueError, OSError) as bad:
-        raise InputError(f"{args.chunks}: expected an .npz with arrays 'video' and 'audio' ({bad})") from None
+    with BoundedNpz(args.chunks, f"chunks file {args.chunks}", max_bytes=8 << 30, error=InputError) as npz:
+        return (npz.read("video", np.float32, ((1, 1 << 24), (3, 3), (1, 1 << 14), (1, 1 << 14))),
+                npz.read("audio", np.float32, ((1, 1 << 12), (1, 1 << 28))))
 
 
 def main(argv: list[str] | None = None) -> int:

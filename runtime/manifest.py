@@ -14,7 +14,9 @@ Inside one step, a graph input that is none of these is fed by the earlier graph
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ FORMAT_NAME = "mirasol-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_DIM = 2**31 - 1  # any size or axis bound in a manifest
+MAX_RANK = 8
+MAX_STATE_ELEMENTS = 1 << 28  # a zeros-initialised state tensor, per batch row
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 SCOPES = ("stream", "question")
 STEPS = ("push", "ask", "generate")
 
@@ -53,6 +59,7 @@ class GraphEntry:
     axes: dict[str, AxisRange]
     external_data: tuple[str, ...] = ()
     engine: dict[str, Any] | None = None  # TensorRT engine record, added on the device
+    external_sha256: dict[str, str] = field(default_factory=dict)  # sha256 per external-data file
 
     def input(self, name: str) -> TensorInfo:
         return _by_name(self.inputs, name, f"graph {self.name!r} has no input")
@@ -68,6 +75,8 @@ class GraphEntry:
             "external_data": list(self.external_data)}
         if self.engine is not None:
             data["engine"] = self.engine
+        if self.external_sha256:
+            data["external_sha256"] = dict(self.external_sha256)
         return data
 
 
@@ -149,52 +158,62 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = MANIFEST_FILE) -> "Manifest":
-        if not isinstance(data, Mapping):
-            raise BundleError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> "Manifest":
+        """Build and check a manifest from parsed JSON; anything malformed raises BundleError naming the key."""
+        r = _Reader(where)
+        r.mapping(data, "the manifest")
         if data.get("format") != FORMAT_NAME:
-            raise BundleError(f"{where}: not a mirasol bundle manifest (format {data.get('format')!r}, "
+            raise BundleError(f"{where}: not a mirasol bundle manifest (format {_short(data.get('format'))}, "
                               f"expected {FORMAT_NAME!r})")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BundleError(f"{where}: format_version: expected an integer, got {_short(version)}")
+        if version > FORMAT_VERSION:
             raise BundleError(
-                f"{where}: bundle format version {version!r} is newer than this runtime reads "
+                f"{where}: bundle format version {version} is newer than this runtime reads "
                 f"(up to {FORMAT_VERSION}); upgrade mirasol-edge or re-export the bundle with this version")
         if version < 1:
             raise BundleError(f"{where}: bundle format version {version} is not supported; re-export it")
-        try:
-            manifest = cls(
-                config=dict(data["config"]), precision=str(data["precision"]),
-                graphs={name: _graph_from_dict(name, g) for name, g in data["graphs"].items()},
-                steps={name: StepSpec(tuple(s["graphs"]), tuple(s.get("inputs", ())), s.get("returns"))
-                       for name, s in data["steps"].items()},
-                state=tuple(StateSpec(**s) for s in data["state"]),
-                counters=tuple(CounterSpec(**{**c, "length_of": tuple(c["length_of"]) if c.get("length_of")
-                                              else None}) for c in data["counters"]),
-                tokenizer=dict(data["tokenizer"]), producer=dict(data.get("producer", {})),
-                validation=dict(data.get("validation", {})), quantization=dict(data.get("quantization", {})),
-                format_version=version)
-        except KeyError as missing:
-            raise BundleError(f"{where}: missing key {missing}") from None
-        except (TypeError, ValueError, AttributeError) as bad:
-            raise BundleError(f"{where}: malformed entry ({bad})") from None
+        graphs = r.mapping(r.key(data, "graphs", ""), "graphs")
+        steps = r.mapping(r.key(data, "steps", ""), "steps")
+        manifest = cls(
+            config=dict(r.mapping(r.key(data, "config", ""), "config")),
+            precision=r.string(r.key(data, "precision", ""), "precision"),
+            graphs={r.string(name, "graphs (a graph name)"): _graph_from_dict(r, name, g)
+                    for name, g in graphs.items()},
+            steps={r.string(name, "steps (a step name)"): _step_from_dict(r, name, s) for name, s in steps.items()},
+            state=tuple(_state_from_dict(r, i, s)
+                        for i, s in enumerate(r.array(r.key(data, "state", ""), "state"))),
+            counters=tuple(_counter_from_dict(r, i, c)
+                           for i, c in enumerate(r.array(r.key(data, "counters", ""), "counters"))),
+            tokenizer=dict(r.mapping(r.key(data, "tokenizer", ""), "tokenizer")),
+            producer=dict(r.mapping(data.get("producer", {}), "producer")),
+            validation=dict(r.mapping(data.get("validation", {}), "validation")),
+            quantization=dict(r.mapping(data.get("quantization", {}), "quantization")),
+            format_version=version)
         manifest.check(where)
         return manifest
 
     @classmethod
     def read(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_FILE
-        if not Path(directory).is_dir():
-            raise BundleError(f"bundle directory {directory} does not exist")
+        """Read `directory`/manifest.json: JSON only (never code), size-bounded, strictly checked."""
+        directory = Path(directory)
+        path = directory / MANIFEST_FILE
+        if not directory.is_dir():
+            raise BundleError(f"bundle directory {directory} does not exist" if not directory.exists()
+                              else f"bundle path {directory} is not a directory")
         if not path.is_file():
             raise BundleError(f"{path} is missing: {directory} is not a mirasol bundle")
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{path} is {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        if path.resolve().parent != directory.resolve():
+            raise BundleError(f"{path} resolves to {path.resolve()}, outside the bundle directory")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
-            raise BundleError(f"{path} is not valid JSON: {bad}") from None
-        return cls.from_dict(data, str(path))
+            with open(path, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)  # bounded before anything is allocated from it
+        except OSError as bad:
+            raise BundleError(f"{path} cannot be read: {bad}") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is over the {MAX_MANIFEST_BYTES}-byte manifest limit")
+        return cls.from_dict(parse_json(raw, str(path)), str(path))
 
     def check(self, where: str = MANIFEST_FILE) -> None:
         """Every name the wiring uses exists, and every graph input of a step is bound exactly once."""
@@ -205,18 +224,84 @@ class Manifest:
             _check_file_name(graph.file, where)
             for extra in graph.external_data:
                 _check_file_name(extra, where)
+            for extra in graph.external_sha256:
+                if extra not in graph.external_data:
+                    raise BundleError(f"{where}: graph {name!r} has a checksum for {extra!r}, which is not one of "
+                                      f"its external_data files {list(graph.external_data)}")
+            if isinstance(graph.engine, Mapping) and graph.engine.get("file") is not None:
+                _check_file_name(graph.engine["file"], where)
+            for kind, tensors in (("input", graph.inputs), ("output", graph.outputs)):
+                names_seen = [t.name for t in tensors]
+                twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
+                if twice:
+                    raise BundleError(f"{where}: graph {name!r} names {kind} {twice[0]!r} twice")
+        names: set[str] = set()
+        bound: dict[tuple[str, str], str] = {}
         for spec in (*self.state, *self.counters):
+            if spec.name in names:
+                raise BundleError(f"{where}: state/counter name {spec.name!r} is used twice")
+            names.add(spec.name)
             if spec.scope not in SCOPES:
                 raise BundleError(f"{where}: {spec.name}: scope {spec.scope!r} is not one of {SCOPES}")
-            self._graph(spec.graph, where).input(spec.input)
+            who = f"{'counter' if isinstance(spec, CounterSpec) else 'state'} {spec.name}"
+            target = self._input(spec.graph, spec.input, where, who)
+            if (spec.graph, spec.input) in bound:
+                raise BundleError(f"{where}: input {spec.input!r} of graph {spec.graph!r} is fed by both "
+                                  f"{bound[spec.graph, spec.input]!r} and {spec.name!r}")
+            bound[spec.graph, spec.input] = spec.name
+            if isinstance(spec, CounterSpec):
+                if target.dtype != "int64" or len(target.shape) != 1:
+                    raise BundleError(f"{where}: counter {spec.name}: {spec.graph}.{spec.input} must be int64 "
+                                      f"[batch], the manifest says {target.dtype} {list(target.shape)}")
+                if (spec.step is None) == (spec.length_of is None):
+                    raise BundleError(f"{where}: counter {spec.name}: give exactly one of 'step' and 'length_of'")
+                if spec.length_of is not None:
+                    length_input = self._input(spec.graph, spec.length_of[0], where, who)
+                    if not 0 <= spec.length_of[1] < len(length_input.shape):
+                        raise BundleError(f"{where}: counter {spec.name}: axis {spec.length_of[1]} is outside "
+                                          f"{spec.length_of[0]!r} of rank {len(length_input.shape)}")
         for spec in self.state:
             if spec.init not in ("zeros", "empty") or spec.update not in ("replace", "append"):
                 raise BundleError(f"{where}: state {spec.name}: unknown init {spec.init!r} or update {spec.update!r}")
-            self._graph(spec.source_graph, where).output(spec.output)
+            target = self._input(spec.graph, spec.input, where, f"state {spec.name}")
+            source_graph = self._graph(spec.source_graph, where, f"state {spec.name}")
+            try:
+                source = source_graph.output(spec.output)
+            except BundleError as missing:
+                raise BundleError(f"{where}: state {spec.name}: {missing}") from None
+            if source.dtype != target.dtype or len(source.shape) != len(target.shape):
+                raise BundleError(f"{where}: state {spec.name}: {spec.source_graph}.{spec.output} "
+                                  f"({source.dtype} {list(source.shape)}) cannot feed {spec.graph}.{spec.input} "
+                                  f"({target.dtype} {list(target.shape)})")
+            for i, (out_dim, in_dim) in enumerate(zip(source.shape, target.shape)):
+                if i == spec.axis:
+                    continue  # the axis the state grows / is windowed along
+                if ((out_dim == "batch") != (in_dim == "batch") or isinstance(out_dim, int) != isinstance(in_dim, int)
+                        or (isinstance(out_dim, int) and out_dim != in_dim)):
+                    raise BundleError(f"{where}: state {spec.name}: axis {i} of {spec.source_graph}.{spec.output} "
+                                      f"{list(source.shape)} does not fit {spec.graph}.{spec.input} "
+                                      f"{list(target.shape)}")
+            needs_axis = spec.init == "empty" or spec.update == "append" or spec.window is not None
+            if needs_axis and (spec.axis is None or not 0 <= spec.axis < len(target.shape)):
+                raise BundleError(f"{where}: state {spec.name}: axis {spec.axis!r} is not an axis of "
+                                  f"{spec.graph}.{spec.input} {list(target.shape)}")
+            if spec.init == "zeros":
+                fixed = [d for d in target.shape if d != "batch"]
+                if any(isinstance(d, str) for d in fixed):
+                    raise BundleError(f"{where}: state {spec.name}: init 'zeros' needs fixed sizes, "
+                                      f"{spec.graph}.{spec.input} has {list(target.shape)}")
+                if math.prod(fixed) > MAX_STATE_ELEMENTS:  # type: ignore[arg-type]
+                    raise BundleError(f"{where}: state {spec.name}: {list(target.shape)} is over the "
+                                      f"{MAX_STATE_ELEMENTS}-element limit per batch row")
         for step_name, step in self.steps.items():
             produced: set[str] = set()
+            graph_inputs = {t.name for g in step.graphs for t in self._graph(g, where, f"step {step_name!r}").inputs}
+            for name in step.inputs:
+                if name not in graph_inputs:
+                    raise BundleError(f"{where}: step {step_name!r} takes input {name!r}, which none of its "
+                                      f"graphs {list(step.graphs)} has")
             for graph_name in step.graphs:
-                graph = self._graph(graph_name, where)
+                graph = self._graph(graph_name, where, f"step {step_name!r}")
                 for tensor in graph.inputs:
                     if not (tensor.name in step.inputs or tensor.name in produced
                             or self.binding(graph_name, tensor.name) is not None):
@@ -232,11 +317,18 @@ class Manifest:
                 return spec
         return None
 
-    def _graph(self, name: str, where: str) -> GraphEntry:
+    def _input(self, graph: str, name: str, where: str, who: str) -> TensorInfo:
+        entry = self._graph(graph, where, who)
+        try:
+            return entry.input(name)
+        except BundleError as missing:
+            raise BundleError(f"{where}: {who}: {missing}") from None
+
+    def _graph(self, name: str, where: str, who: str) -> GraphEntry:
         try:
             return self.graphs[name]
         except KeyError:
-            raise BundleError(f"{where}: names graph {name!r}, which the bundle does not have") from None
+            raise BundleError(f"{where}: {who} names graph {name!r}, which the bundle does not have") from None
 
 
 def _by_name(tensors: tuple[TensorInfo, ...], name: str, message: str) -> TensorInfo:
@@ -246,17 +338,194 @@ def _by_name(tensors: tuple[TensorInfo, ...], name: str, message: str) -> Tensor
     raise BundleError(f"{message} {name!r}")
 
 
-def _check_file_name(name: str, where: str) -> None:
+def _check_file_name(name: Any, where: str) -> None:
     """Manifest file names are plain names inside the bundle: no separators, no '..', not absolute."""
     if (not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name
-            or (os.altsep and os.altsep in name) or "\x00" in name):
-        raise BundleError(f"{where}: file name {name!r} is not a plain file name inside the bundle")
+            or "\\" in name or (os.altsep and os.altsep in name) or "\x00" in name or ":" in name):
+        raise BundleError(f"{where}: file name {_short(name)} is not a plain file name inside the bundle")
 
 
-def _graph_from_dict(name: str, data: Mapping[str, Any]) -> GraphEntry:
+def parse_json(raw: bytes | str, where: str) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, bounded nesting; errors are BundleErrors. (NaN and Infinity, which
+    json.dumps writes for such floats in validation reports, are read as floats.)"""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        data = dict(pairs)
+        if len(data) != len(pairs):
+            seen: set[str] = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise _Refused(f"key {twice!r} appears twice in one object")
+        return data
+
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=no_duplicates)  # NaN/Infinity (a report's errors) are read
+    except _Refused as bad:
+        raise BundleError(f"{where} is not valid JSON: {bad}") from None
+    except RecursionError:
+        raise BundleError(f"{where} is not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as bad:  # JSONDecodeError, over-long integers
+        raise BundleError(f"{where} is not valid JSON: {bad}") from None
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Reader:
+    """Typed access to parsed JSON; every failure names the manifest and the key path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, path: str, expected: str, got: Any) -> BundleError:
+        return BundleError(f"{self.where}: {path}: expected {expected}, got {_short(got)}")
+
+    def key(self, data: Mapping[str, Any], key: str, path: str) -> Any:
+        if key not in data:
+            raise BundleError(f"{self.where}: missing key {path + '.' if path else ''}{key}")
+        return data[key]
+
+    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.fail(path, "a JSON object", value)
+        return value
+
+    def array(self, value: Any, path: str) -> list[Any] | tuple[Any, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise self.fail(path, "a JSON list", value)
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, "a non-empty string", value)
+        return value
+
+    def name(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value or len(value) > 1000 or not value.isprintable():
+            raise self.fail(path, "a non-empty printable name", value)
+        return value
+
+    def integer(self, value: Any, path: str, low: int = 0, high: int = MAX_DIM) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise self.fail(path, f"an integer in [{low}, {high}]", value)
+        return value
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
+        if value not in choices or not isinstance(value, str):
+            raise self.fail(path, f"one of {choices}", value)
+        return value
+
+    def fields(self, data: Any, path: str, required: tuple[str, ...], optional: tuple[str, ...] | None = ()
+               ) -> Mapping[str, Any]:
+        """An object with these keys; unknown keys are refused unless `optional` is None (then ignored)."""
+        data = self.mapping(data, path)
+        for key in required:
+            self.key(data, key, path)
+        unknown = [] if optional is None else sorted(set(data) - set(required) - set(optional))
+        if unknown:
+            raise BundleError(f"{self.where}: {path}: unknown keys {unknown}")
+        return data
+
+    def tensor(self, data: Any, path: str) -> TensorInfo:
+        data = self.fields(data, path, ("name", "dtype", "shape"))
+        shape = self.array(data["shape"], f"{path}.shape")
+        if len(shape) > MAX_RANK:
+            raise self.fail(f"{path}.shape", f"at most {MAX_RANK} axes", shape)
+        dims: list[int | str] = []
+        for i, d in enumerate(shape):
+            dims.append(self.name(d, f"{path}.shape[{i}]") if isinstance(d, str)
+                        else self.integer(d, f"{path}.shape[{i}]"))
+        return TensorInfo(self.name(data["name"], f"{path}.name"),
+                          self.choice(data["dtype"], f"{path}.dtype", DTYPES), tuple(dims))
+
+
+def _graph_from_dict(r: _Reader, name: Any, data: Any) -> GraphEntry:
+    path = f"graphs.{name}"
+    r.name(name, "graphs (a graph name)")
+    # Unknown keys of a graph entry are ignored (as this format has always done), the known ones checked.
+    data = r.fields(data, path, ("file", "sha256", "inputs", "outputs", "axes"), None)
+    sha = _sha256(r, data["sha256"], f"{path}.sha256")
+    external_sha = {r.string(f, f"{path}.external_sha256 (a file name)"): _sha256(r, h, f"{path}.external_sha256.{f}")
+                    for f, h in r.mapping(data.get("external_sha256", {}), f"{path}.external_sha256").items()}
+    axes: dict[str, AxisRange] = {}
+    for axis, ranges in r.mapping(data["axes"], f"{path}.axes").items():
+        where = f"{path}.axes.{axis}"
+        r.name(axis, f"{path}.axes (an axis name)")
+        ranges = r.fields(ranges, where, ("min", "opt", "max"))
+        low, opt, high = (r.integer(ranges[k], f"{where}.{k}") for k in ("min", "opt", "max"))
+        if not low <= opt <= high:
+            raise r.fail(where, "min <= opt <= max", dict(ranges))
+        axes[axis] = AxisRange(low, opt, high)
+    engine = data.get("engine")
+    if engine is not None:
+        r.mapping(engine, f"{path}.engine")
     return GraphEntry(
-        name=name, file=data["file"], sha256=data["sha256"],
-        inputs=tuple(TensorInfo.from_dict(t) for t in data["inputs"]),
-        outputs=tuple(TensorInfo.from_dict(t) for t in data["outputs"]),
-        axes={axis: AxisRange(**r) for axis, r in data["axes"].items()},
-        external_data=tuple(data.get("external_data", ())), engine=data.get("engine"))
+        name=name, file=r.string(data["file"], f"{path}.file"), sha256=sha,
+        inputs=tuple(r.tensor(t, f"{path}.inputs[{i}]")
+                     for i, t in enumerate(r.array(data["inputs"], f"{path}.inputs"))),
+        outputs=tuple(r.tensor(t, f"{path}.outputs[{i}]")
+                      for i, t in enumerate(r.array(data["outputs"], f"{path}.outputs"))),
+        axes=axes,
+        external_data=tuple(r.string(f, f"{path}.external_data[{i}]")
+                            for i, f in enumerate(r.array(data.get("external_data", []), f"{path}.external_data"))),
+        engine=dict(engine) if engine is not None else None, external_sha256=external_sha)
+
+
+def _sha256(r: _Reader, value: Any, path: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise r.fail(path, "a sha256 (64 lowercase hex digits)", value)
+    return value
+
+
+def _step_from_dict(r: _Reader, name: str, data: Any) -> StepSpec:
+    path = f"steps.{name}"
+    data = r.fields(data, path, ("graphs",), ("inputs", "returns"))
+    returns = data.get("returns")
+    return StepSpec(
+        tuple(r.name(g, f"{path}.graphs[{i}]") for i, g in enumerate(r.array(data["graphs"], f"{path}.graphs"))),
+        tuple(r.name(t, f"{path}.inputs[{i}]")
+              for i, t in enumerate(r.array(data.get("inputs", []), f"{path}.inputs"))),
+        None if returns is None else r.name(returns, f"{path}.returns"))
+
+
+def _optional_int(r: _Reader, value: Any, path: str, low: int) -> int | None:
+    return None if value is None else r.integer(value, path, low)
+
+
+def _state_from_dict(r: _Reader, index: int, data: Any) -> StateSpec:
+    path = f"state[{index}]"
+    data = r.fields(data, path, ("name", "graph", "input", "source_graph", "output", "init"),
+                    ("update", "axis", "window", "scope"))
+    return StateSpec(
+        name=r.name(data["name"], f"{path}.name"), graph=r.name(data["graph"], f"{path}.graph"),
+        input=r.name(data["input"], f"{path}.input"), source_graph=r.name(data["source_graph"], f"{path}.source_graph"),
+        output=r.name(data["output"], f"{path}.output"),
+        init=r.choice(data["init"], f"{path}.init", ("zeros", "empty")),
+        update=r.choice(data.get("update", "replace"), f"{path}.update", ("replace", "append")),
+        axis=_optional_int(r, data.get("axis"), f"{path}.axis", 0),
+        window=_optional_int(r, data.get("window"), f"{path}.window", 1),
+        scope=r.choice(data.get("scope", "stream"), f"{path}.scope", SCOPES))
+
+
+def _counter_from_dict(r: _Reader, index: int, data: Any) -> CounterSpec:
+    path = f"counters[{index}]"
+    data = r.fields(data, path, ("name", "graph", "input"), ("step", "length_of", "scope"))
+    length_of = data.get("length_of")
+    if length_of is not None:
+        pair = r.array(length_of, f"{path}.length_of")
+        if len(pair) != 2:
+            raise r.fail(f"{path}.length_of", "[input name, axis]", pair)
+        length_of = (r.name(pair[0], f"{path}.length_of[0]"), r.integer(pair[1], f"{path}.length_of[1]", 0, MAX_RANK))
+    return CounterSpec(
+        name=r.name(data["name"], f"{path}.name"), graph=r.name(data["graph"], f"{path}.graph"),
+        input=r.name(data["input"], f"{path}.input"),
+        step=_optional_int(r, data.get("step"), f"{path}.step", 0), length_of=length_of,
+        scope=r.choice(data.get("scope", "stream"), f"{path}.scope", SCOPES))

@@ -20,7 +20,7 @@ import numpy as np
 from .backends import Backend, GraphSession, get_backend
 from .backends.base import TensorInfo
 from .bundle import Bundle
-from .errors import BundleError, InputError
+from .errors import BackendError, BundleError, InputError
 from .manifest import CounterSpec, StateSpec
 from .sampling import Sampler
 
@@ -81,6 +81,7 @@ class Pipeline:
         self.chunk_inputs = {name: info for name, (_, info) in located.items()}
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
+        self.max_batch = min(g.axes["batch"].max for g in manifest.graphs.values() if "batch" in g.axes)
 
     @classmethod
     def load(cls, path: str | Path, backend: str | Backend = "onnxruntime", verify: bool = True,
@@ -200,18 +201,25 @@ class Stream:
             self.timings.add(self.timings.graph_seconds, session.name, time.perf_counter() - t0)
             self.timings.graph_calls[session.name] = self.timings.graph_calls.get(session.name, 0) + 1
             produced.update(outputs)
+        updates = {}
         for spec in plan.state:
             value = produced[spec.output]
-            if spec.update == "append":
-                value = np.concatenate([self.state[spec.name], value], axis=spec.axis)
-            if spec.window is not None and value.shape[spec.axis] > spec.window:
-                index = [slice(None)] * value.ndim
-                index[spec.axis] = slice(value.shape[spec.axis] - spec.window, None)
-                value = np.ascontiguousarray(value[tuple(index)])
-            self.state[spec.name] = value
+            try:
+                if spec.update == "append":
+                    value = np.concatenate([self.state[spec.name], value], axis=spec.axis)
+                if spec.window is not None and value.shape[spec.axis] > spec.window:
+                    index = [slice(None)] * value.ndim
+                    index[spec.axis] = slice(value.shape[spec.axis] - spec.window, None)
+                    value = np.ascontiguousarray(value[tuple(index)])
+            except ValueError:
+                raise BackendError(f"state {spec.name}: output {spec.source_graph}.{spec.output} of shape "
+                                   f"{value.shape} does not fit the carried {self.state[spec.name].shape}") from None
+            updates[spec.name] = value
         for counter in plan.counters:
             step = counter.step if counter.length_of is None else inputs[counter.length_of[0]].shape[counter.length_of[1]]
-            self.counters[counter.name] = self.counters[counter.name] + step
+            updates[counter.name] = self.counters[counter.name] + step
+        for name, value in updates.items():
+            (self.counters if name in self.counters else self.state)[name] = value
         self.timings.add(self.timings.step_seconds, step_name, time.perf_counter() - start)
         return produced
 
@@ -259,6 +267,9 @@ class Stream:
                 batch = value.shape[0]
             elif value.shape[0] != batch:
                 raise InputError(f"{where}: batch {value.shape[0]} differs from the other input's {batch}")
+        if batch > self.pipeline.max_batch:
+            raise InputError(f"push: batch {batch} is over the bundle's maximum {self.pipeline.max_batch} "
+                             f"(re-export with --max-batch {batch})")
         if self.batch is not None and batch != self.batch:
             raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch {batch}")
         return batch  # type: ignore[return-value]
@@ -304,6 +315,10 @@ class Stream:
         tokenizer = self.pipeline.tokenizer
         if not isinstance(question, str) or not question.strip():
             raise InputError("ask: the question is empty")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as bad:
+            raise InputError(f"ask: the question is not valid text: {bad}") from None
         prompt = tokenizer.prompt(question)
         room = self.pipeline.max_text_len - len(prompt)
         if room < 1:
@@ -349,27 +364,14 @@ class Stream:
         return path
 
     def _load(self, path: Path) -> None:
-        if not path.is_file():
-            raise BundleError(f"state file {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(bytes(data["header"]).decode())
-                arrays = {name: data[name] for name in data.files if name != "header"}
-        except (ValueError, OSError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as bad:
-            raise BundleError(f"state file {path} is not a readable stream state: {bad}") from None
-        if header.get("format") != STATE_FORMAT or header.get("version") != STATE_VERSION:
-            raise BundleError(f"state file {path}: unknown format {header.get('format')!r} v{header.get('version')!r}")
-        if header.get("bundle") != self.pipeline.bundle.fingerprint:
-            raise BundleError(f"state file {path} was saved with another bundle; restore it with the bundle it "
-                              f"came from")
+        """Read a state file through the bundle's bounded reader (no pickle, sizes checked first)."""
+        header, arrays = self.pipeline.bundle.read_state(path, STATE_FORMAT, STATE_VERSION)
         batch = header["batch"]
         if batch is not None:
-            self._init("stream", int(batch))
-            for key, table in (("state", self.state), ("counter", self.counters)):
-                for name in table:
-                    stored = arrays.get(f"{key}/{name}")
-                    if stored is None or stored.dtype != table[name].dtype or stored.ndim != table[name].ndim:
-                        raise BundleError(f"state file {path}: {key} {name!r} is missing or malformed")
-                    table[name] = stored
+            self._init("stream", batch)
+            for name in self.state:
+                self.state[name] = arrays[f"state/{name}"]
+            for name in self.counters:
+                self.counters[name] = arrays[f"counter/{name}"]
         self.batch = batch
-        self.chunks = int(header["chunks"])
+        self.chunks = header["chunks"]

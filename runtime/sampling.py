@@ -1,6 +1,8 @@
 """Next-token choice from logits: greedy, or temperature / top-k / top-p sampling with a seed."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import InputError
@@ -8,7 +10,8 @@ from .errors import InputError
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> None:
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        if (not math.isfinite(temperature) or temperature < 0 or isinstance(top_k, bool)
+                or not isinstance(top_k, int) or top_k < 0 or not 0 < top_p <= 1):
             raise InputError(f"sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                              f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
         self.temperature = temperature
