@@ -37,13 +37,18 @@ class OrtGraphSession(GraphSession):
 
 
 class OnnxRuntimeBackend(Backend):
-    """Providers are tried in the order given (CPU by default); options map to ort.SessionOptions."""
+    """Providers are tried in the order given (CPU by default); options map to ort.SessionOptions.
+
+    `spinning=False` (the default) stops idle intra-op threads from busy-waiting: measured by mirasol-bench on a
+    2-core machine with other work running, spinning made the fp32 runtime 3.5x slower per chunk; on a device
+    the app shares the CPU too. Pass `spinning=True` for a dedicated, quiet CPU.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,
-                 inter_op_threads: int | None = None, optimization: str = "all", profile_dir: str | None = None
-                 ) -> None:
+                 inter_op_threads: int | None = None, optimization: str = "all", profile_dir: str | None = None,
+                 spinning: bool = False) -> None:
         available = ort.get_available_providers()
         self.providers = list(providers or ["CPUExecutionProvider"])
         for provider in self.providers:
@@ -55,6 +60,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}")
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if threads:
             self.options.intra_op_num_threads = threads
         if inter_op_threads:
