@@ -34,12 +34,12 @@ def mel_filterbank(config: MirasolConfig) -> torch.Tensor:
 def log_mel(waveform: torch.Tensor, config: MirasolConfig) -> torch.Tensor:
     """One chunk: waveform [B, samples_per_chunk] -> log-mel [B, n_mels, audio_frames_per_chunk]."""
     c = config
-    padded = torch.nn.functional.pad(waveform.to(torch.float32), (0, c.n_fft - c.hop_length))
+    padded = torch.nn.functional.pad(waveform.to(torch.float64), (0, c.n_fft - c.hop_length))
     frames = padded.unfold(-1, c.n_fft, c.hop_length)  # [B, A, n_fft]
     window = 0.5 - 0.5 * torch.cos(2 * math.pi * torch.arange(c.n_fft, dtype=torch.float64) / c.n_fft)
-    power = torch.fft.rfft(frames * window.to(torch.float32), dim=-1).abs() ** 2
-    mel = power @ mel_filterbank(c)  # [B, A, n_mels]
-    return torch.log(mel + LOG_OFFSET).transpose(1, 2)
+    power = torch.fft.rfft(frames * window, dim=-1).abs() ** 2  # float64: quiet bands far below a tone
+    mel = power @ mel_filterbank(c).to(torch.float64)  # [B, A, n_mels]
+    return torch.log(mel + LOG_OFFSET).transpose(1, 2).to(torch.float32)
 
 
 def clip_log_mel(waveform: torch.Tensor, config: MirasolConfig) -> torch.Tensor:

@@ -769,9 +769,7 @@ def _python_files(*folders: str) -> list[Path]:
     return [p for folder in folders for p in sorted((REPO / folder).rglob("*.py"))]
 
 
-@pytest.mark.parametrize("folder", [*SHIPPED, pytest.param("model", marks=pytest.mark.xfail(
-    strict=True, reason="model/demo_task.py: np.load(cache) without allow_pickle=False (numpy's default is False, "
-                        "but the rule is to say it); owner of model/ to fix"))])
+@pytest.mark.parametrize("folder", [*SHIPPED, "model"])
 def test_no_code_is_ever_loaded_from_files(folder) -> None:
     """No pickle / marshal / eval anywhere the toolkit reads files; every np.load passes allow_pickle=False."""
     problems = []

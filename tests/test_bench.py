@@ -1,0 +1,185 @@
+"""mirasol-bench: the report's structure (keys, types, every section), not its timings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mirasol.export.bench import (NO_CUDA, SECTIONS, _jsonable, chunk_step_flops, main, run_benchmark, stats_ms,
+                                  to_markdown)
+from mirasol.model import get_preset
+
+TARGET_KEYS = {"name", "value", "op", "threshold", "pass", "note"}
+STAT_KEYS = {"n", "median_ms", "p95_ms", "mean_ms", "min_ms"}
+
+
+def check_report(report: dict) -> None:
+    """Every section is there with the keys and types readers rely on."""
+    assert report["format"] == "mirasol-bench" and report["version"] == 1
+    assert set(SECTIONS) <= set(report)
+    meta = report["meta"]
+    for key, kind in (("threads", int), ("chunks", int), ("repeats", int), ("wall_seconds", float),
+                      ("load_average_start", list), ("new_tokens", int), ("source", str)):
+        assert isinstance(meta[key], kind), key
+
+    streaming = report["streaming"]
+    engines = streaming["engines"]
+    assert {"runtime_fp32", "pytorch_eager_step", "pytorch_naive_rerun", "runtime_fp16", "runtime_int8"} <= set(engines)
+    for name in ("runtime_fp32", "pytorch_eager_step", "pytorch_naive_rerun"):
+        assert engines[name]["status"] == "ok"
+        assert STAT_KEYS <= set(engines[name])
+        assert engines[name]["median_ms"] > 0 and engines[name]["p95_ms"] >= engines[name]["median_ms"]
+    assert engines["runtime_int8"]["status"] in ("ok", "not available", "not measured", "failed")
+    assert isinstance(streaming["speedup_vs_primary"]["pytorch_eager_step"], float)
+
+    flatness = report["flatness"]
+    assert flatness["chunks"] and all(STAT_KEYS | {"state_bytes"} <= set(e) for e in flatness["chunks"].values())
+    assert {"1", "8"} <= set(flatness["chunks"])
+    # bounded state: as large at chunk 8 as at the last chunk (the window is shorter than 8 chunks here)
+    last = str(flatness["compare"]["at"])
+    assert flatness["chunks"][last]["state_bytes"] == flatness["chunks"]["8"]["state_bytes"]
+
+    text = report["text"]
+    assert 0 <= text["measured_tokens"] <= text["requested_new_tokens"] and text["baseline_tokens"] >= 1
+    for name, entry in text["engines"].items():
+        assert STAT_KEYS <= set(entry), name
+        assert (entry["tokens_per_second"] > 0) if entry["tokens"] else entry["tokens_per_second"] is None, name
+    assert {"runtime_fp32_cached", "pytorch_eager_cached", "onnx_fp32_uncached", "pytorch_eager_uncached"} \
+        <= set(text["engines"])
+    assert {"runtime_fp32", "pytorch_eager"} <= set(text["time_to_first_token"])
+    assert all(isinstance(v, float) for v in text["speedup"].values())
+    assert isinstance(text["tokens_match_pytorch"], bool)
+
+    overhead = report["overhead"]
+    assert 0 <= overhead["fraction_outside_run_calls"] <= 1
+    assert overhead["graph_seconds"] <= overhead["wall_seconds"]
+
+    memory = report["memory"]
+    for name in ("runtime_process_fp32", "pytorch_process"):
+        assert memory[name]["status"] == "ok", memory[name]
+        assert memory[name]["peak_rss_mb"] > 0 and memory[name]["load_s"] >= 0
+    assert memory["runtime_process_fp32"]["torch_imported"] is False  # the runtime never imports torch
+    assert isinstance(memory["rss_ratio_runtime_vs_pytorch"], float)
+
+    ceiling = report["ceiling"]
+    assert ceiling["flops_per_chunk"]["total"] > 0
+    if ceiling["status"] == "ok":
+        assert ceiling["gemm_flops_per_second"] > 0 and 0 < ceiling["fraction_of_gemm"]
+
+    cuda = report["cuda"]
+    assert isinstance(cuda["available"], bool)
+    if not cuda["available"]:
+        assert cuda["note"] == NO_CUDA
+
+    assert len(report["targets"]) == 7
+    for target in report["targets"]:
+        assert TARGET_KEYS <= set(target)
+        assert target["pass"] in (True, False, None)
+        assert target["op"] in (">=", "<=")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_bundles: dict[str, Path]) -> dict:
+    """A quick run on the session's tiny TTM bundle (no export of its own)."""
+    return run_benchmark(bundle=tiny_bundles["ttm"], quick=True, repeats=3, chunks=4, flat_chunks=16,
+                         new_tokens=8)
+
+
+def test_quick_report_has_every_section(quick_report: dict) -> None:
+    check_report(quick_report)
+    assert quick_report["export"]["fp32"]["source"] == "given"
+    json.dumps(_jsonable(quick_report), allow_nan=False)  # strict JSON
+
+
+def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
+    markdown = to_markdown(quick_report)
+    for heading in ("## Targets", "## Streaming", "## Flatness", "## Text", "## Overhead", "## Memory",
+                    "## Ceiling", "## CUDA"):
+        assert heading in markdown
+    rows = [line for line in markdown.splitlines() if line.endswith(("| PASS |", "| FAIL |", "| n/a |"))]
+    assert len(rows) == 7
+
+
+def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = CliRunner().invoke(main, ["--quick", "--bundle", str(tiny_bundles["transformer"]), "--repeats", "2",
+                                       "--chunks", "2", "--flat-chunks", "8", "--new-tokens", "4", "--quiet",
+                                       "--json", str(out_json), "--markdown", str(out_md)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out_json.read_text())
+    check_report(report)
+    assert out_md.read_text() in result.output
+
+
+def test_cli_refuses_preset_with_checkpoint(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--preset", "tiny", "--checkpoint", str(tmp_path)])
+    assert result.exit_code != 0 and "not both" in result.output
+
+
+def test_stats_ms() -> None:
+    stats = stats_ms([0.001, 0.002, 0.003])
+    assert stats["n"] == 3 and stats["median_ms"] == pytest.approx(2.0) and stats["min_ms"] == pytest.approx(1.0)
+    assert stats_ms([])["median_ms"] is None
+
+
+@pytest.mark.parametrize("combiner", ["ttm", "transformer"])
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_chunk_flops_match_torch_flop_counter(preset: str, combiner: str) -> None:
+    """The FLOPs counted from the config equal what torch's FlopCounterMode sees in one steady-state step."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)  # torch's table lacks the CPU kernel of scaled_dot_product_attention
+
+    from mirasol.model import Mirasol
+
+    config = get_preset(preset).replace(combiner=combiner)
+    torch.manual_seed(0)
+    model = Mirasol(config).eval()
+    c = config
+    video = torch.rand(1, c.frames_per_chunk, 3, c.image_size, c.image_size)
+    audio = torch.randn(1, c.n_mels, c.audio_frames_per_chunk)
+    past = [(torch.randn(1, c.av_heads, c.av_cache_len, c.av_head_dim),) * 2 for _ in range(c.av_layers)]
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        latents, _ = model.combiner_step(video, audio, model.initial_memory(1))
+        model.av_step(latents, torch.full((1,), 5), past)
+    assert chunk_step_flops(config)["total"] == counter.get_total_flops()
+
+
+@pytest.mark.slow
+def test_small_preset_benchmark(tmp_path: Path) -> None:
+    """The reference run: `mirasol-bench --preset small --json out.json` in under 10 minutes on 2 cores."""
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(main, ["--preset", "small", "--json", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    check_report(report)
+    assert report["meta"]["wall_seconds"] < 600
+    assert report["text"]["measured_tokens"] == 64
+
+
+@pytest.mark.slow
+def test_quick_preset_run_exports_its_own_bundle() -> None:
+    """`mirasol-bench --quick` as a user runs it: tiny preset exported in the run, in under a minute."""
+    report = run_benchmark(quick=True)
+    check_report(report)
+    assert report["export"]["fp32"]["source"] == "exported"
+    assert report["meta"]["wall_seconds"] < 60
+
+
+@pytest.mark.slow
+def test_checkpoint_run(tmp_path: Path) -> None:
+    """--checkpoint: the bundles are exported from the checkpoint and the PyTorch baselines run its weights."""
+    from mirasol.model import save_checkpoint
+
+    from .conftest import make_model
+
+    save_checkpoint(make_model("ttm"), tmp_path / "ckpt")
+    report = run_benchmark(checkpoint=tmp_path / "ckpt", quick=True, repeats=2, chunks=2, flat_chunks=8,
+                           new_tokens=4)
+    check_report(report)
+    assert report["meta"]["source"].startswith("checkpoint") and not report["meta"]["eos_logit_zeroed"]

@@ -1,0 +1,46 @@
+"""The shipped demo model answers real video files correctly through exported bundles (no PyTorch in the loop)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mirasol.export.bundle import export_bundle
+from mirasol.model import load_checkpoint
+from mirasol.model.demo_task import DEMO_CHECKPOINT, TEST_SEED, DemoTask, main as demo_main
+from mirasol.model.train import evaluate
+from mirasol.runtime.cli import main as run_main
+from mirasol.runtime.pipeline import Pipeline
+
+HELD_OUT_START = 500  # clips of the test family beyond those train.py scored, never seen in training
+
+
+@pytest.fixture(scope="module")
+def demo_bundles(tmp_path_factory):
+    model = load_checkpoint(DEMO_CHECKPOINT)
+    root = tmp_path_factory.mktemp("demo")
+    paths = {precision: root / precision for precision in ("fp32", "fp16")}
+    for precision, path in paths.items():
+        export_bundle(model, path, precision=precision)
+    return paths
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_shipped_model_answers_held_out_clips_through_the_bundle(demo_bundles, precision) -> None:
+    pipe = Pipeline.load(demo_bundles[precision])
+    clips = DemoTask(pipe.config).make_clips(20, seed=TEST_SEED, start=HELD_OUT_START, questions_per_clip=8)
+    accuracy = evaluate(lambda video, audio, question: pipe.answer(video, audio, question, max_new_tokens=12),
+                        clips)
+    assert accuracy >= 0.95, f"{precision}: {accuracy:.3f} of {sum(len(c.questions) for c in clips)} questions"
+
+
+def test_readme_main_job_answers_a_demo_file(demo_bundles, tmp_path, capsys) -> None:
+    """mirasol-demo writes an mp4; mirasol-run --video answers about it from the bundle, correctly."""
+    video = tmp_path / "clip.mp4"
+    demo_main([str(video), "--index", "3"])
+    expected = {line.split("Q: ")[1].split(" A: ")[0].strip(): line.split(" A: ")[1].strip()
+                for line in capsys.readouterr().out.splitlines() if "Q: " in line}
+    question = "which colour appeared first?"
+    assert run_main([str(demo_bundles["fp32"]), "--video", str(video), "--question", question, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    assert answer == expected[question]
