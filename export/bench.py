@@ -745,7 +745,7 @@ def _measure(source: _Source, paths: dict[str, Path], export_report: dict[str, A
 
     # ---- 2. flatness: per-chunk latency along long streams of the primary runtime
     points = [p for p in FLAT_POINTS if p <= flat_chunks]
-    flat_streams = 2 if quick else max(3, min(4, repeats // 8))
+    flat_streams = 2 if quick else max(3, min(6, repeats // 6))
     log(f"flatness: {flat_streams} streams of {flat_chunks} chunks")
     per_index: dict[int, list[float]] = {p: [] for p in points}
     state_bytes: dict[int, int] = {}
