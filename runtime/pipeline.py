@@ -278,12 +278,8 @@ class Stream:
     def ask(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None) -> str | list[str]:
         """Answer about the chunks pushed so far; greedy unless temperature > 0. Batch 1 gives a str."""
-        pieces: list[list[int]] = [[] for _ in range(self.batch or 1)]
-        for tokens in self._generate(question, max_new_tokens, Sampler(temperature, top_k, top_p, seed)):
-            for row, token in enumerate(tokens):
-                if token is not None:
-                    pieces[row].append(token)
-        answers = [self.pipeline.tokenizer.decode(ids) for ids in pieces]
+        rows = self.token_ids(question, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        answers = [self.pipeline.tokenizer.decode(ids) for ids in rows]
         return answers[0] if len(answers) == 1 else answers
 
     def ask_iter(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
