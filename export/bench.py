@@ -46,7 +46,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 SECTIONS = ("export", "streaming", "flatness", "text", "overhead", "memory", "ceiling", "cuda", "targets")
 NO_CUDA = "no CUDA here"
 EXTRA_NOTES = {"1thread": "1 thread, for information",
-               "nospin": "ONNX Runtime spin-waiting off (session.intra_op.allow_spinning=0), for information"}
+               "nospin": "ONNX Runtime spin-waiting off (session.intra_op.allow_spinning=0), for information",
+               "spin": "ONNX Runtime spin-waiting on (session.intra_op.allow_spinning=1), for information"}
 EXTRA_SUFFIXES = tuple(f"_{k}" for k in EXTRA_NOTES)
 Progress = Callable[[str], None]
 
@@ -323,7 +324,8 @@ streamed = time.perf_counter() - t
 t = time.perf_counter()
 tokens = stream.token_ids(args["question"], args["new_tokens"])[0]
 asked = time.perf_counter() - t
-print(json.dumps({"peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"peak_rss_mb": peak_rss_mb(),
+                  "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "import_s": imported, "load_s": load, "stream_s": streamed, "ask_s": asked,
                   "tokens": len(tokens), "torch_imported": "torch" in sys.modules,
                   "start_to_ready_s": imported + load}))
@@ -376,7 +378,8 @@ streamed = time.perf_counter() - t
 t = time.perf_counter()
 tokens = model.generate(torch.stack(contexts, dim=1), ByteTokenizer().prompt(args["question"]), args["new_tokens"])
 asked = time.perf_counter() - t
-print(json.dumps({"peak_rss_mb": peak_rss_mb(), "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"peak_rss_mb": peak_rss_mb(),
+                  "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "import_s": imported, "load_s": load, "stream_s": streamed, "ask_s": asked,
                   "tokens": len(tokens), "start_to_ready_s": imported + load}))
 '''
@@ -643,6 +646,7 @@ def _measure(source: _Source, paths: dict[str, Path], export_report: dict[str, A
         "format": REPORT_FORMAT, "version": REPORT_VERSION,
         "meta": {
             "source": source.label, "model_note": source.model_note, "preset": config.preset,
+            "spinning_by_default": _spinning_by_default(threads),
             "config": config.to_dict(), "threads": threads, "chunks": chunks, "repeats": rounds * block,
             "block": block, "warmup_chunks": warmup, "quick": quick, "new_tokens": new_tokens,
             "question": question, "prompt_tokens": len(prompt), "eos_logit_zeroed": source.eos_zeroed,
@@ -669,10 +673,14 @@ def _measure(source: _Source, paths: dict[str, Path], export_report: dict[str, A
     if primary is None:
         raise RuntimeError(f"no bundle could be made or loaded: {export_report}")
     # for information, beside the same-thread comparisons: the primary runtime on one thread, and with ONNX
-    # Runtime's spin-waiting off (on a busy machine spinning threads take the CPU the work needs)
+    # Runtime's spin-waiting the other way round from the backend's default (on a busy machine spinning
+    # threads take the CPU the work needs; on a quiet one they save wake-ups)
     single = threads > 1 and not quick
-    extras = {f"{primary}_1thread": Pipeline.load(paths[primary], threads=1),
-              f"{primary}_nospin": _nospin_pipeline(paths[primary], threads)} if single else {}
+    extras: dict[str, Any] = {}
+    if single:
+        extras[f"{primary}_1thread"] = Pipeline.load(paths[primary], threads=1)
+        spin, pipe = _flipped_spinning_pipeline(paths[primary], threads)
+        extras[f"{primary}_{spin}"] = pipe
 
     # ---- 1. streaming, steady state
     log(f"streaming: {rounds * block} timed chunks per engine after {warmup} warm-up chunks")
@@ -782,14 +790,32 @@ def _measure(source: _Source, paths: dict[str, Path], export_report: dict[str, A
     return report
 
 
-def _nospin_pipeline(path: Path, threads: int) -> Any:
-    """The bundle on ONNX Runtime with the same threads but no spin-waiting between parallel sections."""
+SPIN_KEY = "session.intra_op.allow_spinning"
+
+
+def _spinning_by_default(threads: int) -> bool:
+    """Whether the runtime's ONNX Runtime backend, as loaded by default, lets idle threads spin-wait."""
+    from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    try:
+        return OnnxRuntimeBackend(threads=threads).options.get_session_config_entry(SPIN_KEY) != "0"
+    except Exception:  # noqa: BLE001 - not set: ONNX Runtime's own default, which spins
+        return True
+
+
+def _flipped_spinning_pipeline(path: Path, threads: int) -> tuple[str, Any]:
+    """The bundle on ONNX Runtime with the same threads and spin-waiting the other way round from the default:
+    ("nospin", pipeline) where the default spins, ("spin", pipeline) where it does not."""
     from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from mirasol.runtime.pipeline import Pipeline
 
-    backend = OnnxRuntimeBackend(threads=threads)
-    backend.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return Pipeline.load(path, backend=backend)
+    spin = not _spinning_by_default(threads)
+    if "spinning" in inspect.signature(OnnxRuntimeBackend).parameters:
+        backend = OnnxRuntimeBackend(threads=threads, spinning=spin)
+    else:
+        backend = OnnxRuntimeBackend(threads=threads)
+        backend.options.add_session_config_entry(SPIN_KEY, "1" if spin else "0")
+    return ("spin" if spin else "nospin"), Pipeline.load(path, backend=backend)
 
 
 def _measure_text(pipes: dict[str, Any], extras: dict[str, Any], primary: str, model: Any, pool: list,
@@ -859,7 +885,8 @@ def _measure_text(pipes: dict[str, Any], extras: dict[str, Any], primary: str, m
         median = float(np.median(samples))
         text["engines"][name] = {"tokens": tokens,
                                  "tokens_per_second": tokens / median if tokens and median > 0 else None,
-                                 "tokens_per_second_p95": tokens / float(np.percentile(samples, 95)) if tokens else None,
+                                 "tokens_per_second_p95": (tokens / float(np.percentile(samples, 95))
+                                                           if tokens else None),
                                  **stats_ms(samples)}
         if name[: -len("_cached")].endswith(EXTRA_SUFFIXES):
             text["engines"][name]["note"] = EXTRA_NOTES[name[: -len("_cached")].rsplit("_", 1)[1]]
@@ -1114,9 +1141,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         one = _ratio(_median(single.get("pytorch_eager_step")), _median(single.get(rt))) if rt else None
         lines.append(f"\nat 1 thread each, {rt} is {_f(one)}x faster than pytorch_eager_step.")
         slowdown = _ratio(_median(s["engines"].get(rt)), _median(single.get(rt))) if rt else None
-        nospin = _ratio(_median(s["engines"].get(rt)), _median(s["engines"].get(f"{rt}_nospin"))) if rt else None
-        if nospin is not None:
-            lines.append(f"with ONNX Runtime's spin-waiting off, {rt} is {_f(nospin)}x faster than as loaded by default.")
+        for spin, words in (("nospin", "off"), ("spin", "on")):
+            flipped = _ratio(_median(s["engines"].get(rt)), _median(s["engines"].get(f"{rt}_{spin}"))) if rt else None
+            if flipped is not None:
+                lines.append(f"with ONNX Runtime's spin-waiting {words}, {rt} is {_f(flipped)}x as fast as loaded by "
+                             f"default.")
         if slowdown is not None and slowdown > 1.5:
             lines.append(f"**The CPUs are contended**: {rt} on {meta['threads']} threads is {_f(slowdown)}x slower "
                          f"than on 1. Multi-threaded timings here are dominated by waiting for descheduled "
@@ -1171,7 +1200,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"{_f(entry['ask_s'])} |")
         if entry.get("torch_imported"):
             lines.append(f"\n**{name} imported torch**\n")
-    lines.append(f"\nstart-up (import + load) {m['primary']} / PyTorch: {_f(m['startup_ratio_runtime_vs_pytorch'], 3)}; "
+    lines.append(f"\nstart-up (import + load) {m['primary']} / PyTorch: "
+                 f"{_f(m['startup_ratio_runtime_vs_pytorch'], 3)}; "
                  "warm `Pipeline.load` median ms: "
                  + ", ".join(f"{p} {_f(e['median_ms'], 0)}" for p, e in m["warm_load_ms"].items()))
 
