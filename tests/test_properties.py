@@ -157,7 +157,7 @@ PLAUSIBLE = [None, True, 0, 1, -1, 4, 2**40, 1.5, "", "batch", "combiner", "text
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
-              st.text(max_size=8), st.sampled_from(PLAUSIBLE)),
+              st.text(max_size=8), st.sampled_from(PLAUSIBLE).map(copy.deepcopy)),  # no shared mutables
     lambda children: st.one_of(st.lists(children, max_size=3),
                                st.dictionaries(st.text(max_size=6), children, max_size=3)),
     max_leaves=6)
