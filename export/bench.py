@@ -291,7 +291,7 @@ def sampled_every(rounds: int, seconds_per_call: float, budget: float, most: int
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
-RUNTIME_CHILD = r'''
+CHILD_PRELUDE = r'''
 import json, resource, sys, time
 def peak_rss_mb():
     # VmHWM: the peak RSS of this process image. ru_maxrss would also count the parent's RSS at fork time:
@@ -304,6 +304,9 @@ def peak_rss_mb():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+'''
+
+RUNTIME_CHILD = CHILD_PRELUDE + r'''
 start = time.perf_counter()
 import numpy as np
 from mirasol.runtime.pipeline import Pipeline
@@ -331,19 +334,7 @@ print(json.dumps({"peak_rss_mb": peak_rss_mb(),
                   "start_to_ready_s": imported + load}))
 '''
 
-TORCH_CHILD = r'''
-import json, resource, sys, time
-def peak_rss_mb():
-    # VmHWM: the peak RSS of this process image. ru_maxrss would also count the parent's RSS at fork time:
-    # Linux keeps the larger of the pre-exec and the current high-water mark.
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+TORCH_CHILD = CHILD_PRELUDE + r'''
 start = time.perf_counter()
 import numpy as np
 import torch
