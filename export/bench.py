@@ -38,11 +38,12 @@ from typing import Any
 import click
 import numpy as np
 
+from mirasol.runtime.precision import NAMES as PRECISION_NAMES
+
 REPORT_FORMAT = "mirasol-bench"
 REPORT_VERSION = 1
 QUESTION = "What is happening in this clip?"
 FLAT_POINTS = (1, 8, 32, 128)
-PRECISIONS = ("fp32", "fp16", "int8")
 SECTIONS = ("export", "streaming", "flatness", "text", "overhead", "memory", "ceiling", "cuda", "targets")
 NO_CUDA = "no CUDA here"
 EXTRA_NOTES = {"1thread": "1 thread, for information",
@@ -514,7 +515,7 @@ def _export_bundles(source: _Source, bundle: str | Path | None, precisions: Sequ
         report[precision] = {"status": "ok", "source": "given", "path": str(bundle), "seconds": 0.0}
     can_export = bundle is None or not source.child_source.get("config")
     ours: Path | None = None  # an fp32 bundle exported here from source.model
-    for precision in sorted(precisions, key=PRECISIONS.index):
+    for precision in sorted(precisions, key=PRECISION_NAMES.index):
         if precision in paths:
             continue
         if not can_export:
@@ -575,10 +576,10 @@ def run_benchmark(preset: str | None = None, checkpoint: str | Path | None = Non
         raise ValueError("give a preset or a checkpoint, not both")
     preset = preset or ("tiny" if quick else "small")
     threads = int(threads or available_cpus())
-    precisions = tuple(precisions or (("fp32",) if quick else PRECISIONS))
-    unknown = sorted(set(precisions) - set(PRECISIONS))
+    precisions = tuple(precisions or (("fp32",) if quick else PRECISION_NAMES))
+    unknown = sorted(set(precisions) - set(PRECISION_NAMES))
     if unknown:
-        raise ValueError(f"unknown precisions {unknown}; choose from {PRECISIONS}")
+        raise ValueError(f"unknown precisions {unknown}; choose from {PRECISION_NAMES}")
     repeats = int(repeats or (5 if quick else 30))
     calibration_clips = int(calibration_clips or (2 if quick else 8))
     load_start = os.getloadavg()
@@ -716,7 +717,7 @@ def _measure(source: _Source, paths: dict[str, Path], export_report: dict[str, A
         if name.endswith(EXTRA_SUFFIXES):
             streaming["engines"][name]["note"] = EXTRA_NOTES[name.rsplit("_", 1)[1]]
     streaming["engines"]["pytorch_naive_rerun"]["chunks_so_far"] = chunks
-    for p in PRECISIONS:
+    for p in PRECISION_NAMES:
         if p not in pipes:
             streaming["engines"][f"runtime_{p}"] = {"status": export_report.get(p, {}).get("status", "not measured"),
                                                    "reason": export_report.get(p, {}).get("reason", "not requested")}
@@ -1295,8 +1296,8 @@ def main(preset: str | None, checkpoint: Path | None, bundle: Path | None, chunk
     if preset and bundle:
         raise click.UsageError("give --preset or --bundle, not both")
     chosen = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
-    if chosen and set(chosen) - set(PRECISIONS):
-        raise click.UsageError(f"--precisions: choose from {','.join(PRECISIONS)}")
+    if chosen and set(chosen) - set(PRECISION_NAMES):
+        raise click.UsageError(f"--precisions: choose from {','.join(PRECISION_NAMES)}")
     report = run_benchmark(
         preset=preset, checkpoint=checkpoint, bundle=bundle, chunks=chunks, repeats=repeats, threads=threads,
         precisions=chosen, quick=quick, new_tokens=new_tokens, seed=seed, flat_chunks=flat_chunks,

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mirasol.runtime.errors import MirasolError
+from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "assets" / "demo"
 
@@ -43,7 +44,7 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A checkpoint directory (config.json + model.safetensors) instead of a preset.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random init (with --preset).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="fp32", show_default=True,
               help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated Q/DQ.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Bundle directory to write (replaced atomically). Default: bundles/<model>-<precision>.")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +10,9 @@ import torch
 
 from mirasol.model import Mirasol
 from mirasol.runtime.errors import ExportError
+from mirasol.runtime.precision import get_precision
 
 from .specs import GraphSpec
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """An output passes when max|onnx - torch| <= abs + rel * max|torch|."""
-
-    abs: float
-    rel: float
-
-
-# fp32: the design's 1e-4, plus 1e-5 of the output's scale: fp32 rounding grows with magnitude, and logits of
-# +-40 differ by ~2e-4 between any two correct fp32 implementations (5e-6 relative). Outputs of unit scale,
-# like av_context and the caches, are held to ~1e-4. fp16: 10-bit mantissas through a dozen layers; measured
-# errors on the tiny and small presets are 1e-3..5e-3 of the output's scale, so 3e-2 leaves room without
-# hiding a broken graph (a wrong rotary angle gives 2e-1).
-TOLERANCES = {"fp32": Tolerance(1e-4, 1e-5), "fp16": Tolerance(1e-3, 3e-2)}
 
 
 def torch_reference(spec: GraphSpec, model: Mirasol, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -40,7 +24,10 @@ def torch_reference(spec: GraphSpec, model: Mirasol, feeds: dict[str, np.ndarray
 def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, seed: int = 0
                    ) -> dict[str, object]:
     """Max abs and rel error per output over all validation sizes; raises ExportError past tolerance."""
-    tolerance = TOLERANCES[precision]
+    tolerance = get_precision(precision).tolerance
+    if tolerance is None:
+        raise ExportError(f"{precision} graphs are not validated against PyTorch (their calibration report checks "
+                          f"them)")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_types = {i.name: i.type for i in session.get_inputs()}
     rng = np.random.default_rng(seed)
@@ -64,7 +51,7 @@ def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, 
             entry = errors[name]
             if abs_err >= entry["max_abs"]:
                 entry.update(max_abs=abs_err, max_rel=abs_err / max(scale, 1e-12), worst_sizes=sizes)
-            if not abs_err <= tolerance.abs + tolerance.rel * scale:
+            if not abs_err <= tolerance.bound(scale):
                 failures.append(f"{name} at {sizes}: max abs error {abs_err:.3g} > "
                                 f"{tolerance.abs:g} + {tolerance.rel:g} * {scale:.3g}")
     result = {"precision": precision, "cases": len(cases), "tolerance": tolerance.__dict__, "outputs": errors,

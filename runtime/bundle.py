@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError
-from .manifest import GraphEntry, Manifest, parse_json
+from .manifest import GraphEntry, Manifest, check_file_name, parse_json
 from .tokenizer import ByteTokenizer
 
 MAX_STATE_FILE_BYTES = 1 << 31  # 2 GiB: a stream state file, on disk and decompressed
@@ -66,8 +66,7 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         """The path of a file the manifest names; refused if it is missing or resolves outside the bundle."""
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise BundleError(f"{self.path}: {name!r} is not a plain file name inside the bundle")
+        check_file_name(name, str(self.path))
         path = (self.path / name).resolve()
         if path.parent != self.path:
             raise BundleError(f"{self.path}: {name!r} resolves to {path}, outside the bundle directory")

@@ -10,7 +10,8 @@ import pytest
 from mirasol.export import bundle as bundle_module
 from mirasol.export.bundle import export_bundle
 from mirasol.export.specs import graph_specs
-from mirasol.export.validate import TOLERANCES, torch_reference
+from mirasol.export.validate import torch_reference
+from mirasol.runtime.precision import get_precision
 from mirasol.runtime.bundle import Bundle, sha256_file
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.pipeline import Pipeline
@@ -50,7 +51,7 @@ def test_graph_matches_pytorch_at_every_axis_extreme(tiny_bundles, tiny_models, 
     precision = "fp16" if name.endswith("fp16") else "fp32"
     model = tiny_models["ttm"]
     spec = graph_specs(model.config)[graph]
-    tolerance = TOLERANCES[precision]
+    tolerance = get_precision(precision).tolerance
     pipe = Pipeline.load(tiny_bundles[name], verify=False)
     session = pipe.sessions[graph]
     rng = np.random.default_rng(1234)
