@@ -131,19 +131,16 @@ class TorchStepper:
         self.keep_contexts = c.text_memory_chunks
         self.memory = model.initial_memory(1, self.device)
         self.past = model.av_autoregressor.empty_cache(1, self.device)
-        self.index = 0
         self.contexts: list[Any] = []
 
     def push(self, video: Any, audio: Any) -> Any:
         torch = self.torch
         with torch.inference_mode():
             latents, self.memory = self.model.combiner_step(video[None], audio[None], self.memory)
-            index = torch.full((1,), self.index, dtype=torch.long, device=self.device)
-            context, past = self.model.av_step(latents, index, self.past)
+            context, past = self.model.av_step(latents, self.past)
             self.past = [(k[:, :, k.shape[2] - self.keep:], v[:, :, v.shape[2] - self.keep:]) for k, v in past]
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self.index += 1
         self.contexts = [*self.contexts, context][-self.keep_contexts:]
         return context
 
@@ -361,9 +358,9 @@ audio = torch.from_numpy(rng.standard_normal((1, c.n_mels, c.audio_frames_per_ch
 memory, past, contexts = model.initial_memory(1), model.av_autoregressor.empty_cache(1), []
 t = time.perf_counter()
 with torch.inference_mode():
-    for i in range(args["chunks"]):
+    for _ in range(args["chunks"]):
         latents, memory = model.combiner_step(video, audio, memory)
-        context, past = model.av_step(latents, torch.full((1,), i), past)
+        context, past = model.av_step(latents, past)
         past = [(k[:, :, k.shape[2] - c.av_cache_len:], v[:, :, v.shape[2] - c.av_cache_len:]) for k, v in past]
         contexts = (contexts + [context])[-c.text_memory_chunks:]
 streamed = time.perf_counter() - t

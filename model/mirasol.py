@@ -40,9 +40,9 @@ class Mirasol(nn.Module):
         """video [B, F, 3, H, W], audio [B, n_mels, A], memory [B, M, D] -> chunk_latents [B, m, D], memory"""
         return self.combiner(self.video_encoder(video), self.audio_encoder(audio), memory)
 
-    def av_step(self, chunk_latents: torch.Tensor, chunk_index: torch.Tensor, past: KVCache
-                ) -> tuple[torch.Tensor, KVCache]:
-        return self.av_autoregressor.step(chunk_latents, chunk_index, past)
+    def av_step(self, chunk_latents: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """chunk_latents [B, m, D], past keys/values (the window, keys unrotated) -> av_context [B, m, D], present"""
+        return self.av_autoregressor.step(chunk_latents, past)
 
     def text_cross_kv(self, av_memory: torch.Tensor) -> KVCache:
         return self.text_decoder.cross_kv(av_memory)

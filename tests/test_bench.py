@@ -146,7 +146,7 @@ def test_chunk_flops_match_torch_flop_counter(preset: str, combiner: str) -> Non
     cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         latents, _ = model.combiner_step(video, audio, model.initial_memory(1))
-        model.av_step(latents, torch.full((1,), 5), past)
+        model.av_step(latents, past)
     assert chunk_step_flops(config)["total"] == counter.get_total_flops()
 
 

@@ -72,11 +72,15 @@ def test_graph_matches_pytorch_at_every_axis_extreme(tiny_bundles, tiny_models, 
         assert 0 in sizes_seen.get("past_av", sizes_seen.get("past_text", set()))  # the empty cache
 
 
-def test_fp16_keeps_rotary_angles_fp32_by_measurement(tiny_bundles) -> None:
-    manifest = json.loads((tiny_bundles["ttm-fp16"] / "manifest.json").read_text())
-    decisions = manifest["quantization"]["fp16"]["av_autoregressor"]["groups"]
-    assert decisions["rotary_angles"]["kept_fp32"] is True
-    assert decisions["rotary_angles"]["error_in_fp16"] > 10 * manifest["quantization"]["fp16"]["av_autoregressor"]["final_error"]
+def test_fp16_rotary_angles_by_measurement(tiny_bundles) -> None:
+    """The text decoder's angles reach max_text_len - 1 radians and lose too much in fp16: they stay fp32. The AV
+    autoregressor's stay within [0, W) (positions relative to the window): fp16 costs them nothing measurable."""
+    report = json.loads((tiny_bundles["ttm-fp16"] / "manifest.json").read_text())["quantization"]["fp16"]
+    text, av = report["text_decoder"], report["av_autoregressor"]
+    assert text["groups"]["rotary_angles"]["kept_fp32"] is True
+    assert text["groups"]["rotary_angles"]["error_in_fp16"] > 2 * text["final_error"]
+    assert av["groups"]["rotary_angles"]["kept_fp32"] is False
+    assert av["groups"]["rotary_angles"]["error_in_fp16"] <= 1.1 * av["baseline_error"]
     fp16_weights = [t for t in onnx.load(str(tiny_bundles["ttm-fp16"] / "text_decoder.onnx")).graph.initializer
                     if t.data_type == onnx.TensorProto.FLOAT16]
     assert fp16_weights, "fp16 bundle has no fp16 weights"
