@@ -1,7 +1,6 @@
 """Check an exported graph against its PyTorch module at several values of every dynamic axis."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +59,3 @@ def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, 
         raise ExportError(f"validation of {spec.name} ({precision}) failed against PyTorch: "
                           + "; ".join(failures[:5]) + (f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""))
     return result
-
-
-def format_table(validation: dict[str, dict[str, object]]) -> str:
-    """A plain-text table: graph, output (per-layer outputs folded into one row), max abs and rel error."""
-    rows = [("graph", "output", "max abs err", "max rel err")]
-    for graph, result in validation.items():
-        folded: dict[str, tuple[float, float, int]] = {}
-        for output, err in result["outputs"].items():
-            name = re.sub(r"_\d+$", "_*", output)
-            abs_err, rel_err, count = folded.get(name, (0.0, 0.0, 0))
-            folded[name] = (max(abs_err, err["max_abs"]), max(rel_err, err["max_rel"]), count + 1)
-        for name, (abs_err, rel_err, count) in folded.items():
-            label = f"{name} ({count})" if count > 1 else name
-            rows.append((graph, label, f"{abs_err:.2e}", f"{rel_err:.2e}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

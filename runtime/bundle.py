@@ -284,8 +284,7 @@ def _state_header(header: Any, where: str, format_name: str, version: int, bundl
     if header.get("bundle") != bundle.fingerprint:
         raise BundleError(f"{where} was saved with another bundle; restore it with the bundle it came from")
     batch, chunks = header.get("batch"), header.get("chunks")
-    batch_axes = [g.axes["batch"].max for g in bundle.graphs.values() if "batch" in g.axes]
-    max_batch = min(batch_axes) if batch_axes else 1 << 16
+    max_batch = bundle.manifest.max_batch
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= max_batch):
         raise BundleError(f"{where}: batch must be an integer in [1, {max_batch}] or null, got {batch!r}")
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0 or (batch is None and chunks):

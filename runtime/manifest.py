@@ -311,6 +311,11 @@ class Manifest:
             if step.returns is not None and step.returns not in produced:
                 raise BundleError(f"{where}: step {step_name!r} returns {step.returns!r}, which no graph produces")
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch every graph takes (the smallest maximum of their batch axes)."""
+        return min((g.axes["batch"].max for g in self.graphs.values() if "batch" in g.axes), default=1 << 16)
+
     def binding(self, graph: str, input_name: str) -> StateSpec | CounterSpec | None:
         for spec in (*self.state, *self.counters):
             if spec.graph == graph and spec.input == input_name:
