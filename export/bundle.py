@@ -36,7 +36,7 @@ from .onnx_export import DEFAULT_OPSET
 from .precisions import TRANSFORMS
 from .sources import ExportContext, GraphSource, PrecisionOptions
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
-from .validate import validate_graph
+from .validate import compare_graph, record_references, validate_graph
 
 Progress = Callable[[str], None]
 
@@ -83,7 +83,7 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
     check = validate and precision.tolerance is not None
     validation: dict[str, object] = {}
     graph_reports: dict[str, object] = {}
-    with atomic_directory(out) as work:
+    with atomic_directory(out) as work, tempfile.TemporaryDirectory(prefix="mirasol-references-") as references:
         for spec in context.specs.values():
             start = time.perf_counter()
             graph_reports[spec.name] = source.write(context, spec, work / spec.file)
@@ -91,9 +91,15 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
             pause_point(f"{spec.name} written")
             if check:
                 start = time.perf_counter()
-                validation[spec.name] = validate_graph(spec, model, work / spec.file, precision.name)
-                progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
-                         f"in {time.perf_counter() - start:.1f}s")
+                record_references(spec, model, Path(references))
+                progress(f"ran {spec.name} in PyTorch for validation in {time.perf_counter() - start:.1f}s")
+        if context.release_model:  # the caller handed the model over: ONNX Runtime gets its memory
+            model.to("meta")
+        for spec in context.specs.values() if check else ():
+            start = time.perf_counter()
+            validation[spec.name] = compare_graph(spec, Path(references), work / spec.file, precision.name)
+            progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
+                     f"in {time.perf_counter() - start:.1f}s")
         steps, state, counters = wiring(model.config)
         manifest = Manifest(
             config=model.config.to_dict(), precision=precision.name,
@@ -130,11 +136,14 @@ def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec]
 def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, opset: int = DEFAULT_OPSET,
                   validate: bool = True, max_batch: int = 4, reference: str | Path | None = None,
                   fp16_io: bool = False, calibration: CalibrationOptions | None = None,
-                  progress: Progress = lambda _: None) -> Manifest:
+                  release_model: bool = False, progress: Progress = lambda _: None) -> Manifest:
     """Export `model` as a bundle of `precision` at `out` (written atomically); returns its manifest.
 
     reference: an fp32 bundle of this model that fp16/int8 start from (checked against the model), instead of
-    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8).
+    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8);
+    release_model: the caller hands `model` over: once its graphs are written and run in PyTorch for validation,
+    its parameters move to the meta device, so ONNX Runtime checks the graphs without the model beside them
+    (how mirasol3b validates in 24 GB); the model is unusable afterwards.
     """
     try:
         entry = get_precision(precision)
@@ -147,7 +156,7 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
         raise ExportError("a reference bundle is what fp16 and int8 start from; fp32 is traced from the model")
     model = model.eval()
     context = ExportContext(model, graph_specs(model.config, max_batch=max_batch), opset, producer_versions(opset),
-                            progress)
+                            progress, release_model=release_model)
     source = TRANSFORMS[precision](context, PrecisionOptions(fp16_io=fp16_io, calibration=calibration))
     with contextlib.ExitStack() as stack:
         if precision != "fp32":

@@ -45,6 +45,8 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A checkpoint directory (config.json + model.safetensors) instead of a preset.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random init (with --preset).")
+@click.option("--combiner", type=click.Choice(["transformer", "ttm"]),
+              help="With --preset: this combiner instead of the preset's (tiny: transformer, the others: ttm).")
 @click.option("--precision", type=click.Choice(PRECISION_NAMES), default="fp32", show_default=True,
               help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated Q/DQ.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -69,7 +71,8 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--workspace-mb", default=1024, show_default=True, help="--engine: TensorRT workspace limit.")
 @click.option("--params-only", is_flag=True, help="Print the parameter count per component and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str, out: Path | None, opset: int,
+def main(preset: str | None, checkpoint: Path | None, seed: int, combiner: str | None, precision: str,
+         out: Path | None, opset: int,
          validate: bool, max_batch: int, fp16_io: bool, calibration_data: str | None, calibration_clips: int,
          int8_flavour: str, calibration_method: str, reference_bundle: Path | None,
          engine: bool, workspace_mb: int, params_only: bool, debug: bool) -> None:
@@ -95,6 +98,8 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         nonlocal preset, checkpoint, out
         if preset and checkpoint:
             raise click.UsageError("give --preset or --checkpoint, not both")
+        if combiner and not preset:
+            raise click.UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
         if not preset and not checkpoint:
             preset, checkpoint = default_source()
         name = preset or Path(checkpoint).name  # type: ignore[arg-type]
@@ -102,10 +107,10 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         if params_only:
             from mirasol.model import Mirasol, get_preset
             with torch.device("meta"):
-                model = Mirasol(get_preset(preset)) if preset else build_model(checkpoint=checkpoint)
+                model = Mirasol(get_preset(preset, combiner)) if preset else build_model(checkpoint=checkpoint)
         else:
             click.echo(f"building model {name} ({'checkpoint ' + str(checkpoint) if checkpoint else f'seed {seed}'})")
-            model = build_model(preset or "tiny", seed=seed, checkpoint=checkpoint)
+            model = build_model(preset or "tiny", seed=seed, checkpoint=checkpoint, combiner=combiner)
         counts = count_parameters(model)
         click.echo("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
         if params_only:
@@ -119,7 +124,7 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
                                              method=calibration_method)
         manifest = export_bundle(model, out, precision=precision, opset=opset, validate=validate,
                                  max_batch=max_batch, reference=reference_bundle, fp16_io=fp16_io,
-                                 calibration=calibration, progress=click.echo)
+                                 calibration=calibration, release_model=True, progress=click.echo)
         click.echo("")
         total = 0
         for graph in manifest.graphs.values():

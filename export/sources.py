@@ -36,6 +36,7 @@ class ExportContext:
     producer: dict[str, str]
     progress: Progress
     fp32_bundle: Path | None = None  # a validated fp32 bundle of `model`, which the transforms start from
+    release_model: bool = False  # the caller hands `model` over: its weights may go once the graphs are written
 
     def fp32_source(self) -> Path:
         if self.fp32_bundle is None:
