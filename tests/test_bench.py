@@ -8,8 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mirasol.export.bench import (NO_CUDA, SECTIONS, _jsonable, chunk_step_flops, main, run_benchmark, stats_ms,
-                                  to_markdown)
+from mirasol.export.bench.cli import main
+from mirasol.export.bench.cuda import NO_CUDA
+from mirasol.export.bench.flops import chunk_step_flops
+from mirasol.export.bench.markdown import to_markdown
+from mirasol.export.bench.run import SECTIONS, jsonable, run_benchmark
+from mirasol.export.bench.stats import stats_ms
 from mirasol.model import get_preset
 
 TARGET_KEYS = {"name", "value", "op", "threshold", "pass", "note"}
@@ -101,7 +105,7 @@ def quick_report(tiny_bundles: dict[str, Path]) -> dict:
 def test_quick_report_has_every_section(quick_report: dict) -> None:
     check_report(quick_report)
     assert quick_report["export"]["fp32"]["source"] == "given"
-    json.dumps(_jsonable(quick_report), allow_nan=False)  # strict JSON
+    json.dumps(jsonable(quick_report), allow_nan=False)  # strict JSON
 
 
 def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
