@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,15 @@ def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Pa
 def test_cli_refuses_preset_with_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--preset", "tiny", "--checkpoint", str(tmp_path)])
     assert result.exit_code != 0 and "not both" in result.output
+
+
+def test_runtime_child_imports_nothing_heavy() -> None:
+    """The runtime's measuring child loads mirasol.export and mirasol.export.bench on its way: the packages and
+    the child's own module import neither torch nor anything else of weight (its peak RSS is the runtime's)."""
+    code = ("import sys, mirasol.export.bench.child_runtime; "
+            "print([m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'click') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_stats_ms() -> None:
