@@ -71,8 +71,7 @@ class Pipeline:
         self.tokenizer = bundle.tokenizer
         manifest = bundle.manifest
         self.config = manifest.config
-        self.sessions = {name: backend.load(name, str(bundle.file(g.file)), g.inputs, g.outputs)
-                         for name, g in manifest.graphs.items()}
+        self.sessions = {name: backend.load(g, bundle) for name, g in manifest.graphs.items()}
         self._state = {s.name: s for s in manifest.state}
         self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: self._plan(name) for name in manifest.steps}
@@ -88,6 +87,17 @@ class Pipeline:
              **backend_options: Any) -> "Pipeline":
         """Load a bundle directory with a backend ("onnxruntime" or "tensorrt") and its options."""
         return cls(Bundle.load(path, verify=verify), get_backend(backend, **backend_options))
+
+    def close(self) -> None:
+        """Close every graph session (their memory, contexts and streams); idempotent."""
+        for session in self.sessions.values():
+            session.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def _input_info(self, graphs: tuple[str, ...], name: str) -> tuple[str, TensorInfo]:
         """The first graph of a step taking input `name`, and that input's description."""
