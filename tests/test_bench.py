@@ -107,6 +107,7 @@ def quick_report(tiny_bundles: dict[str, Path]) -> dict:
 def test_quick_report_has_every_section(quick_report: dict) -> None:
     check_report(quick_report)
     assert quick_report["export"]["fp32"]["source"] == "given"
+    assert quick_report["export"]["fp32"]["checks"] == "validated against PyTorch: 4 of 4 graphs passed"
     json.dumps(jsonable(quick_report), allow_nan=False)  # strict JSON
 
 
@@ -117,6 +118,7 @@ def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
         assert heading in markdown
     rows = [line for line in markdown.splitlines() if line.endswith(("| PASS |", "| FAIL |", "| n/a |"))]
     assert len(rows) == 7
+    assert "| fp32 | ok | 0.0 | given; validated against PyTorch: 4 of 4 graphs passed |" in markdown
 
 
 def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
@@ -193,6 +195,7 @@ def test_quick_preset_run_exports_its_own_bundle() -> None:
     report = run_benchmark(quick=True)
     check_report(report)
     assert report["export"]["fp32"]["source"] == "exported"
+    assert report["export"]["fp32"]["checks"].startswith("validated against PyTorch")
     assert report["meta"]["wall_seconds"] < 60
 
 
