@@ -160,3 +160,17 @@ def test_parameter_count_command() -> None:
     result = CliRunner().invoke(main, ["--preset", "mirasol3b", "--params-only"])
     assert result.exit_code == 0, result.output
     assert "av_autoregressor" in result.output and "total 30" in result.output
+
+
+def test_combiner_override_of_a_preset() -> None:
+    from mirasol.export.cli import main
+
+    assert get_preset("small", "transformer").combiner == "transformer" and get_preset("small").combiner == "ttm"
+    counts = {}
+    for combiner in ("transformer", "ttm"):
+        result = CliRunner().invoke(main, ["--preset", "tiny", "--combiner", combiner, "--params-only"])
+        assert result.exit_code == 0, result.output
+        counts[combiner] = result.output.split("combiner ")[1].split(",")[0]
+    assert counts["transformer"] != counts["ttm"]
+    result = CliRunner().invoke(main, ["--checkpoint", ".", "--combiner", "ttm"])
+    assert result.exit_code == 2 and "--combiner changes a --preset" in result.output
