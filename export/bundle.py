@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 import torch
 
-from mirasol.model import Mirasol
+from mirasol.model import Mirasol, release_weights
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.runtime.backends.base import TensorInfo
 from mirasol.runtime.bundle import sha256_file
@@ -94,7 +94,7 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
                 record_references(spec, model, Path(references))
                 progress(f"ran {spec.name} in PyTorch for validation in {time.perf_counter() - start:.1f}s")
         if context.release_model:  # the caller handed the model over: ONNX Runtime gets its memory
-            model.to("meta")
+            release_weights(model)
         for spec in context.specs.values() if check else ():
             start = time.perf_counter()
             validation[spec.name] = compare_graph(spec, Path(references), work / spec.file, precision.name)
@@ -142,7 +142,7 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
     reference: an fp32 bundle of this model that fp16/int8 start from (checked against the model), instead of
     exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8);
     release_model: the caller hands `model` over: once its graphs are written and run in PyTorch for validation,
-    its parameters move to the meta device, so ONNX Runtime checks the graphs without the model beside them
+    its weights are freed (`release_weights`), so ONNX Runtime checks the graphs without the model beside them
     (how mirasol3b validates in 24 GB); the model is unusable afterwards.
     """
     try:

@@ -120,6 +120,14 @@ class Mirasol(nn.Module):
         return answer
 
 
+def release_weights(model: nn.Module) -> None:
+    """Free the storage of every parameter and buffer, in place: whoever else holds the same Parameter objects
+    (an exporter's graph) sees the empty tensors too, so the memory really returns. The model is unusable after."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
 def count_parameters(model: Mirasol) -> dict[str, int]:
     """Parameters per component (tied weights counted once) and the total."""
     counts = {name: sum(p.numel() for p in module.parameters())
