@@ -36,7 +36,7 @@ from .onnx_export import DEFAULT_OPSET
 from .precisions import TRANSFORMS
 from .sources import ExportContext, GraphSource, PrecisionOptions
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
-from .validate import compare_graph, record_references, validate_graph
+from .validate import compare_graph, record_references
 
 Progress = Callable[[str], None]
 
@@ -84,22 +84,29 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
     validation: dict[str, object] = {}
     graph_reports: dict[str, object] = {}
     with atomic_directory(out) as work, tempfile.TemporaryDirectory(prefix="mirasol-references-") as references:
-        for spec in context.specs.values():
+        def write(spec: GraphSpec) -> None:
             start = time.perf_counter()
             graph_reports[spec.name] = source.write(context, spec, work / spec.file)
             progress(f"wrote {spec.file} ({precision.name}) in {time.perf_counter() - start:.1f}s")
             pause_point(f"{spec.name} written")
+
+        for spec in context.specs.values():  # first what needs the model: tracing, and PyTorch's side of validation
+            if source.needs_model:
+                write(spec)
             if check:
                 start = time.perf_counter()
                 record_references(spec, model, Path(references))
                 progress(f"ran {spec.name} in PyTorch for validation in {time.perf_counter() - start:.1f}s")
         if context.release_model:  # the caller handed the model over: ONNX Runtime gets its memory
             release_weights(model)
-        for spec in context.specs.values() if check else ():
-            start = time.perf_counter()
-            validation[spec.name] = compare_graph(spec, Path(references), work / spec.file, precision.name)
-            progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
-                     f"in {time.perf_counter() - start:.1f}s")
+        for spec in context.specs.values():
+            if not source.needs_model:
+                write(spec)
+            if check:
+                start = time.perf_counter()
+                validation[spec.name] = compare_graph(spec, Path(references), work / spec.file, precision.name)
+                progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
+                         f"in {time.perf_counter() - start:.1f}s")
         steps, state, counters = wiring(model.config)
         manifest = Manifest(
             config=model.config.to_dict(), precision=precision.name,
@@ -115,9 +122,11 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
     return manifest
 
 
-def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec], validate: bool) -> Manifest:
+def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec], validate: bool,
+                    release_model: bool = False) -> Manifest:
     """An existing fp32 bundle to transform: it must be this model's (config, axes and, with `validate`, every
-    graph checked against PyTorch), not trusted."""
+    graph checked against PyTorch), not trusted. release_model: free the model's weights once PyTorch's side of
+    the check is done (the caller needs them no more)."""
     manifest = Manifest.read(directory)
     if manifest.precision != "fp32":
         raise ExportError(f"reference bundle {directory} is {manifest.precision}; the transforms start from fp32")
@@ -128,8 +137,13 @@ def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec]
         if entry is None or entry.axes != derived_axes(spec):
             raise ExportError(f"reference bundle {directory}: graph {name!r} is missing or has other axis ranges "
                               f"(another --max-batch?)")
-        if validate:
-            validate_graph(spec, model, directory / entry.file, "fp32")  # raises if the weights differ
+    with tempfile.TemporaryDirectory(prefix="mirasol-references-") as references:
+        for spec in specs.values() if validate else ():
+            record_references(spec, model, Path(references))
+        if release_model:
+            release_weights(model)
+        for name, spec in specs.items() if validate else ():  # raises if the weights differ
+            compare_graph(spec, Path(references), directory / manifest.graphs[name].file, "fp32")
     return manifest
 
 
@@ -158,14 +172,16 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
     context = ExportContext(model, graph_specs(model.config, max_batch=max_batch), opset, producer_versions(opset),
                             progress, release_model=release_model)
     source = TRANSFORMS[precision](context, PrecisionOptions(fp16_io=fp16_io, calibration=calibration))
+    # a precision without a PyTorch check of its own (int8) needs the weights no more once its fp32 bundle exists
+    free_early = release_model and entry.tolerance is None
     with contextlib.ExitStack() as stack:
         if precision != "fp32":
             if reference is not None:
-                check_reference(model, Path(reference), context.specs, validate)
+                check_reference(model, Path(reference), context.specs, validate, release_model=free_early)
                 progress(f"reference fp32 bundle {reference} matches the model")
             else:
                 reference = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mirasol-fp32-"))) / "fp32"
                 export_bundle(model, reference, "fp32", opset=opset, validate=validate, max_batch=max_batch,
-                              progress=progress)
+                              release_model=free_early, progress=progress)
             context = dataclasses.replace(context, fp32_bundle=Path(reference))
         return write_bundle(out, context, source, validate)

@@ -4,11 +4,9 @@ In two phases, so that the PyTorch model and an ONNX Runtime session never need 
 mirasol3b AV graph is 8 GB of weights, its batch-4 full-cache case 6 GB of inputs and outputs): `record_references`
 runs the module at every validation case and writes its outputs to a directory, one case at a time;
 `compare_graph` redraws the same inputs from the seed, runs the graph and compares, one case at a time.
-`validate_graph` does both for a caller that holds the model anyway.
 """
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,10 +84,3 @@ def compare_graph(spec: GraphSpec, references: Path, path: Path, precision: str,
         raise ExportError(f"validation of {spec.name} ({precision}) failed against PyTorch: "
                           + "; ".join(failures[:5]) + (f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""))
     return result
-
-
-def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, seed: int = 0) -> dict[str, object]:
-    """Both phases: the graph at `path` against its PyTorch module; raises ExportError past tolerance."""
-    with tempfile.TemporaryDirectory(prefix="mirasol-references-") as references:
-        record_references(spec, model, Path(references), seed)
-        return compare_graph(spec, Path(references), path, precision, seed)
