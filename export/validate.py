@@ -62,7 +62,7 @@ def compare_graph(spec: GraphSpec, references: Path, path: Path, precision: str,
         onnx_feeds = {k: v.astype(np.float16) if input_types[k] == "tensor(float16)" else v for k, v in feeds.items()}
         outputs = dict(zip((t.name for t in spec.outputs), session.run(None, onnx_feeds)))
         del feeds, onnx_feeds
-        with np.load(_reference_file(references, spec, case)) as reference:
+        with np.load(_reference_file(references, spec, case), allow_pickle=False) as reference:
             for name in errors:
                 got, ref = outputs.pop(name).astype(np.float32), reference[name]
                 if got.shape != ref.shape:
