@@ -53,3 +53,15 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str
     paths["ttm-fp16"] = root / "ttm-fp16"
     export_bundle(tiny_models["ttm"], paths["ttm-fp16"], precision="fp16")
     return paths
+
+
+@pytest.fixture(scope="session")
+def demo_fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model (model/assets/demo) as a validated fp32 bundle."""
+    from mirasol.export.bundle import export_bundle
+    from mirasol.model import load_checkpoint
+    from mirasol.model.demo_task import DEMO_CHECKPOINT
+
+    path = tmp_path_factory.mktemp("demo") / "fp32"
+    export_bundle(load_checkpoint(DEMO_CHECKPOINT), path, precision="fp32")
+    return path
