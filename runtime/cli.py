@@ -16,7 +16,7 @@ import numpy as np
 
 from .bundle import BoundedNpz
 from .errors import InputError, MirasolError
-from .live import DROP_POLICIES, LATENCY_BOUND_S, QUEUE_SIZE, LiveRun
+from .live import DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
 from .pipeline import Pipeline
 
 STATUS_EVERY_S = 0.25  # refresh of the status line on a terminal
@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("--latency-bound", type=float, default=LATENCY_BOUND_S, metavar="SECONDS",
                       help="latency from a chunk's capture to its av_context that drop-oldest keeps to; "
                            "chunks over it are counted (default: %(default)s)")
-    live.add_argument("--queue-size", type=int, default=QUEUE_SIZE, metavar="CHUNKS",
-                      help="chunks decoded ahead of the model (default: %(default)s)")
+    live.add_argument("--queue-size", type=int, metavar="CHUNKS",
+                      help=f"chunks decoded ahead of the model (default: as many as fit in --latency-bound, at "
+                           f"least {MIN_QUEUE_SIZE}: 2 for 1 s chunks and the default bound)")
     live.add_argument("--reconnect", type=int, default=5, metavar="ATTEMPTS",
                       help="reconnect attempts in a row (backoff 0.5 s doubling to 8 s) before a network source "
                            "or camera gives up (default: %(default)s)")

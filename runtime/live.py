@@ -19,8 +19,9 @@ latency of the chunks waiting (which the drop policy then handles).
 
 Telemetry: one record per chunk pushed, dropped, answered or reconnected (`on_event`), and a summary
 with p50/p95/max of latency, decode, queue wait and push times. Latency is from `captured` (the
-chunk's last media arrived) to its av_context. Percentiles come from log-spaced buckets 1% wide, so
-memory stays flat however long the run.
+chunk's last media arrived) to its av_context, and is decode + queue wait + push: the queue wait is
+the rest (in the queue, or in a decode thread blocked by `block`). Percentiles come from log-spaced
+buckets 1% wide, so memory stays flat however long the run.
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import InputError, MirasolError
+from .features import config_value
 from .pipeline import Stream
 from .sources import Source, TimedChunk
 
 DROP_POLICIES = ("drop-oldest", "block")
 LATENCY_BOUND_S = 2.0
-QUEUE_SIZE = 2
+MIN_QUEUE_SIZE = 2
 _ESTIMATE_WEIGHT = 0.3  # weight of the newest sample in the running decode / push time estimates
 
 Event = dict[str, Any]
@@ -142,6 +144,7 @@ class LiveRun:
 
     policy: "drop-oldest" or "block" (None: drop-oldest for a live source, block for a file).
     latency_bound: seconds from capture to av_context that drop-oldest keeps to (reported under block).
+    queue_size: chunks decoded ahead (None: the chunks that fit in latency_bound, at least 2).
     question / ask_every: ask `question` every `ask_every` seconds, or once at the end when ask_every is
     None; `ask()` adds questions any time.
     on_event: called with every record (chunk, drop, answer, reconnect, summary), in the caller's thread.
@@ -149,7 +152,7 @@ class LiveRun:
     """
 
     def __init__(self, stream: Stream, source: Source, policy: str | None = None,
-                 latency_bound: float = LATENCY_BOUND_S, queue_size: int = QUEUE_SIZE,
+                 latency_bound: float = LATENCY_BOUND_S, queue_size: int | None = None,
                  ask_every: float | None = None, question: str | None = None,
                  on_event: Callable[[Event], None] | None = None, clock: Callable[[], float] = time.monotonic,
                  **generation: Any) -> None:
@@ -160,6 +163,10 @@ class LiveRun:
         self.stream = stream
         self.source = source
         self.policy = policy or ("drop-oldest" if source.live else "block")
+        if queue_size is None:  # the chunks that fit in the bound: older ones could not be pushed in time
+            config = stream.pipeline.config
+            chunk_seconds = config_value(config, "frames_per_chunk") / config_value(config, "fps")
+            queue_size = max(MIN_QUEUE_SIZE, math.ceil(latency_bound / chunk_seconds - 1e-9))
         self.queue = ChunkQueue(queue_size, self.policy)
         self.latency_bound = latency_bound
         self.ask_every = ask_every
@@ -173,6 +180,7 @@ class LiveRun:
         self.stop_requested = False
         self.error: BaseException | None = None
         self.start = self.next_ask = 0.0
+        self.decoder: threading.Thread | None = None
         self.latency_ms, self.decode_ms, self.wait_ms, self.push_ms, self.answer_ms = (
             Quantiles(), Quantiles(), Quantiles(), Quantiles(), Quantiles())
         self.pushed = self.dropped_full = self.dropped_late = self.over_bound = 0
@@ -189,6 +197,14 @@ class LiveRun:
         """End the run soon: no more pushes; run() returns the summary."""
         self.stop_requested = True
         self.stopping.set()
+
+    @property
+    def decoding(self) -> bool:
+        """The decode thread still runs: after run() returns, a source blocked in FFmpeg (opening or
+        reading a stream that sends nothing) ends at its timeout. Let it end before the interpreter
+        exits, or leave with os._exit (as mirasol-run does): FFmpeg's callbacks into a finalizing
+        interpreter crash the process."""
+        return self.decoder is not None and self.decoder.is_alive()
 
     @property
     def dropped(self) -> int:
@@ -233,8 +249,8 @@ class LiveRun:
         taken = self.clock()
         self.stream.push(chunk.video, chunk.audio)
         done = self.clock()
-        decode, wait, push, latency = (chunk.ready - chunk.captured, taken - chunk.ready, done - taken,
-                                       done - chunk.captured)
+        latency, decode, push = done - chunk.captured, chunk.decode_s, done - taken
+        wait = latency - decode - push  # in the queue, or behind a blocked decode thread
         self.pushed += 1
         self.over_bound += latency > self.latency_bound
         for quantiles, seconds in ((self.decode_ms, decode), (self.wait_ms, wait), (self.push_ms, push),
@@ -286,7 +302,8 @@ class LiveRun:
         """
         self.start = self.clock()
         self.next_ask = self.start + (self.ask_every or 0.0)
-        decoder = threading.Thread(target=self._decode, name=f"decode {self.source.name}", daemon=True)
+        self.decoder = decoder = threading.Thread(target=self._decode, name=f"decode {self.source.name}",
+                                                  daemon=True)
         decoder.start()
         ended = "end of source"
         interrupted: KeyboardInterrupt | None = None

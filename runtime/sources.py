@@ -2,8 +2,10 @@
 
 A source turns its media into the model's chunks with the rules of `media.py` (the same frame
 sampling, resizing, audio and chunking as a file) and stamps each chunk with the clock time its last
-media arrived (`captured`) and the time its arrays were ready (`ready`). `chunks()` runs in the live
-driver's decode thread (`live.py`), so a source may block on the network; it never blocks inference.
+media arrived (`captured`) and the seconds spent decoding it (`decode_s`). `chunks()` runs in the
+live driver's decode thread (`live.py`), so a source may block on the network; it never blocks
+inference. A stream's capture time is when the packet that completed the chunk was read: a backlog
+upstream of the reader (in the socket, the sender or the camera's buffers) is not seen.
 
 - file (`clip.mp4`): decoded chunk by chunk with `iter_chunks`; with `realtime`, chunk k is captured
   when a camera would have delivered it, (k + 1) chunk durations after the start, then decoded (so the
@@ -39,7 +41,7 @@ from .media import (ChunkAssembler, FrameConverter, FrameSampler, MediaParams, M
 NETWORK_SCHEMES = ("rtsp", "rtsps", "udp", "rtp", "srt", "tcp", "http", "https")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 8.0
-PROBE_OPTIONS = {"analyzeduration": "1000000"}  # probe a network stream for 1 s, not FFmpeg's 5 s
+PROBE_OPTIONS = {"analyzeduration": "1000000"}  # probe a live stream for 1 s, not FFmpeg's 5 s
 OPEN_TIMEOUT_S = 10.0  # the least an open waits for the first data (a sender may start after us)
 
 Report = Callable[[dict[str, Any]], None]
@@ -53,7 +55,7 @@ class TimedChunk:
     video: np.ndarray  # [F, 3, H, W] float32 in [0, 1]
     audio: np.ndarray  # [n_mels, A] float32 log-mel
     captured: float  # its last media arrived
-    ready: float  # its arrays were ready (decoded, resized, log-mel)
+    decode_s: float  # decoding it took (demuxed packets to model arrays: decode, resize, log-mel)
 
 
 class Source(ABC):
@@ -94,10 +96,11 @@ class FileSource(Source):
                     captured = start + (index + 1) * chunk_seconds
                     if stop.wait(max(captured - self.clock(), 0.0)):
                         return
+                begin = self.clock()
                 video_audio = next(decoded, None)
                 if video_audio is None:
                     return
-                yield TimedChunk(index, *video_audio, captured=captured, ready=self.clock())
+                yield TimedChunk(index, *video_audio, captured=captured, decode_s=self.clock() - begin)
                 index += 1
         finally:
             decoded.close()
@@ -201,7 +204,7 @@ class StreamSource(Source):
         self.clock = clock
 
     def _open(self, av: Any) -> Any:
-        options = {**PROBE_OPTIONS, **self.options} if self.kind == "network" else self.options
+        options = {**PROBE_OPTIONS, **self.options}
         try:
             if self.kind == "pipe":  # a file read: FFmpeg's timeouts do not apply
                 return av.open(self.name, options=options)
@@ -239,7 +242,8 @@ class StreamSource(Source):
                     for packet in container.demux(*connection.streams):
                         captured = self.clock()
                         for video, audio in connection.decode(packet):
-                            yield TimedChunk(index, video, audio, captured=captured, ready=self.clock())
+                            yield TimedChunk(index, video, audio, captured=captured,
+                                             decode_s=self.clock() - captured)
                             index += 1
                             failures = 0
                         if stop.is_set():
@@ -248,7 +252,7 @@ class StreamSource(Source):
                     failed = error
                 captured = self.clock()
                 for video, audio in connection.end(flush=failed is not None):
-                    yield TimedChunk(index, video, audio, captured=captured, ready=self.clock())
+                    yield TimedChunk(index, video, audio, captured=captured, decode_s=self.clock() - captured)
                     index += 1
             finally:
                 container.close()

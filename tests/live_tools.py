@@ -107,7 +107,7 @@ def write_demo_clip(path: str | Path, chunks: int, config=None, index: int = 0) 
 
 
 def slowed_run(bundle: str, chunks: int, delay: float, policy: str | None, latency_bound: float,
-               queue_size: int, on_event=None) -> dict:
+               queue_size: int | None, on_event=None) -> dict:
     """A demo clip of `chunks` chunks at real pace through a bundle whose combiner sleeps `delay` s a call."""
     from mirasol.runtime.live import LiveRun
     from mirasol.runtime.pipeline import Pipeline
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="seconds each combiner call sleeps (default: %(default)s)")
     slowed.add_argument("--policy", choices=["drop-oldest", "block"], default="drop-oldest")
     slowed.add_argument("--latency-bound", type=float, default=2.0, help="seconds (default: %(default)s)")
-    slowed.add_argument("--queue-size", type=int, default=2, help="chunks (default: %(default)s)")
+    slowed.add_argument("--queue-size", type=int, help="chunks (default: as many as fit in the bound)")
     slowed.add_argument("--json", action="store_true", help="print every record as a JSON line")
     args = parser.parse_args(argv)
     if args.command == "clip":

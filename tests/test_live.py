@@ -273,6 +273,7 @@ def test_questions_while_streaming_are_answered_between_pushes(bundles, short_cl
     counts = [a["chunks"] for a in answers[1:]]
     assert len(counts) >= 3 and counts == sorted(counts) and counts[0] < 8
     assert summary["answers"] == len(answers) and summary["pushed"] == 8
+    assert summary["queue_size"] == 8  # by default, the chunks that fit in the 2 s bound
 
 
 # ---------------------------------------------------------------- long runs, simulated time
@@ -296,7 +297,7 @@ class SyntheticSource(Source):
     def chunks(self, report, stop):
         for index in range(self.count):
             self.clock.now += SHORT_CHUNK_S
-            yield TimedChunk(index, self.video, self.audio, captured=self.clock.now, ready=self.clock.now)
+            yield TimedChunk(index, self.video, self.audio, captured=self.clock.now, decode_s=0.0)
 
 
 def test_memory_is_flat_over_a_long_run(bundles) -> None:
@@ -333,7 +334,7 @@ def test_quantiles_match_numpy_within_one_percent() -> None:
 
 def test_chunk_queue_drop_oldest_and_block() -> None:
     stop = threading.Event()
-    chunk = [TimedChunk(i, np.zeros(1), np.zeros(1), captured=0.0, ready=0.0) for i in range(4)]
+    chunk = [TimedChunk(i, np.zeros(1), np.zeros(1), captured=0.0, decode_s=0.0) for i in range(4)]
     q = ChunkQueue(2, "drop-oldest")
     for c in chunk:
         q.put(c, stop)
