@@ -7,9 +7,10 @@ live driver's decode thread (`live.py`), so a source may block on the network; i
 inference. A stream's capture time is when the packet that completed the chunk was read: a backlog
 upstream of the reader (in the socket, the sender or the camera's buffers) is not seen.
 
-- file (`clip.mp4`): decoded chunk by chunk with `iter_chunks`; with `realtime`, chunk k is captured
-  when a camera would have delivered it, (k + 1) chunk durations after the start, then decoded (so the
-  end of the file shows one chunk duration after its last chunk, when the next one would be due).
+- file (`clip.mp4`): decoded chunk by chunk with `iter_chunks`; a chunk is captured when its decoding
+  starts, or with `realtime` when a camera would have delivered it, (k + 1) chunk durations after the
+  start, then decoded (so the end of the file shows one chunk duration after its last chunk, when the
+  next one would be due).
 - network (`rtsp://`, `rtsps://`, `udp://`, `rtp://`, `srt://`, `tcp://`, `http(s)://` e.g. HLS), named
   pipe, V4L2 camera (`/dev/videoN`): one PyAV demuxer for video and audio, decoded as packets arrive.
   No data for `stall_timeout` seconds (`OPEN_TIMEOUT_S` at least when opening), or a read error, ends
@@ -225,6 +226,15 @@ class StreamSource(Source):
         stop.wait(delay)
         return failures + 1
 
+    def _timed(self, index: int, decode: Callable[[Any], Iterator[tuple[np.ndarray, np.ndarray]]], what: Any
+               ) -> list[TimedChunk]:
+        """The chunks `decode(what)` completes, numbered from `index`, captured now."""
+        captured = self.clock()
+        chunks = list(decode(what))
+        decode_s = self.clock() - captured
+        return [TimedChunk(index + i, video, audio, captured=captured, decode_s=decode_s)
+                for i, (video, audio) in enumerate(chunks)]
+
     def chunks(self, report: Report, stop: threading.Event) -> Iterator[TimedChunk]:
         av = _import_av()
         index = 0
@@ -240,19 +250,16 @@ class StreamSource(Source):
                 connection = _Connection(av, container, self.params, self.name)
                 try:
                     for packet in container.demux(*connection.streams):
-                        captured = self.clock()
-                        for video, audio in connection.decode(packet):
-                            yield TimedChunk(index, video, audio, captured=captured,
-                                             decode_s=self.clock() - captured)
+                        for chunk in self._timed(index, connection.decode, packet):
+                            yield chunk
                             index += 1
                             failures = 0
                         if stop.is_set():
                             return
                 except (av.FFmpegError, OSError) as error:
                     failed = error
-                captured = self.clock()
-                for video, audio in connection.end(flush=failed is not None):
-                    yield TimedChunk(index, video, audio, captured=captured, decode_s=self.clock() - captured)
+                for chunk in self._timed(index, connection.end, failed is not None):
+                    yield chunk
                     index += 1
             finally:
                 container.close()
@@ -275,11 +282,13 @@ def open_source(spec: str, config: Any, realtime: bool = False, reconnect: int =
     if scheme is not None and scheme not in NETWORK_SCHEMES:
         raise InputError(f"live source {spec}: unsupported scheme {scheme}://; use one of "
                          f"{', '.join(s + '://' for s in NETWORK_SCHEMES)}, /dev/videoN or a file")
-    if scheme is not None or spec.startswith("/dev/video") or (os.path.exists(spec) and stat.S_ISFIFO(os.stat(spec).st_mode)):
+    camera = spec.startswith("/dev/video")
+    pipe = os.path.exists(spec) and stat.S_ISFIFO(os.stat(spec).st_mode)
+    if scheme is not None or camera or pipe:
         if realtime:
             raise InputError(f"live source {spec}: --realtime paces a file; a live source arrives at its own pace")
-        kind = "network" if scheme is not None else "camera" if spec.startswith("/dev/video") else "pipe"
-        if kind == "camera" and not os.path.exists(spec):
+        kind = "network" if scheme is not None else "camera" if camera else "pipe"
+        if camera and not os.path.exists(spec):
             raise InputError(f"camera {spec} does not exist (no such V4L2 device)")
         return StreamSource(spec, config, kind, reconnect=reconnect, stall_timeout=stall_timeout, options=options,
                             clock=clock)

@@ -4,9 +4,10 @@
     python -m tests.live_tools send CLIP.mp4 udp://127.0.0.1:5000     # or a named pipe's path
     python -m tests.live_tools slowed BUNDLE --chunks 30 --delay 1.5 [--policy block] [--json]
 
-`clip` writes a held-out demo clip (as `mirasol-demo`, of any number of 1 s chunks). `send` remuxes the clip's packets (no re-encoding: the same H.264 and AAC data as the file) into
-MPEG-TS at real-time pace; to a UDP port it first waits until a receiver has bound that port on
-loopback, so nothing is lost before the receiver listens. `slowed` writes a demo clip of `--chunks`
+`clip` writes a held-out demo clip (as `mirasol-demo`, of any number of 1 s chunks). `send` remuxes
+the clip's packets (no re-encoding: the same H.264 and AAC data as the file) into MPEG-TS at real-time
+pace; to a UDP port it first waits until a receiver has bound that port on loopback, so nothing is
+lost before the receiver listens. `slowed` writes a demo clip of `--chunks`
 chunks, plays it at real pace through `LiveRun` with every combiner call slowed by `--delay` seconds
 (inference slower than real time) and prints the summary.
 """
