@@ -171,6 +171,7 @@ class Stream:
         self.state: dict[str, np.ndarray] = {}
         self.counters: dict[str, np.ndarray] = {}
         self.chunks = 0
+        self.dropped_chunks = 0  # chunks a live source captured but never pushed (see `skip`)
         self.timings = Timings()
         self._lock = threading.Lock()
 
@@ -257,6 +258,12 @@ class Stream:
             self.chunks += 1
         context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
         return context[0] if unbatched else context
+
+    def skip(self, count: int = 1) -> None:
+        """Note `count` chunks of the source that were dropped, not pushed: the carried state only ever
+        sees the chunks pushed, in order; the gap is counted in `dropped_chunks`."""
+        with self._lock:
+            self.dropped_chunks += count
 
     def _check_chunk(self, feeds: Mapping[str, Any]) -> int:
         """Refuse at the boundary what the graphs cannot take; returns the batch size."""

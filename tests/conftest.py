@@ -74,3 +74,15 @@ def fake_tensorrt(monkeypatch: pytest.MonkeyPatch):
     from .fake_tensorrt import install
 
     return install(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def demo_fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model (model/assets/demo) as a validated fp32 bundle."""
+    from mirasol.export.bundle import export_bundle
+    from mirasol.model import load_checkpoint
+    from mirasol.model.demo_task import DEMO_CHECKPOINT
+
+    path = tmp_path_factory.mktemp("demo") / "fp32"
+    export_bundle(load_checkpoint(DEMO_CHECKPOINT), path, precision="fp32")
+    return path
