@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from mirasol.model import Mirasol
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.manifest import Manifest
+from mirasol.runtime.output import atomic_file, check_output_dir, prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.tokenizer import ByteTokenizer
 
@@ -59,6 +61,7 @@ Progress = Callable[[str], None]
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 CACHE_VERSION = 2
+CACHE_FILES = re.compile(r"[0-9a-f]{24}\.(ranges|sweep)\.json(\.tmp-\d+)?")  # a cache written before its marker
 KEEP_FACTOR = 1.5  # a group stays fp32 when keeping it fp32 divides the graph's error by at least this
 MAX_KEEP_WEIGHT_SHARE = 0.25  # ... and it holds at most this share of the graph's quantizable weights
 SWEEP_SAMPLES = 16  # recorded calls per graph the sweep measures on
@@ -191,7 +194,7 @@ def _key(*parts: Any) -> str:
 
 class _Cache:
     def __init__(self, directory: Path | None) -> None:
-        self.directory = directory
+        self.directory = None if directory is None else prepare_output_dir(directory, "calibration cache", CACHE_FILES)
 
     def ranges(self, key: str) -> TensorsData | None:
         path = self._path(key, "ranges")
@@ -219,10 +222,8 @@ class _Cache:
     def save_sweep(self, key: str, value: dict[str, Any]) -> None:
         path = self._path(key, "sweep")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(value, default=float))
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(value, default=float))
 
     def _path(self, key: str, kind: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{key}.{kind}.json"
@@ -262,6 +263,7 @@ def export_int8_bundle(model: Mirasol, out: str | Path, calibration_data: str, c
     existing fp32 bundle of this model to calibrate (checked against the model) instead of exporting one.
     """
     start = time.perf_counter()
+    check_output_dir(out, "bundle")  # before any work
     flavour = get_flavour(flavour)
     if method not in METHODS:
         raise ExportError(f"calibration method {method!r} is not one of {sorted(METHODS)}")

@@ -38,7 +38,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +48,7 @@ from .backends.base import TensorInfo
 from .errors import BackendError, BundleError, MirasolError
 from .bundle import sha256_file
 from .manifest import MANIFEST_FILE, AxisRange, GraphEntry, Manifest, check_file_name
+from .output import atomic_file
 from .precision import NAMES, get_precision
 
 BUILD_COMMAND = "mirasol-build-engines"
@@ -267,19 +267,8 @@ def _dim(tensor: TensorInfo, d: int | str, axes: Mapping[str, AxisRange], which:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
