@@ -568,6 +568,9 @@ class TensorRTBackend(Backend):
 
     def load(self, graph_name: str, path: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]
              ) -> TensorRTSession:
+        available, why = is_available()
+        if not available:  # said first: without TensorRT, building engines is not the fix
+            raise BackendError(f"the tensorrt backend cannot run here: {why}")
         bundle = self.bundle_dir if self.bundle_dir is not None else Path(path).parent
         manifest = self._manifest(bundle)
         entry = manifest.graphs.get(graph_name)
@@ -584,9 +587,6 @@ class TensorRTBackend(Backend):
         if not engine_path.is_file():
             raise BundleError(f"graph {graph_name!r}: engine {engine_path} is missing; build it on this device with: "
                               f"{command}")
-        available, why = is_available()
-        if not available:
-            raise BackendError(f"the tensorrt backend cannot run here: {why}")
         trt = _build.import_tensorrt()
         mismatch = _build.engine_mismatch(record, _build.gpu_info(self.device), str(trt.__version__))
         if mismatch:
