@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mirasol.runtime import tensorrt_build as tb  # noqa: E402
 from mirasol.runtime.backends import tensorrt as trt_backend  # noqa: E402
 from mirasol.runtime.backends.base import TensorInfo  # noqa: E402
 from mirasol.runtime.bundle import sha256_file  # noqa: E402
-from mirasol.runtime.errors import BundleError, InputError  # noqa: E402
+from mirasol.runtime.errors import BackendError, BundleError, InputError  # noqa: E402
 from mirasol.runtime.manifest import AxisRange, GraphEntry, Manifest, StepSpec  # noqa: E402
 from mirasol.runtime.tensorrt_readiness import check_bundle, check_model  # noqa: E402
 
@@ -317,6 +318,10 @@ def test_backend_imports_without_tensorrt_and_refuses_clearly(tmp_path, monkeypa
     bundle = _write_bundle(tmp_path / "b", {"good": _supported_model()})
     entry = Manifest.read(bundle).graphs["good"]
     backend = trt_backend.TensorRTBackend()
+    if not ok:  # without TensorRT, that is what is said (not "build the engines")
+        with pytest.raises(BackendError, match=f"the tensorrt backend cannot run here: {re.escape(why)}"):
+            backend.load("good", str(bundle / "good.onnx"), entry.inputs, entry.outputs)
+    monkeypatch.setattr(trt_backend, "is_available", lambda: (True, "TensorRT present (pretended)"))
     with pytest.raises(BundleError, match=r"mirasol-build-engines .*b --precision fp32"):
         backend.load("good", str(bundle / "good.onnx"), entry.inputs, entry.outputs)
     tb.record_engine(bundle, "good", {"file": "good.fp16.engine", "build_args": ["--precision", "fp16", "--max",
