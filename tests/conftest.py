@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,23 @@ def assert_same_stream_state(a: dict[str, Any], b: dict[str, Any]) -> None:
         for key in a[table]:
             assert a[table][key].dtype == b[table][key].dtype, key
             assert np.array_equal(a[table][key], b[table][key]), key
+
+
+def finishes_within(seconds: float, call: Callable[[], Any]) -> Any:
+    """`call()` run on a thread of its own; fails (instead of hanging the suite) if it has not returned in time.
+    Returns its result or raises its exception."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+            result["error"] = error
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still running after {seconds} s: a deadlock"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -20,26 +20,7 @@ from mirasol.runtime.bundle import Bundle, sha256_file
 from mirasol.runtime.errors import BackendError, BundleError, InputError
 from mirasol.runtime.pipeline import Pipeline
 
-from .conftest import QUESTION, chunk, copy_bundle, read_manifest, stream_snapshot, write_manifest
-
-
-def _finishes_within(seconds: float, scenario: Callable[[], Any]) -> Any:
-    """Run `scenario` in a worker thread; fail (instead of hanging the suite) if it has not returned in time."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = scenario()
-        except BaseException as error:  # noqa: BLE001 - handed to the test thread
-            result["error"] = error
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"still running after {seconds} s: a deadlock"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+from .conftest import QUESTION, chunk, copy_bundle, finishes_within, read_manifest, stream_snapshot, write_manifest
 
 
 def _stream(pipe: Pipeline, chunks: int):
@@ -68,7 +49,7 @@ def test_suspended_ask_iter_blocks_nothing_in_the_same_thread(shared_pipeline, t
         assert stream.token_ids(QUESTION, 12) == _stream(shared_pipeline, 4).token_ids(QUESTION, 12)
         assert first + "".join(answer) == expected  # resumed later: the answer about the chunks it was asked on
 
-    _finishes_within(60, scenario)
+    finishes_within(60, scenario)
     assert shared_pipeline.restore(tmp_path / "state.npz").ask(QUESTION, max_new_tokens=12) == after_push
 
 
@@ -88,7 +69,7 @@ def test_suspended_ask_iter_blocks_nothing_across_threads(shared_pipeline) -> No
     thread = threading.Thread(target=asker, daemon=True)
     thread.start()
     assert suspended.wait(60)
-    _finishes_within(60, lambda: (stream.push(*chunk(shared_pipeline, 3)), stream.ask(QUESTION, max_new_tokens=4)))
+    finishes_within(60, lambda: (stream.push(*chunk(shared_pipeline, 3)), stream.ask(QUESTION, max_new_tokens=4)))
     resume.set()
     thread.join(60)
     assert not thread.is_alive() and "".join(pieces) == expected
@@ -362,7 +343,7 @@ def test_run_cli_chunks_probes(shared_pipeline, tiny_bundle, tmp_path, capsys, k
         path.mkdir()
     else:
         os.mkfifo(path)
-    assert _finishes_within(60, lambda: main([str(tiny_bundle), "--chunks", str(path), "--question", QUESTION])) == 1
+    assert finishes_within(60, lambda: main([str(tiny_bundle), "--chunks", str(path), "--question", QUESTION])) == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: chunks file {path}") and words in lines[0], lines
 
@@ -379,7 +360,7 @@ def test_restore_path_probes(shared_pipeline, tmp_path, kind, words) -> None:
     elif kind == "a FIFO":
         os.mkfifo(path)
     with pytest.raises(BundleError, match=re.escape(f"state file {path} {words}") + "$"):
-        _finishes_within(60, lambda: shared_pipeline.restore(path))
+        finishes_within(60, lambda: shared_pipeline.restore(path))
     with pytest.raises(InputError, match="a path must be a str or an os.PathLike, got bytes"):
         shared_pipeline.restore(os.fsencode(path))
 
@@ -421,7 +402,7 @@ def test_graph_file_that_is_not_a_regular_file(tiny_bundle, tmp_path) -> None:
     (bundle / "combiner.onnx").unlink()
     os.mkfifo(bundle / "combiner.onnx")
     with pytest.raises(BundleError, match="file 'combiner.onnx' named in the manifest is not a regular file"):
-        _finishes_within(60, lambda: Bundle.load(bundle))
+        finishes_within(60, lambda: Bundle.load(bundle))
 
 
 def test_media_path_probes(shared_pipeline, tmp_path) -> None:
@@ -432,7 +413,7 @@ def test_media_path_probes(shared_pipeline, tmp_path) -> None:
         load_clip(b"clip.mp4", shared_pipeline.config)
     os.mkfifo(tmp_path / "pipe.mp4")
     with pytest.raises(InputError, match="pipe.mp4 is not a regular file"):
-        _finishes_within(60, lambda: load_clip(tmp_path / "pipe.mp4", shared_pipeline.config))
+        finishes_within(60, lambda: load_clip(tmp_path / "pipe.mp4", shared_pipeline.config))
 
 
 @pytest.mark.parametrize("key, value, words", [

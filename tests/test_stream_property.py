@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from mirasol.runtime.errors import MirasolError
 from mirasol.runtime.pipeline import Pipeline
 
-from .conftest import QUESTION, chunk
+from .conftest import QUESTION, chunk, finishes_within
 
 EXAMPLES = int(os.environ.get("MIRASOL_STREAM_EXAMPLES", "40"))
 CALL_TIMEOUT = 60  # seconds one call may take before it counts as a hang
@@ -98,25 +98,15 @@ class _Run:
 
 
 def _outcome(call: Callable[[], Any]) -> Any:
-    """The call's result, or the name of the MirasolError it raised; any other exception fails the test. The call
-    runs on a thread of its own (a new one each time) and must finish within CALL_TIMEOUT."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
+    """The call's result, or the name of the MirasolError it raised (any other exception fails the test); the
+    call runs on a thread of its own (a new one each time) and must finish within CALL_TIMEOUT."""
+    def named() -> Any:
         try:
-            box["result"] = call()
+            return call()
         except MirasolError as error:
-            box["result"] = f"{type(error).__name__}"
-        except BaseException as error:  # noqa: BLE001 - reported by the test thread
-            box["error"] = error
+            return type(error).__name__
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(CALL_TIMEOUT)
-    assert not worker.is_alive(), f"a call hung for {CALL_TIMEOUT} s"
-    if "error" in box:
-        raise AssertionError(f"not a MirasolError: {box['error']!r}") from box["error"]
-    return box["result"]
+    return finishes_within(CALL_TIMEOUT, named)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
