@@ -29,10 +29,11 @@ def human_bytes(size: float) -> str:
 
 
 def run_cli(main_body, debug: bool) -> None:
-    """Run a CLI body: MirasolErrors exit 1 with one clear line (the traceback only with --debug)."""
+    """Run a CLI body: MirasolErrors (and OS errors: a full disk, a missing file) exit 1 with one clear line (the
+    traceback only with --debug)."""
     try:
         main_body()
-    except (MirasolError, FileNotFoundError, ValueError) as error:
+    except (MirasolError, OSError, ValueError) as error:
         if debug:
             raise
         click.echo(f"error: {error}", err=True)
