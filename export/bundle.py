@@ -28,6 +28,7 @@ from mirasol.runtime.backends.base import TensorInfo
 from mirasol.runtime.bundle import sha256_file
 from mirasol.runtime.errors import ExportError, MirasolError
 from mirasol.runtime.manifest import GraphEntry, Manifest
+from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import get_precision
 from mirasol.runtime.tokenizer import ByteTokenizer
 
@@ -145,6 +146,7 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
                           f"--calibration-data DIR|synthetic)")
     if precision == "fp32" and reference is not None:
         raise ExportError("a reference bundle is what fp16 and int8 start from; fp32 is traced from the model")
+    check_output_dir(out, "bundle")  # before any work: a target holding anything not ours is refused
     model = model.eval()
     context = ExportContext(model, graph_specs(model.config, max_batch=max_batch), opset, producer_versions(opset),
                             progress)

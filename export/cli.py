@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from mirasol.runtime.errors import MirasolError
+from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
-
 
 
 def default_source() -> tuple[str | None, Path | None]:
@@ -29,10 +29,11 @@ def human_bytes(size: float) -> str:
 
 
 def run_cli(main_body, debug: bool) -> None:
-    """Run a CLI body: MirasolErrors exit 1 with one clear line (the traceback only with --debug)."""
+    """Run a CLI body: MirasolErrors (and OS errors: a full disk, a missing file) exit 1 with one clear line (the
+    traceback only with --debug)."""
     try:
         main_body()
-    except (MirasolError, FileNotFoundError, ValueError) as error:
+    except (MirasolError, OSError, ValueError) as error:
         if debug:
             raise
         click.echo(f"error: {error}", err=True)
@@ -48,7 +49,8 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--precision", type=click.Choice(PRECISION_NAMES), default="fp32", show_default=True,
               help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated Q/DQ.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Bundle directory to write (replaced atomically). Default: bundles/<model>-<precision>.")
+              help="Bundle directory to write (replaced atomically; an existing one must be a bundle or empty). "
+                   "Default: bundles/<model>-<precision>.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check every graph against PyTorch at several sizes of each dynamic axis.")
@@ -98,6 +100,9 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         if not preset and not checkpoint:
             preset, checkpoint = default_source()
         name = preset or Path(checkpoint).name  # type: ignore[arg-type]
+        out = out or Path("bundles") / f"{name}-{precision}"
+        if not params_only:
+            check_output_dir(out, "bundle")  # before any work: an --out holding anything not ours is refused
         start = time.perf_counter()
         if params_only:
             from mirasol.model import Mirasol, get_preset
@@ -110,7 +115,6 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         click.echo("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
         if params_only:
             return
-        out = out or Path("bundles") / f"{name}-{precision}"
         calibration = None
         if precision == "int8":
             if calibration_data is None:

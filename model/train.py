@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirasol.runtime.errors import MirasolError
+from mirasol.runtime.output import atomic_file, check_output_dir
 from mirasol.runtime.tokenizer import ByteTokenizer
 
 from .checkpoint import save_checkpoint
@@ -338,6 +341,7 @@ def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clip
                  cache_dir: str | Path | None = None, config: MirasolConfig = DEMO_CONFIG,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Make the clips, train, test on held-out clips, save the checkpoint and training.json."""
+    check_output_dir(output, "checkpoint")  # before any work: an output holding anything not ours is refused
     torch.set_num_threads(threads)
     started = time.perf_counter()
     task = DemoTask(config, num_chunks=config.num_chunks)
@@ -357,8 +361,7 @@ def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clip
     total_seconds = time.perf_counter() - started
     log(f"held-out accuracy {result['accuracy']:.4f} ({result['correct']}/{result['questions']}); "
         f"per kind {json.dumps({k: round(v, 3) for k, v in result['per_kind'].items()})}")
-    output = Path(output)
-    save_checkpoint(model, output)
+    output = save_checkpoint(model, output)
     report = {
         "task": task.describe(), "seed": seed, "train_clips": train_clips, "val_clips": val_clips,
         "test_clips": test_clips, "questions_per_clip": questions_per_clip, "steps": history["steps"],
@@ -372,7 +375,8 @@ def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clip
         "total_seconds": round(total_seconds, 1), "parameters": count_parameters(model)["total"],
         "torch": torch.__version__,
     }
-    (output / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(output / "training.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     log(f"saved {output} in {total_seconds:.0f}s total")
     return report
 
@@ -405,12 +409,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     def command(output: str, seed: int, train_clips: int, val_clips: int, test_clips: int,
                 questions_per_clip: int, steps: int, clips_per_step: int, questions_per_step: int, lr: float,
                 probe_weight: float, threads: int, target: float, cache_dir: str | None) -> None:
-        report = run_training(output=output, seed=seed, train_clips=train_clips, val_clips=val_clips,
-                              test_clips=test_clips, questions_per_clip=questions_per_clip, steps=steps,
-                              clips_per_step=clips_per_step, questions_per_step=questions_per_step, lr=lr,
-                              probe_weight=probe_weight, threads=threads,
-                              target=target if target > 0 else None, cache_dir=cache_dir,
-                              log=lambda line: click.echo(line, err=True))
+        try:
+            report = run_training(output=output, seed=seed, train_clips=train_clips, val_clips=val_clips,
+                                  test_clips=test_clips, questions_per_clip=questions_per_clip, steps=steps,
+                                  clips_per_step=clips_per_step, questions_per_step=questions_per_step, lr=lr,
+                                  probe_weight=probe_weight, threads=threads,
+                                  target=target if target > 0 else None, cache_dir=cache_dir,
+                                  log=lambda line: click.echo(line, err=True))
+        except MirasolError as error:  # one line, like every CLI of the toolkit
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
         click.echo(json.dumps({k: report[k] for k in ("test_accuracy", "test_questions", "steps",
                                                       "total_seconds")}))
 

@@ -88,8 +88,6 @@ def _chunks(args: argparse.Namespace, config: dict) -> tuple[np.ndarray, np.ndar
     if args.video is not None:
         from .media import load_clip
         return load_clip(args.video, config)
-    if not args.chunks.is_file():
-        raise InputError(f"{args.chunks} does not exist")
     with BoundedNpz(args.chunks, f"chunks file {args.chunks}", max_bytes=8 << 30, error=InputError) as npz:
         return (npz.read("video", np.float32, ((1, 1 << 24), (3, 3), (1, 1 << 14), (1, 1 << 14))),
                 npz.read("audio", np.float32, ((1, 1 << 12), (1, 1 << 28))))

@@ -331,6 +331,8 @@ def _open(av: Any, path: str) -> Any:
         raise InputError(f"media file {path} does not exist")
     if os.path.isdir(path):
         raise InputError(f"media file {path} is a directory")
+    if not os.path.isfile(path):  # a FIFO or a device would block the decoder
+        raise InputError(f"media file {path} is not a regular file")
     if os.path.getsize(path) == 0:
         raise InputError(f"media file {path} is empty")
     try:
@@ -424,6 +426,8 @@ def iter_chunks(path: str | os.PathLike[str], config: Mapping[str, Any] | Any
     Streams with bounded memory (a one-hour file is never held whole). See the module notes for the
     sampling, padding and error rules.
     """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise InputError(f"a media path must be a str or an os.PathLike, got {type(path).__name__}")
     av = _import_av()
     path = os.fspath(path)
     p = MediaParams.from_config(config)

@@ -19,8 +19,7 @@ from mirasol.runtime.backends import GraphSession
 from mirasol.runtime.errors import BackendError
 from mirasol.runtime.pipeline import Pipeline
 
-from .test_reliability import (QUESTION, VENV_BIN, assert_same_stream_state, chunk, copy_bundle,  # noqa: F401
-                               shared_pipeline, snapshot, stream_snapshot, tiny_bundle)
+from .conftest import QUESTION, VENV_BIN, assert_same_stream_state, chunk, copy_bundle, snapshot, stream_snapshot
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,14 +196,14 @@ def test_new_bundle_keeps_the_targets_permissions(tmp_path) -> None:
 
     target = tmp_path / "bundle"
     with atomic_directory(target) as work:
-        (work / "a").write_text("1")
+        (work / "manifest.json").write_text('{"format": "mirasol-bundle", "n": 1}')
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     target.chmod(0o750)
     with atomic_directory(target) as work:
-        (work / "a").write_text("2")
-    assert target.stat().st_mode & 0o777 == 0o750 and (target / "a").read_text() == "2"
+        (work / "manifest.json").write_text('{"format": "mirasol-bundle", "n": 2}')
+    assert target.stat().st_mode & 0o777 == 0o750 and '"n": 2' in (target / "manifest.json").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------

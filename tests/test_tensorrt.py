@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -36,11 +37,15 @@ from . import fake_tensorrt  # noqa: E402
 # The backend without TensorRT, and on the strict fake (the tiny bundle's graphs)
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_backend_imports_without_tensorrt_and_refuses_clearly(tiny_bundles, tmp_path):
+def test_backend_imports_without_tensorrt_and_refuses_clearly(tiny_bundles, tmp_path, monkeypatch):
     ok, why = trt_backend.is_available()
     assert isinstance(ok, bool) and why
     copy = Path(shutil.copytree(tiny_bundles["ttm"], tmp_path / "b"))
     bundle = Bundle.load(copy)
+    if not ok:  # without TensorRT, that is what is said (not "build the engines")
+        with pytest.raises(BackendError, match=f"the tensorrt backend cannot run here: {re.escape(why)}"):
+            trt_backend.TensorRTBackend().load(bundle.graphs["combiner"], bundle)
+    monkeypatch.setattr(trt_backend, "is_available", lambda: (True, "TensorRT present (pretended)"))
     with pytest.raises(BundleError, match=r"mirasol-build-engines .*b --precision fp32"):
         trt_backend.TensorRTBackend().load(bundle.graphs["combiner"], bundle)
     tp.record_engine(copy, "combiner", {"file": "combiner.fp16.engine", "build_args": ["--precision", "fp16", "--max",

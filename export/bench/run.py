@@ -21,6 +21,7 @@ import onnxruntime
 import torch
 
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from mirasol.runtime.output import prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 from mirasol.runtime.tokenizer import ByteTokenizer
@@ -88,8 +89,7 @@ def run_benchmark(preset: str | None = None, checkpoint: str | Path | None = Non
             if export_dir is None:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mirasol-bench-")))
             else:
-                workdir = Path(export_dir)
-                workdir.mkdir(parents=True, exist_ok=True)
+                workdir = prepare_output_dir(export_dir, "benchmark export directory")
             source = build_source(preset, checkpoint, bundle, seed, suppress_eos)
             config = source.model.config
             chunks = int(chunks or (max(2, config.av_window_chunks + 1) if quick else config.num_chunks))

@@ -362,6 +362,9 @@ class TensorRTBackend(Backend):
 
     def load(self, entry: GraphEntry, bundle: Bundle) -> TensorRTSession:
         """The entry's engine, checked against its record, this machine and the manifest's IO."""
+        available, why = is_available()
+        if not available:  # said first: without TensorRT, building engines is not the fix
+            raise BackendError(f"the tensorrt backend cannot run here: {why}")
         record = entry.engine or {}
         command = rebuild_command(bundle.path, bundle.manifest.precision, record.get("build_args"))
         if not record.get("file"):
@@ -373,9 +376,6 @@ class TensorRTBackend(Backend):
             raise BundleError(f"graph {entry.name!r}: engine {bundle.path / engine_file} is missing; build it on this "
                               f"device with: {command}")
         engine_path = bundle.file(engine_file)
-        available, why = is_available()
-        if not available:
-            raise BackendError(f"the tensorrt backend cannot run here: {why}")
         trt = import_tensorrt()
         mismatch = engine_mismatch(record, gpu_info(self.device), str(trt.__version__))
         if mismatch:
