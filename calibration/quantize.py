@@ -37,7 +37,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
-from mirasol.export.atomic import atomic_directory
+from mirasol.runtime.atomic import atomic_directory
 from mirasol.export.bundle import TOKENIZER_FILE, export_bundle, graph_entry, onnx_check, producer_versions
 from mirasol.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_BYTES
 from mirasol.export.specs import derived_axes, graph_specs, wiring

@@ -14,13 +14,13 @@ import onnxruntime
 import torch
 
 from mirasol.model import Mirasol
+from mirasol.runtime.atomic import atomic_directory
 from mirasol.runtime.backends.base import TensorInfo
 from mirasol.runtime.bundle import sha256_file
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.manifest import GraphEntry, Manifest
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .atomic import atomic_directory
 from .fp16 import to_fp16
 from .onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, export_graph, graph_metadata
 from .specs import GraphSpec, derived_axes, graph_specs, wiring

@@ -1,8 +1,8 @@
 """Write a directory atomically: build it beside the target, then swap it into place.
 
-A failed or killed export leaves the target exactly as it was (or, once the swap has happened, holds the
-complete new directory); at worst a hidden temporary directory remains beside it, which the next export to
-the same target removes.
+Used for bundles (`mirasol-export`) and Triton model repositories (`mirasol-triton`). A failed or killed write
+leaves the target exactly as it was (or, once the swap has happened, holds the complete new directory); at worst
+a hidden temporary directory remains beside it, which the next write to the same target removes.
 
 The swap is one renameat2(RENAME_EXCHANGE) on Linux. Where that is unavailable, the old target is first
 renamed to a `-previous` backup and the new directory renamed into place; a process killed between the two
@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from mirasol.runtime.errors import ExportError
+from .errors import ExportError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
