@@ -7,10 +7,11 @@ state is updated. The plan is resolved once at load; the per-chunk and per-token
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, GraphSession, get_backend
-from .backends.base import TensorInfo
 from .bundle import Bundle
 from .errors import BackendError, BundleError, InputError
 from .manifest import CounterSpec, StateSpec
@@ -76,8 +76,7 @@ class Pipeline:
         self._state = {s.name: s for s in manifest.state}
         self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: self._plan(name) for name in manifest.steps}
-        push = manifest.steps["push"]
-        located = {name: self._input_info(push.graphs, name) for name in push.inputs}
+        located = {name: manifest.step_tensor("push", name) for name in manifest.steps["push"].inputs}
         self.chunk_inputs = {name: info for name, (_, info) in located.items()}
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
@@ -88,14 +87,6 @@ class Pipeline:
              **backend_options: Any) -> "Pipeline":
         """Load a bundle directory with a backend ("onnxruntime" or "tensorrt") and its options."""
         return cls(Bundle.load(path, verify=verify), get_backend(backend, **backend_options))
-
-    def _input_info(self, graphs: tuple[str, ...], name: str) -> tuple[str, TensorInfo]:
-        """The first graph of a step taking input `name`, and that input's description."""
-        for graph in graphs:
-            for tensor in self.bundle.graphs[graph].inputs:
-                if tensor.name == name:
-                    return graph, tensor
-        raise BundleError(f"no graph of {graphs} has input {name!r}")
 
     def _plan(self, step_name: str) -> _StepPlan:
         manifest = self.bundle.manifest
@@ -128,6 +119,72 @@ class Pipeline:
         stream = Stream(self)
         stream._load(Path(path))
         return stream
+
+    def push_streams(self, streams: Sequence["Stream"], chunks: Sequence[tuple[np.ndarray, np.ndarray]]
+                     ) -> list[np.ndarray]:
+        """Push one chunk (video, audio) into each stream in as few runs of the push step as their state allows.
+
+        Streams whose carried state has the same shape are stacked along the batch axis (at most `max_batch`
+        rows a run); streams of other shapes run in further groups. Returns each stream's av_context as
+        `stream.push` would (equal up to float rounding). No stream changes unless every run succeeded.
+        """
+        if len(streams) != len(chunks):
+            raise InputError(f"push_streams: {len(streams)} streams but {len(chunks)} chunks")
+        if len({id(stream) for stream in streams}) != len(streams):
+            raise InputError("push_streams: a stream appears twice; push its chunks in separate calls")
+        if any(stream.pipeline is not self for stream in streams):
+            raise InputError("push_streams: every stream must come from this Pipeline")
+        prepared = [stream._chunk_feeds(video, audio) for stream, (video, audio) in zip(streams, chunks)]
+        graphs = self.bundle.graphs
+        axes = {s.name: graphs[s.graph].input(s.input).shape.index("batch")
+                for s in self._state.values() if s.scope == "stream"}
+        axes.update({c.name: 0 for c in self._counters.values() if c.scope == "stream"})  # counters: int64 [batch]
+        plan = self._plans["push"]
+        returns_axis = self.bundle.manifest.step_tensor("push", plan.returns, output=True)[1].shape.index("batch")
+        with contextlib.ExitStack() as held:
+            for stream in sorted(streams, key=id):  # one order for every caller: no deadlock between them
+                held.enter_context(stream._lock)
+            carried = [stream._carried(batch) for stream, (_, batch, _) in zip(streams, prepared)]
+            groups: dict[tuple, list[int]] = {}
+            for i, values in enumerate(carried):
+                key = tuple(v.shape[:axes[n]] + v.shape[axes[n] + 1:] for n, v in values.items())
+                groups.setdefault(key, []).append(i)
+            updated: list[dict[str, np.ndarray]] = [{} for _ in streams]
+            contexts: list[np.ndarray] = [np.empty(0)] * len(streams)
+            for members in groups.values():
+                for part in self._parts(members, [prepared[i][1] for i in members]):
+                    rows = [prepared[i][1] for i in part]
+                    batched = Stream(self)
+                    batched.batch = sum(rows)
+                    stacked = {n: np.concatenate([carried[i][n] for i in part], axis=axes[n]) for n in carried[part[0]]}
+                    batched.state = {n: v for n, v in stacked.items() if n in self._state}
+                    batched.counters = {n: v for n, v in stacked.items() if n in self._counters}
+                    feeds = {n: np.concatenate([prepared[i][0][n] for i in part]) for n in self.chunk_inputs}
+                    context = batched._run("push", feeds)[plan.returns]  # type: ignore[index]
+                    offsets = np.cumsum(rows)[:-1]
+                    for n, value in (*batched.state.items(), *batched.counters.items()):
+                        for i, piece in zip(part, np.split(value, offsets, axis=axes[n])):
+                            updated[i][n] = np.ascontiguousarray(piece)
+                    for i, piece in zip(part, np.split(context, offsets, axis=returns_axis)):
+                        contexts[i] = piece
+            for stream, values, (_, batch, _) in zip(streams, updated, prepared):
+                for n, value in values.items():
+                    (stream.counters if n in self._counters else stream.state)[n] = value
+                stream.batch = batch
+                stream.chunks += 1
+        return [context[0] if unbatched else context for context, (_, _, unbatched) in zip(contexts, prepared)]
+
+    def _parts(self, members: list[int], rows: list[int]) -> list[list[int]]:
+        """Consecutive runs of `members` whose rows add up to at most max_batch each."""
+        parts: list[list[int]] = [[]]
+        total = 0
+        for member, count in zip(members, rows):
+            if parts[-1] and total + count > self.max_batch:
+                parts.append([])
+                total = 0
+            parts[-1].append(member)
+            total += count
+        return parts
 
     def split_clip(self, video: np.ndarray, audio: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Whole clip: video [N*F, 3, H, W], audio log-mel [n_mels, N*A] -> N (video, audio) chunks."""
@@ -180,6 +237,16 @@ class Stream:
             if counter.scope == scope:
                 self.counters[counter.name] = np.zeros(batch, dtype=np.int64)
 
+    def _carried(self, batch: int) -> dict[str, np.ndarray]:
+        """The stream-scope state and counters by name (fresh ones for `batch` rows if nothing was pushed yet)."""
+        if self.batch is None:
+            fresh = Stream(self.pipeline)
+            fresh._init("stream", batch)
+            return {**fresh.state, **fresh.counters}
+        p = self.pipeline
+        return {**{n: v for n, v in self.state.items() if p._state[n].scope == "stream"},
+                **{n: v for n, v in self.counters.items() if p._counters[n].scope == "stream"}}
+
     def _run(self, step_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a step's graphs; state and counters change only once every graph has succeeded."""
         plan = self.pipeline._plans[step_name]
@@ -227,15 +294,7 @@ class Stream:
     def push(self, video: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """Add one chunk: video [B, F, 3, H, W], audio log-mel [B, n_mels, A] (or both without the batch
         axis, for batch 1). Returns the chunk's av_context [B, m, D] (no batch axis if none was given)."""
-        feeds = {"video": video, "audio": audio}
-        for name, value in feeds.items():
-            if not isinstance(value, np.ndarray):
-                raise InputError(f"{self.pipeline._chunk_where[name]}: expected a numpy array, "
-                                 f"got {type(value).__name__}")
-        unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
-        if unbatched:
-            feeds = {name: value[None] for name, value in feeds.items()}
-        batch = self._check_chunk(feeds)
+        feeds, batch, unbatched = self._chunk_feeds(video, audio)
         with self._lock:
             if self.batch is None:
                 self._init("stream", batch)
@@ -244,6 +303,18 @@ class Stream:
             self.chunks += 1
         context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
         return context[0] if unbatched else context
+
+    def _chunk_feeds(self, video: np.ndarray, audio: np.ndarray) -> tuple[dict[str, np.ndarray], int, bool]:
+        """The chunk as the push step's feeds with a batch axis, its batch size, and whether it came without one."""
+        feeds = {"video": video, "audio": audio}
+        for name, value in feeds.items():
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"{self.pipeline._chunk_where[name]}: expected a numpy array, "
+                                 f"got {type(value).__name__}")
+        unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
+        if unbatched:
+            feeds = {name: value[None] for name, value in feeds.items()}
+        return feeds, self._check_chunk(feeds), unbatched
 
     def _check_chunk(self, feeds: Mapping[str, Any]) -> int:
         """Refuse at the boundary what the graphs cannot take; returns the batch size."""
