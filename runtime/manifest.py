@@ -311,6 +311,11 @@ class Manifest:
             if step.returns is not None and step.returns not in produced:
                 raise BundleError(f"{where}: step {step_name!r} returns {step.returns!r}, which no graph produces")
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch every graph takes (the smallest maximum of their batch axes)."""
+        return min(g.axes["batch"].max for g in self.graphs.values() if "batch" in g.axes)
+
     def step_tensor(self, step_name: str, name: str, output: bool = False) -> tuple[str, TensorInfo]:
         """The first graph of a step with input (or output) `name`, and that tensor's description."""
         step = self.steps[step_name]

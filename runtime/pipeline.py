@@ -80,7 +80,7 @@ class Pipeline:
         self.chunk_inputs = {name: info for name, (_, info) in located.items()}
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
-        self.max_batch = min(g.axes["batch"].max for g in manifest.graphs.values() if "batch" in g.axes)
+        self.max_batch = manifest.max_batch
 
     @classmethod
     def load(cls, path: str | Path, backend: str | Backend = "onnxruntime", verify: bool = True,
