@@ -1,0 +1,192 @@
+"""Load figure: N concurrent streams of a bundle through a Triton server vs the same work in-process.
+
+    python -m mirasol.runtime.triton_load BUNDLE [--streams 8] [--chunks 32] [--protocol grpc]
+
+Every mode pushes the same N x M chunks (seeded noise of the bundle's chunk shape) and reports chunks/s over
+the whole run and the per-chunk latency (p50, p95):
+- in-process, N threads: one Stream per thread on one shared Pipeline (what an app without a server does);
+- in-process, one by one: one thread pushing the N streams' chunks in turn (the baseline of batching);
+- in-process, push_streams: one thread, the N streams' chunks of each step in one Pipeline.push_streams call;
+- Triton: N client threads, one sequence each, through the tritonserver of the nvidia-pytriton wheel on
+  127.0.0.1 (a repository written by mirasol-triton with the options given), each waiting for its reply.
+The server's contexts are checked against the in-process ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MirasolError
+from .pipeline import Pipeline
+from .triton_repo import add_serving_options, serving_options, write_repository
+from .triton_server import LocalServer
+
+Chunk = tuple[np.ndarray, np.ndarray]
+
+
+def make_chunks(pipe: Pipeline, streams: int, chunks: int, seed: int = 0) -> list[list[Chunk]]:
+    """Per stream, its chunks: video [F, 3, H, W] in [0, 1], audio log-mel [n_mels, A]."""
+    rng = np.random.default_rng(seed)
+    video, audio = pipe.chunk_inputs["video"], pipe.chunk_inputs["audio"]
+    return [[(rng.random(video.shape[1:], dtype=np.float32).astype(video.dtype),
+              rng.standard_normal(audio.shape[1:]).astype(audio.dtype)) for _ in range(chunks)]
+            for _ in range(streams)]
+
+
+def summary(name: str, latencies_s: list[float], chunks: int, wall_s: float) -> dict[str, Any]:
+    ms = np.asarray(latencies_s) * 1e3
+    return {"mode": name, "chunks": chunks, "wall_s": wall_s, "chunks_per_s": chunks / wall_s,
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
+
+
+def run_threads(work: list[Callable[[list[float]], None]]) -> tuple[float, list[float]]:
+    """Run each worker in its own thread (each appends its latencies); returns the wall time and the latencies."""
+    errors: list[BaseException] = []
+    latencies: list[list[float]] = [[] for _ in work]
+
+    def guarded(worker: Callable[[list[float]], None], out: list[float]) -> None:
+        try:
+            worker(out)
+        except BaseException as error:  # reported in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(w, out)) for w, out in zip(work, latencies)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return wall, [x for out in latencies for x in out]
+
+
+def in_process(pipe: Pipeline, data: list[list[Chunk]]) -> tuple[list[dict[str, Any]], list[list[np.ndarray]]]:
+    """The three in-process modes; returns their summaries and the threaded mode's contexts (the reference)."""
+    total = sum(len(chunks) for chunks in data)
+    contexts: list[list[np.ndarray]] = [[] for _ in data]
+
+    def worker(i: int) -> Callable[[list[float]], None]:
+        def push_all(out: list[float]) -> None:
+            stream = pipe.stream()
+            for chunk in data[i]:
+                start = time.perf_counter()
+                contexts[i].append(stream.push(*chunk))
+                out.append(time.perf_counter() - start)
+        return push_all
+
+    wall, latencies = run_threads([worker(i) for i in range(len(data))])
+    results = [summary(f"in-process, {len(data)} threads", latencies, total, wall)]
+
+    streams, latencies = [pipe.stream() for _ in data], []
+    start = time.perf_counter()
+    for step in range(len(data[0])):
+        for stream, chunks in zip(streams, data):
+            t0 = time.perf_counter()
+            stream.push(*chunks[step])
+            latencies.append(time.perf_counter() - t0)
+    results.append(summary("in-process, one by one", latencies, total, time.perf_counter() - start))
+
+    streams, latencies = [pipe.stream() for _ in data], []
+    start = time.perf_counter()
+    for step in range(len(data[0])):
+        t0 = time.perf_counter()
+        pipe.push_streams(streams, [chunks[step] for chunks in data])
+        latencies += [time.perf_counter() - t0] * len(data)  # every chunk of the step waits for the whole call
+    results.append(summary("in-process, push_streams", latencies, total, time.perf_counter() - start))
+    return results, contexts
+
+
+def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, model: str
+                   ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+    """N client threads, one sequence each, every request waiting for its reply."""
+    if protocol == "grpc":
+        import tritonclient.grpc as client_module
+        url = server.grpc_url
+    else:
+        import tritonclient.http as client_module  # type: ignore[no-redef]
+        url = server.http_url
+    contexts: list[list[np.ndarray]] = [[] for _ in data]
+
+    def worker(i: int) -> Callable[[list[float]], None]:
+        def send_all(out: list[float]) -> None:
+            client = client_module.InferenceServerClient(url)
+            try:
+                for k, (video, audio) in enumerate(data[i]):
+                    inputs = [client_module.InferInput("VIDEO", [1, *video.shape], "FP32"),
+                              client_module.InferInput("AUDIO", [1, *audio.shape], "FP32")]
+                    inputs[0].set_data_from_numpy(video[None])
+                    inputs[1].set_data_from_numpy(audio[None])
+                    start = time.perf_counter()
+                    result = client.infer(model, inputs, sequence_id=1000 + i, sequence_start=k == 0,
+                                          sequence_end=k == len(data[i]) - 1)
+                    out.append(time.perf_counter() - start)
+                    contexts[i].append(result.as_numpy("CONTEXT")[0])
+            finally:
+                client.close()
+        return send_all
+
+    wall, latencies = run_threads([worker(i) for i in range(len(data))])
+    total = sum(len(chunks) for chunks in data)
+    return summary(f"Triton {protocol}, {len(data)} streams", latencies, total, wall), contexts
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| mode | chunks/s | p50 ms | p95 ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['mode']} | {r['chunks_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |" for r in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mirasol.runtime.triton_load",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path, help="bundle directory (e.g. the demo: mirasol-export --out DIR)")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--chunks", type=int, default=32, help="chunks per stream")
+    parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_serving_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        options = serving_options(args)
+        pipe = Pipeline.load(args.bundle, threads=options.threads or None)
+        data = make_chunks(pipe, args.streams, args.chunks)
+        warm = pipe.stream()
+        for chunk in data[0][:4]:
+            warm.push(*chunk)
+        results, reference = in_process(pipe, data)
+        with tempfile.TemporaryDirectory(prefix="mirasol-triton-load-") as work:
+            write_repository(args.bundle, Path(work) / "repo", options)
+            with LocalServer(Path(work) / "repo", log_file=Path(work) / "server.log") as server:
+                through_server(server, [chunks[:4] for chunks in data[:1]], args.protocol, options.model_name)
+                served, contexts = through_server(server, data, args.protocol, options.model_name)
+        results.append(served)
+    except MirasolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    difference = max(float(np.abs(a - b).max()) for s, r in zip(contexts, reference) for a, b in zip(s, r))
+    batched, one_by_one = results[2]["chunks_per_s"], results[1]["chunks_per_s"]
+    print(format_table(results))
+    print(f"\n{args.streams} streams x {args.chunks} chunks; push_streams vs one by one: {batched / one_by_one:.2f}x; "
+          f"Triton vs in-process threads: {served['chunks_per_s'] / results[0]['chunks_per_s']:.2f}x; "
+          f"max |server - in-process| context: {difference:.2e}")
+    if args.json:
+        args.json.write_text(json.dumps({"streams": args.streams, "chunks": args.chunks, "options": asdict(options),
+                                         "results": results, "max_context_difference": difference}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
