@@ -1,9 +1,11 @@
-"""mirasol.calibration: int8 post-training calibration on real data, with an accuracy report.
+"""mirasol.calibration: post-training precision transforms, the library the exporter drives.
 
-    from mirasol.calibration.quantize import export_int8_bundle
-    export_int8_bundle(model, "bundles/small-int8", "clips/", flavour="cpu", method="minmax")
+fp16.py (fp16 conversion with measured fp32 groups), data.py (calibration sources), record.py (recording
+backend), quantize.py (int8 calibration primitives, `CalibrationOptions`), groups.py (sensitivity-sweep groups),
+flavours.py (cpu / cpu-dynamic / tensorrt, and the measurements behind them), report.py (the int8 accuracy report),
+bench.py (`python -m mirasol.calibration.bench`). An int8 bundle is written by the exporter:
 
-data.py (calibration sources), record.py (recording backend), groups.py (sensitivity-sweep groups),
-flavours.py (cpu / cpu-dynamic / tensorrt, and the measurements behind them), quantize.py (the export),
-report.py (the accuracy report), bench.py (`python -m mirasol.calibration.bench`).
+    from mirasol.calibration.quantize import CalibrationOptions
+    from mirasol.export.bundle import export_bundle
+    export_bundle(model, "bundles/small-int8", "int8", calibration=CalibrationOptions("clips/", flavour="cpu"))
 """

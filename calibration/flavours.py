@@ -48,6 +48,8 @@ from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_met
 
 from mirasol.runtime.errors import ExportError
 
+from .onnx_graph import sort_topologically
+
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -137,7 +139,7 @@ class Flavour:
         quantized = quantizer.model.model
         if self.quant_format == "QDQ":
             _float_outside_quantized_ops(quantized.graph, quantized_nodes)
-        _sort_topologically(quantized.graph)
+        sort_topologically(quantized.graph)
         props = [(p.key, p.value) for p in quantized.metadata_props if p.key != "onnx.infer"]
         del quantized.metadata_props[:]
         onnx.helper.set_model_props(quantized, dict(props))
@@ -204,28 +206,6 @@ def _float_outside_quantized_ops(graph: onnx.GraphProto, quantized: set[str]) ->
     used = {name for node in graph.node for name in node.input}
     for init in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(init)
-
-
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """The quantizer may append a shared DequantizeLinear after its first reader; the checker wants producers
-    first. Stable: nodes keep their order wherever it is already valid."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        progressed = False
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-                progressed = True
-            else:
-                rest.append(node)
-        if not progressed:
-            raise ExportError(f"quantized graph {graph.name} has a cycle or an input nothing produces")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 TENSORRT = Flavour(

@@ -1,6 +1,6 @@
 """Groups of nodes whose int8 the sensitivity sweep decides on, and what keeping each in fp32 costs.
 
-The groups are `mirasol.export.fp16.candidate_groups` (rotary angles, layer norms, softmax, logits head)
+The groups are `fp16.candidate_groups` (rotary angles, layer norms, softmax, logits head)
 plus `attention_scores` (the activation x activation MatMuls of Q.K^T). Only MatMul/Gemm/Conv are quantized
 (see `flavours.py`), so a group's int8 is what the quantizer does at its edges: a group "in int8" has its
 own quantizable nodes quantized and its outputs quantized where a quantized MatMul reads them (through
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from mirasol.export.fp16 import candidate_groups
+from .fp16 import candidate_groups
 
 # value-preserving ops a quantized tensor passes through on its way to a MatMul, and which of their inputs
 # carry the values (the others are shapes, indices, conditions); None: all of them

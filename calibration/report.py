@@ -11,7 +11,6 @@ Measured on clips that were not calibrated on, two ways:
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -127,42 +126,3 @@ def evaluate(reference: str | Path, quantized: str | Path, clips: list[Clip], ma
                     "distinct_fp32_answers": len(fp32_answers), "degenerate": degenerate,
                     "max_new_tokens": max_new_tokens, "examples": answers[:6]},
     }
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Plain-text table of a manifest's int8 `quantization` report (per-layer outputs folded)."""
-    data = report.get("data", {})
-    accuracy = report["accuracy"]
-    lines = [f"int8 ({report['flavour']['name']}, {report['method']}) vs the fp32 bundle on "
-             f"{accuracy['held_out_clips']} held-out clips ({accuracy['chunks']} chunks), data: "
-             f"{data.get('kind')} ({data.get('generator')}, {data.get('source')})"]
-    rows = [("graph", "output", "cosine", "min cos", "max abs err", "max rel err")]
-    for graph, outputs in accuracy["per_graph"].items():
-        folded: dict[str, list[dict[str, float]]] = {}
-        for name, stats in outputs.items():
-            folded.setdefault(re.sub(r"_\d+$", "_*", name), []).append(stats)
-        for name, group in folded.items():
-            label = f"{name} ({len(group)})" if len(group) > 1 else name
-            rows.append((graph, label, f"{min(s['cosine'] for s in group):.5f}",
-                         f"{min(s['min_cosine'] for s in group):.5f}",
-                         f"{max(s['max_abs_error'] for s in group):.3g}",
-                         f"{max(s['max_rel_error'] for s in group):.3g}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    ctx = accuracy["av_context"]
-    ans = accuracy["answers"]
-    lines.append(f"end to end: av_context cosine {ctx['cosine']:.5f} (worst chunk {ctx['min_chunk_cosine']:.5f}), "
-                 f"max abs error {ctx['max_abs_error']:.3g}")
-    if ans["questions"]:
-        lines.append(f"greedy answers: {ans['identical']}/{ans['questions']} identical, token agreement "
-                     f"{ans['token_agreement']:.3f} (max {ans['max_new_tokens']} new tokens)"
-                     + (" -- but every fp32 answer is the same repeated token (an untrained decoder?): this agreement "
-                        "says little" if ans.get("degenerate") else ""))
-    for graph, sweep in report.get("sweep", {}).items():
-        kept = [g for g, d in sweep["groups"].items() if d["kept_fp32"] and d["quantized_nodes"]]
-        already = [g for g, d in sweep["groups"].items() if not d["quantized_nodes"]]
-        lines.append(f"sweep {graph}: error vs fp32 {sweep['baseline_error']:.3g} all int8 -> "
-                     f"{sweep['final_error']:.3g}"
-                     f"; kept fp32 by the sweep: {', '.join(kept) or 'none'}"
-                     + (f" (not quantized by this flavour: {', '.join(already)})" if already else ""))
-    return "\n".join(lines)

@@ -18,9 +18,7 @@ during the run falls on all of them alike; ratios are what to read, absolute tim
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import inspect
 import json
 import math
 import os
@@ -29,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +36,12 @@ from typing import Any
 import click
 import numpy as np
 
+from mirasol.runtime.precision import NAMES as PRECISION_NAMES
+
 REPORT_FORMAT = "mirasol-bench"
 REPORT_VERSION = 1
 QUESTION = "What is happening in this clip?"
 FLAT_POINTS = (1, 8, 32, 128)
-PRECISIONS = ("fp32", "fp16", "int8")
 SECTIONS = ("export", "streaming", "flatness", "text", "overhead", "memory", "ceiling", "cuda", "targets")
 NO_CUDA = "no CUDA here"
 EXTRA_NOTES = {"1thread": "1 thread, for information",
@@ -177,63 +176,6 @@ def torch_generate(model: Any, av_memory: Any, prompt: list[int], new_tokens: in
                 logits, _ = model.text_step(torch.tensor([prompt + tokens], device=device), zero, cross, empty)
                 tokens.append(int(logits[0, -1].argmax()))
     return tokens
-
-
-class OnnxUncachedDecoder:
-    """The bundle's text graphs without the self-attention cache: the whole sequence at every token.
-
-    Read from the manifest like the Pipeline: the `ask` graphs run once on the stream's state (the
-    cross-attention keys/values), then the `generate` graph runs on prompt + answer so far from position 0
-    with its own carried state empty.
-    """
-
-    def __init__(self, pipe: Any) -> None:
-        from mirasol.runtime.manifest import StateSpec
-
-        manifest = pipe.bundle.manifest
-        self.pipe = pipe
-        self.manifest = manifest
-        self.StateSpec = StateSpec
-        self.ask_graphs = manifest.steps["ask"].graphs
-        generate = manifest.steps["generate"]
-        if len(generate.graphs) != 1:
-            raise ValueError(f"uncached decoding needs one generate graph, the bundle has {generate.graphs}")
-        self.graph = generate.graphs[0]
-        self.ids_name = generate.inputs[0]
-        self.logits_name = generate.returns
-
-    def generate(self, stream: Any, prompt: list[int], new_tokens: int) -> list[int]:
-        manifest, StateSpec = self.manifest, self.StateSpec
-        produced: dict[str, np.ndarray] = {}
-        for graph in self.ask_graphs:
-            feeds = {}
-            for tensor in manifest.graphs[graph].inputs:
-                binding = manifest.binding(graph, tensor.name)
-                feeds[tensor.name] = (stream.state[binding.name] if isinstance(binding, StateSpec)
-                                      else produced[tensor.name])
-            produced.update(self.pipe.sessions[graph].run(feeds))
-        static: dict[str, np.ndarray] = {}
-        for tensor in manifest.graphs[self.graph].inputs:
-            if tensor.name == self.ids_name:
-                continue
-            binding = manifest.binding(self.graph, tensor.name)
-            if isinstance(binding, StateSpec) and binding.source_graph in self.ask_graphs:
-                static[tensor.name] = produced[binding.output]
-            elif isinstance(binding, StateSpec):  # the decoder's own cache: empty along its axis
-                shape = [1 if dim == "batch" else (0 if i == binding.axis else dim)
-                         for i, dim in enumerate(tensor.shape)]
-                static[tensor.name] = np.zeros(shape, dtype=tensor.dtype)
-            else:  # counters (position) start at 0: no cache
-                static[tensor.name] = np.zeros(1, dtype=np.int64)
-        session = self.pipe.sessions[self.graph]
-        sequence = list(prompt)
-        tokens: list[int] = []
-        for _ in range(new_tokens):
-            feeds = {**static, self.ids_name: np.asarray([sequence], dtype=np.int64)}
-            logits = session.run(feeds, [self.logits_name])[self.logits_name]
-            tokens.append(int(logits[0, -1].argmax()))
-            sequence.append(tokens[-1])
-        return tokens
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -457,54 +399,15 @@ def _build_source(preset: str, checkpoint: str | Path | None, bundle: str | Path
                    suppress_eos, "random init" + (", EOS logit held at 0" if suppress_eos else ""))
 
 
-@contextlib.contextmanager
-def _graphs_from(directory: Path) -> Iterator[None]:
-    """While active, `export_bundle` copies the graphs already traced into `directory` (an fp32 bundle of the
-    same model, exported in this run) instead of tracing them again with torch.export: the traced graph does
-    not depend on the precision, which is applied after it (fp16 conversion). Saves a minute or more per
-    precision on 2 cores. Any graph that cannot be reused (missing, external data, other opset) is traced."""
-    import onnx
-
-    from . import bundle as bundle_module
-
-    trace = bundle_module.export_graph
-
-    def reuse(spec: Any, model: Any, path: Path, metadata: dict[str, str], opset: int = 18) -> Path:
-        source = directory / spec.file
-        if not source.is_file() or (directory / f"{spec.file}.data").exists():
-            return trace(spec, model, path, metadata, opset)
-        graph = onnx.load(str(source))
-        if not any(o.domain in ("", "ai.onnx") and o.version == opset for o in graph.opset_import):
-            return trace(spec, model, path, metadata, opset)
-        props = {p.key: p.value for p in graph.metadata_props}
-        props.update(metadata)
-        del graph.metadata_props[:]
-        for key, value in props.items():
-            graph.metadata_props.add(key=key, value=value)
-        onnx.save(graph, str(path))
-        return path
-
-    bundle_module.export_graph = reuse
-    try:
-        yield
-    finally:
-        bundle_module.export_graph = trace
-
-
-def _int8_options(export_int8_bundle: Callable[..., Any], reference: Path | None) -> dict[str, Any]:
-    """Keyword options of export_int8_bundle that make it faster here, where its signature has them."""
-    accepted = inspect.signature(export_int8_bundle).parameters
-    wanted: dict[str, Any] = {"held_out": 1}  # the accuracy report is not what this tool measures
-    if reference is not None:
-        wanted["reference"] = reference  # calibrate the fp32 bundle exported above instead of exporting another
-    return {k: v for k, v in wanted.items() if k in accepted}
-
-
 def _export_bundles(source: _Source, bundle: str | Path | None, precisions: Sequence[str], workdir: Path,
                     calibration_data: str, calibration_clips: int, progress: Progress
                     ) -> tuple[dict[str, Path], dict[str, Any]]:
     """Bundles per precision: the given one, and those exported (fp32/fp16) or quantized (int8) here."""
+    from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.runtime.manifest import Manifest
+    from mirasol.runtime.precision import get_precision
+
+    from .bundle import export_bundle
 
     paths: dict[str, Path] = {}
     report: dict[str, Any] = {}
@@ -514,7 +417,7 @@ def _export_bundles(source: _Source, bundle: str | Path | None, precisions: Sequ
         report[precision] = {"status": "ok", "source": "given", "path": str(bundle), "seconds": 0.0}
     can_export = bundle is None or not source.child_source.get("config")
     ours: Path | None = None  # an fp32 bundle exported here from source.model
-    for precision in sorted(precisions, key=PRECISIONS.index):
+    for precision in sorted(precisions, key=PRECISION_NAMES.index):
         if precision in paths:
             continue
         if not can_export:
@@ -524,21 +427,13 @@ def _export_bundles(source: _Source, bundle: str | Path | None, precisions: Sequ
         out = workdir / f"bundle-{precision}"
         start = time.perf_counter()
         try:
-            if precision == "int8":
-                try:
-                    from mirasol.calibration.quantize import export_int8_bundle
-                except ImportError as missing:
-                    report[precision] = {"status": "not available",
-                                         "reason": f"mirasol.calibration.quantize.export_int8_bundle: {missing}"}
-                    continue
-                export_int8_bundle(source.model, out, calibration_data, clips=calibration_clips, progress=progress,
-                                   **_int8_options(export_int8_bundle, ours))
-            else:
-                from .bundle import export_bundle
-                with _graphs_from(ours) if ours is not None else contextlib.nullcontext():
-                    export_bundle(source.model, out, precision=precision, validate=False)
-                if precision == "fp32":
-                    ours = out
+            # fp16 and int8 start from the fp32 bundle exported above (its graphs are traced once); the int8
+            # accuracy report is not what this tool measures: one held-out clip
+            calibration = CalibrationOptions(calibration_data, clips=calibration_clips, held_out=1)
+            export_bundle(source.model, out, precision, reference=ours, progress=progress,
+                          calibration=calibration if get_precision(precision).needs_calibration else None)
+            if precision == "fp32":
+                ours = out
         except Exception as failure:  # noqa: BLE001 - a failed precision is reported, the others still run
             report[precision] = {"status": "failed", "reason": f"{type(failure).__name__}: {failure}"[:500]}
             progress(f"export {precision} failed: {failure}")
@@ -575,10 +470,10 @@ def run_benchmark(preset: str | None = None, checkpoint: str | Path | None = Non
         raise ValueError("give a preset or a checkpoint, not both")
     preset = preset or ("tiny" if quick else "small")
     threads = int(threads or available_cpus())
-    precisions = tuple(precisions or (("fp32",) if quick else PRECISIONS))
-    unknown = sorted(set(precisions) - set(PRECISIONS))
+    precisions = tuple(precisions or (("fp32",) if quick else PRECISION_NAMES))
+    unknown = sorted(set(precisions) - set(PRECISION_NAMES))
     if unknown:
-        raise ValueError(f"unknown precisions {unknown}; choose from {PRECISIONS}")
+        raise ValueError(f"unknown precisions {unknown}; choose from {PRECISION_NAMES}")
     repeats = int(repeats or (5 if quick else 30))
     calibration_clips = int(calibration_clips or (2 if quick else 8))
     load_start = os.getloadavg()
@@ -716,7 +611,7 @@ def _measure(source: _Source, paths: dict[str, Path], export_report: dict[str, A
         if name.endswith(EXTRA_SUFFIXES):
             streaming["engines"][name]["note"] = EXTRA_NOTES[name.rsplit("_", 1)[1]]
     streaming["engines"]["pytorch_naive_rerun"]["chunks_so_far"] = chunks
-    for p in PRECISIONS:
+    for p in PRECISION_NAMES:
         if p not in pipes:
             streaming["engines"][f"runtime_{p}"] = {"status": export_report.get(p, {}).get("status", "not measured"),
                                                    "reason": export_report.get(p, {}).get("reason", "not requested")}
@@ -801,11 +696,7 @@ def _flipped_spinning_pipeline(path: Path, threads: int) -> tuple[str, Any]:
     from mirasol.runtime.pipeline import Pipeline
 
     spin = not _spinning_by_default(threads)
-    if "spinning" in inspect.signature(OnnxRuntimeBackend).parameters:
-        backend = OnnxRuntimeBackend(threads=threads, spinning=spin)
-    else:
-        backend = OnnxRuntimeBackend(threads=threads)
-        backend.options.add_session_config_entry(SPIN_KEY, "1" if spin else "0")
+    backend = OnnxRuntimeBackend(threads=threads, spinning=spin)
     return ("spin" if spin else "nospin"), Pipeline.load(path, backend=backend)
 
 
@@ -825,7 +716,6 @@ def _measure_text(pipes: dict[str, Any], extras: dict[str, Any], primary: str, m
     av_memory = stepper.av_memory()
     counted = {p: len(s.token_ids(question, new_tokens)[0]) for p, s in streams.items()}  # also the warm-up
     n = counted[primary] or new_tokens  # an answer of EOS alone: the baselines still generate new_tokens
-    uncached = OnnxUncachedDecoder(pipes[primary])
     set_threads = (lambda k: lambda: torch.set_num_threads(k))
     engines: dict[str, Engine] = {}
     for p, stream in streams.items():
@@ -835,7 +725,7 @@ def _measure_text(pipes: dict[str, Any], extras: dict[str, Any], primary: str, m
         engines["pytorch_eager_cached_1thread"] = Engine(
             lambda _: torch_generate(model, av_memory, prompt, n, cached=True),
             before=set_threads(1), after=set_threads(threads))
-    engines[f"onnx_{primary}_uncached"] = Engine(lambda _: uncached.generate(streams[primary], prompt, n))
+    engines[f"onnx_{primary}_uncached"] = Engine(lambda _: streams[primary].token_ids(question, n, kv_cache=False))
     engines["pytorch_eager_uncached"] = Engine(lambda _: torch_generate(model, av_memory, prompt, n, cached=False),
                                                budget=30.0, least=1)
     first: dict[str, Engine] = {
@@ -1295,8 +1185,8 @@ def main(preset: str | None, checkpoint: Path | None, bundle: Path | None, chunk
     if preset and bundle:
         raise click.UsageError("give --preset or --bundle, not both")
     chosen = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
-    if chosen and set(chosen) - set(PRECISIONS):
-        raise click.UsageError(f"--precisions: choose from {','.join(PRECISIONS)}")
+    if chosen and set(chosen) - set(PRECISION_NAMES):
+        raise click.UsageError(f"--precisions: choose from {','.join(PRECISION_NAMES)}")
     report = run_benchmark(
         preset=preset, checkpoint=checkpoint, bundle=bundle, chunks=chunks, repeats=repeats, threads=threads,
         precisions=chosen, quick=quick, new_tokens=new_tokens, seed=seed, flat_chunks=flat_chunks,

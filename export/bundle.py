@@ -1,33 +1,43 @@
-"""`export_bundle`: model -> the four graphs, validated, in a bundle directory with its manifest."""
+"""Write bundles: one writer for every precision (`write_bundle`), and `export_bundle`, which feeds it.
+
+`write_bundle` takes a graph source (`sources.py`: the graphs of one precision, written one at a time) and
+writes, atomically (`atomic.py`): the graphs, each checked against its PyTorch module where the precision has a
+tolerance (`mirasol.runtime.precision`), then the manifest (config, IO, axes, wiring, producer versions,
+validation, the precision's report), checked by `Manifest.check` and onnx.checker. A format change is made here
+once. fp32 graphs are traced from the model; every other precision transforms a validated fp32 bundle of the same
+model: exported first into a temporary directory, or an existing one given as `reference`.
+"""
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime
 import torch
 
 from mirasol.model import Mirasol
-from mirasol.runtime.atomic import atomic_directory
+from mirasol.calibration.quantize import CalibrationOptions
+from mirasol.runtime.atomic import atomic_directory, pause_point
 from mirasol.runtime.backends.base import TensorInfo
 from mirasol.runtime.bundle import sha256_file
-from mirasol.runtime.errors import ExportError
+from mirasol.runtime.errors import ExportError, MirasolError
 from mirasol.runtime.manifest import GraphEntry, Manifest
+from mirasol.runtime.precision import get_precision
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .fp16 import to_fp16
-from .onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, export_graph, graph_metadata
+from .onnx_export import DEFAULT_OPSET
+from .precisions import TRANSFORMS
+from .sources import ExportContext, GraphSource, PrecisionOptions
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
 from .validate import validate_graph
 
-PRECISIONS = ("fp32", "fp16")
-TOKENIZER_FILE = "tokenizer.json"
 Progress = Callable[[str], None]
 
 
@@ -41,10 +51,10 @@ def producer_versions(opset: int) -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "opset": str(opset), "python": platform.python_version()}
 
 
-def graph_entry(spec: GraphSpec, directory: Path, onnx_model: onnx.ModelProto | None = None) -> GraphEntry:
-    """The manifest entry of a graph file in `directory`, its IO read from the file itself."""
+def graph_entry(spec: GraphSpec, directory: Path) -> GraphEntry:
+    """The manifest entry of a graph file in `directory`, its IO dtypes read from the file itself."""
     path = directory / spec.file
-    model = onnx_model or onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path), load_external_data=False)
     dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
               for i in (*model.graph.input, *model.graph.output)}
     external = tuple(sorted({e.value for init in model.graph.initializer for e in init.external_data
@@ -57,49 +67,6 @@ def graph_entry(spec: GraphSpec, directory: Path, onnx_model: onnx.ModelProto | 
         external_sha256={name: sha256_file(directory / name) for name in external})
 
 
-def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                  validate: bool = True, max_batch: int = 4, fp16_io: bool = False,
-                  progress: Progress = lambda _: None) -> Manifest:
-    """Export `model` to a bundle at `out`, written atomically; returns its manifest."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r} is not one of {PRECISIONS} (int8: mirasol-export "
-                          f"--precision int8 --calibration-data PATH)")
-    model = model.eval()
-    specs = graph_specs(model.config, max_batch=max_batch)
-    producer = producer_versions(opset)
-    metadata_props = graph_metadata(model, producer, precision)
-    validation: dict[str, object] = {}
-    precision_report: dict[str, object] = {}
-    with atomic_directory(out) as work:
-        for spec in specs.values():
-            start = time.perf_counter()
-            path = export_graph(spec, model, work / spec.file, metadata_props, opset)
-            progress(f"exported {spec.file} in {time.perf_counter() - start:.1f}s")
-            if precision == "fp16":
-                rng = np.random.default_rng(1)
-                feeds = [spec.example(sizes, rng) for sizes in spec.validation_sizes()]
-                fp16_model, precision_report[spec.name] = to_fp16(onnx.load(str(path)), feeds, fp16_io, progress)
-                large = sum(t.ByteSize() for t in fp16_model.graph.initializer) >= EXTERNAL_DATA_BYTES
-                onnx.save(fp16_model, str(path), save_as_external_data=large, location=f"{spec.file}.data")
-            if validate:
-                start = time.perf_counter()
-                validation[spec.name] = validate_graph(spec, model, path, precision)
-                progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
-                         f"in {time.perf_counter() - start:.1f}s")
-        (work / TOKENIZER_FILE).write_text(json.dumps(ByteTokenizer().to_dict()))
-        steps, state, counters = wiring(model.config)
-        manifest = Manifest(
-            config=model.config.to_dict(), precision=precision,
-            graphs={name: graph_entry(spec, work) for name, spec in specs.items()},
-            steps=steps, state=state, counters=counters, tokenizer=ByteTokenizer().to_dict(),
-            producer=producer, validation=validation,
-            quantization={"fp16": precision_report} if precision_report else {})
-        manifest.check()
-        manifest.write(work)
-        onnx_check(work, manifest)
-    return manifest
-
-
 def onnx_check(directory: Path, manifest: Manifest) -> None:
     """onnx.checker with full_check on every graph of the bundle."""
     for graph in manifest.graphs.values():
@@ -107,3 +74,89 @@ def onnx_check(directory: Path, manifest: Manifest) -> None:
             onnx.checker.check_model(str(directory / graph.file), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as bad:
             raise ExportError(f"{graph.file} fails onnx.checker: {bad}") from None
+
+
+def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, validate: bool = True) -> Manifest:
+    """Write the graphs `source` makes, validated, and the manifest, as a bundle at `out` (atomically)."""
+    precision = get_precision(source.precision)
+    model, progress = context.model, context.progress
+    check = validate and precision.tolerance is not None
+    validation: dict[str, object] = {}
+    graph_reports: dict[str, object] = {}
+    with atomic_directory(out) as work:
+        for spec in context.specs.values():
+            start = time.perf_counter()
+            graph_reports[spec.name] = source.write(context, spec, work / spec.file)
+            progress(f"wrote {spec.file} ({precision.name}) in {time.perf_counter() - start:.1f}s")
+            pause_point(f"{spec.name} written")
+            if check:
+                start = time.perf_counter()
+                validation[spec.name] = validate_graph(spec, model, work / spec.file, precision.name)
+                progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
+                         f"in {time.perf_counter() - start:.1f}s")
+        steps, state, counters = wiring(model.config)
+        manifest = Manifest(
+            config=model.config.to_dict(), precision=precision.name,
+            graphs={name: graph_entry(spec, work) for name, spec in context.specs.items()},
+            steps=steps, state=state, counters=counters, tokenizer=ByteTokenizer().to_dict(),
+            producer=context.producer, validation=validation)
+        manifest.check()
+        manifest.write(work)
+        onnx_check(work, manifest)
+        manifest.quantization = source.report(context, work, graph_reports)
+        if manifest.quantization:
+            manifest.write(work)
+    return manifest
+
+
+def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec], validate: bool) -> Manifest:
+    """An existing fp32 bundle to transform: it must be this model's (config, axes and, with `validate`, every
+    graph checked against PyTorch), not trusted."""
+    manifest = Manifest.read(directory)
+    if manifest.precision != "fp32":
+        raise ExportError(f"reference bundle {directory} is {manifest.precision}; the transforms start from fp32")
+    if manifest.config != model.config.to_dict():
+        raise ExportError(f"reference bundle {directory} was exported from another model config")
+    for name, spec in specs.items():
+        entry = manifest.graphs.get(name)
+        if entry is None or entry.axes != derived_axes(spec):
+            raise ExportError(f"reference bundle {directory}: graph {name!r} is missing or has other axis ranges "
+                              f"(another --max-batch?)")
+        if validate:
+            validate_graph(spec, model, directory / entry.file, "fp32")  # raises if the weights differ
+    return manifest
+
+
+def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, opset: int = DEFAULT_OPSET,
+                  validate: bool = True, max_batch: int = 4, reference: str | Path | None = None,
+                  fp16_io: bool = False, calibration: CalibrationOptions | None = None,
+                  progress: Progress = lambda _: None) -> Manifest:
+    """Export `model` as a bundle of `precision` at `out` (written atomically); returns its manifest.
+
+    reference: an fp32 bundle of this model that fp16/int8 start from (checked against the model), instead of
+    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8).
+    """
+    try:
+        entry = get_precision(precision)
+    except MirasolError as unknown:
+        raise ExportError(str(unknown)) from None
+    if entry.needs_calibration and calibration is None:
+        raise ExportError(f"{precision} needs calibration data (mirasol-export --precision {precision} "
+                          f"--calibration-data DIR|synthetic)")
+    if precision == "fp32" and reference is not None:
+        raise ExportError("a reference bundle is what fp16 and int8 start from; fp32 is traced from the model")
+    model = model.eval()
+    context = ExportContext(model, graph_specs(model.config, max_batch=max_batch), opset, producer_versions(opset),
+                            progress)
+    source = TRANSFORMS[precision](context, PrecisionOptions(fp16_io=fp16_io, calibration=calibration))
+    with contextlib.ExitStack() as stack:
+        if precision != "fp32":
+            if reference is not None:
+                check_reference(model, Path(reference), context.specs, validate)
+                progress(f"reference fp32 bundle {reference} matches the model")
+            else:
+                reference = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mirasol-fp32-"))) / "fp32"
+                export_bundle(model, reference, "fp32", opset=opset, validate=validate, max_batch=max_batch,
+                              progress=progress)
+            context = dataclasses.replace(context, fp32_bundle=Path(reference))
+        return write_bundle(out, context, source, validate)

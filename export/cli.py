@@ -9,13 +9,15 @@ from pathlib import Path
 import click
 
 from mirasol.runtime.errors import MirasolError
+from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "model" / "assets" / "demo"
 
 
 def default_source() -> tuple[str | None, Path | None]:
     """The built-in default: the shipped demo checkpoint when present, else the tiny preset."""
-    return (None, DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else ("tiny", None)
+    from mirasol.model.demo_task import DEMO_CHECKPOINT
+
+    return (None, DEMO_CHECKPOINT) if (DEMO_CHECKPOINT / "config.json").is_file() else ("tiny", None)
 
 
 def human_bytes(size: float) -> str:
@@ -43,7 +45,7 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A checkpoint directory (config.json + model.safetensors) instead of a preset.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random init (with --preset).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="fp32", show_default=True,
               help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated Q/DQ.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Bundle directory to write (replaced atomically). Default: bundles/<model>-<precision>.")
@@ -60,7 +62,8 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="int8: how activation ranges are chosen from the recorded activations.")
 @click.option("--reference-bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="int8: an fp32 bundle of this model to calibrate on instead of exporting one.")
+              help="fp16/int8: an fp32 bundle of this model to start from instead of exporting one (checked "
+                   "against the model).")
 @click.option("--engine", is_flag=True,
               help="Also build TensorRT engines for this GPU (needs TensorRT; or later: mirasol-build-engines).")
 @click.option("--workspace-mb", default=1024, show_default=True, help="--engine: TensorRT workspace limit.")
@@ -86,8 +89,10 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
 
         from mirasol.model import build_model, count_parameters
 
+        from mirasol.calibration.quantize import CalibrationOptions
+        from mirasol.runtime.reports import format_validation
+
         from .bundle import export_bundle
-        from .validate import format_table
 
         nonlocal preset, checkpoint, out
         if preset and checkpoint:
@@ -111,16 +116,15 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         if triton_dir is not None:
             from mirasol.runtime.triton_repo import refuse_foreign
             refuse_foreign(triton_dir)  # before the export, not after it
+        calibration = None
         if precision == "int8":
-            from mirasol.calibration.quantize import export_int8_bundle
             if calibration_data is None:
                 raise click.UsageError("--precision int8 needs --calibration-data (media dir, .npz dir or 'synthetic')")
-            manifest = export_int8_bundle(model, out, calibration_data, clips=calibration_clips, opset=opset,
-                                          max_batch=max_batch, progress=click.echo, flavour=int8_flavour,
-                                          method=calibration_method, reference=reference_bundle, validate=validate)
-        else:
-            manifest = export_bundle(model, out, precision=precision, opset=opset, validate=validate,
-                                     max_batch=max_batch, fp16_io=fp16_io, progress=click.echo)
+            calibration = CalibrationOptions(calibration_data, clips=calibration_clips, flavour=int8_flavour,
+                                             method=calibration_method)
+        manifest = export_bundle(model, out, precision=precision, opset=opset, validate=validate,
+                                 max_batch=max_batch, reference=reference_bundle, fp16_io=fp16_io,
+                                 calibration=calibration, progress=click.echo)
         click.echo("")
         total = 0
         for graph in manifest.graphs.values():
@@ -129,7 +133,7 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
             click.echo(f"  {graph.file:<24} {human_bytes(size):>10}")
         click.echo(f"  {'total':<24} {human_bytes(total):>10}")
         if manifest.validation:
-            click.echo("\n" + format_table(manifest.validation))
+            click.echo("\n" + format_validation(manifest.validation))
         if precision != "int8" or int8_flavour == "tensorrt":
             from mirasol.runtime.tensorrt_readiness import check_bundle
             readiness = check_bundle(out)

@@ -60,10 +60,6 @@ class GraphSpec:
                 feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
         return feeds
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
-                for t in (*self.inputs, *self.outputs)}
-
 
 def _kv(prefix: str, layers: int, heads: int, head_dim: int, length: str) -> tuple[TensorInfo, ...]:
     return tuple(TensorInfo(f"{prefix}_{kind}_{i}", "float32", ("batch", heads, length, head_dim))

@@ -1,8 +1,6 @@
 """Check an exported graph against its PyTorch module at several values of every dynamic axis."""
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +9,9 @@ import torch
 
 from mirasol.model import Mirasol
 from mirasol.runtime.errors import ExportError
+from mirasol.runtime.precision import get_precision
 
 from .specs import GraphSpec
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """An output passes when max|onnx - torch| <= abs + rel * max|torch|."""
-
-    abs: float
-    rel: float
-
-
-# fp32: the design's 1e-4, plus 1e-5 of the output's scale: fp32 rounding grows with magnitude, and logits of
-# +-40 differ by ~2e-4 between any two correct fp32 implementations (5e-6 relative). Outputs of unit scale,
-# like av_context and the caches, are held to ~1e-4. fp16: 10-bit mantissas through a dozen layers; measured
-# errors on the tiny and small presets are 1e-3..5e-3 of the output's scale, so 3e-2 leaves room without
-# hiding a broken graph (a wrong rotary angle gives 2e-1).
-TOLERANCES = {"fp32": Tolerance(1e-4, 1e-5), "fp16": Tolerance(1e-3, 3e-2)}
 
 
 def torch_reference(spec: GraphSpec, model: Mirasol, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -40,7 +23,10 @@ def torch_reference(spec: GraphSpec, model: Mirasol, feeds: dict[str, np.ndarray
 def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, seed: int = 0
                    ) -> dict[str, object]:
     """Max abs and rel error per output over all validation sizes; raises ExportError past tolerance."""
-    tolerance = TOLERANCES[precision]
+    tolerance = get_precision(precision).tolerance
+    if tolerance is None:
+        raise ExportError(f"{precision} graphs are not validated against PyTorch (their calibration report checks "
+                          f"them)")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_types = {i.name: i.type for i in session.get_inputs()}
     rng = np.random.default_rng(seed)
@@ -64,7 +50,7 @@ def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, 
             entry = errors[name]
             if abs_err >= entry["max_abs"]:
                 entry.update(max_abs=abs_err, max_rel=abs_err / max(scale, 1e-12), worst_sizes=sizes)
-            if not abs_err <= tolerance.abs + tolerance.rel * scale:
+            if not abs_err <= tolerance.bound(scale):
                 failures.append(f"{name} at {sizes}: max abs error {abs_err:.3g} > "
                                 f"{tolerance.abs:g} + {tolerance.rel:g} * {scale:.3g}")
     result = {"precision": precision, "cases": len(cases), "tolerance": tolerance.__dict__, "outputs": errors,
@@ -73,19 +59,3 @@ def validate_graph(spec: GraphSpec, model: Mirasol, path: Path, precision: str, 
         raise ExportError(f"validation of {spec.name} ({precision}) failed against PyTorch: "
                           + "; ".join(failures[:5]) + (f" (+{len(failures) - 5} more)" if len(failures) > 5 else ""))
     return result
-
-
-def format_table(validation: dict[str, dict[str, object]]) -> str:
-    """A plain-text table: graph, output (per-layer outputs folded into one row), max abs and rel error."""
-    rows = [("graph", "output", "max abs err", "max rel err")]
-    for graph, result in validation.items():
-        folded: dict[str, tuple[float, float, int]] = {}
-        for output, err in result["outputs"].items():
-            name = re.sub(r"_\d+$", "_*", output)
-            abs_err, rel_err, count = folded.get(name, (0.0, 0.0, 0))
-            folded[name] = (max(abs_err, err["max_abs"]), max(rel_err, err["max_rel"]), count + 1)
-        for name, (abs_err, rel_err, count) in folded.items():
-            label = f"{name} ({count})" if count > 1 else name
-            rows.append((graph, label, f"{abs_err:.2e}", f"{rel_err:.2e}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

@@ -47,10 +47,8 @@ from mirasol.runtime.tokenizer import ByteTokenizer
 
 from .checkpoint import save_checkpoint
 from .config import MirasolConfig, get_preset
-from .demo_task import COLOURS, PITCHES, SHAPES, DemoClip, DemoTask
+from .demo_task import COLOURS, DEMO_CHECKPOINT, PITCHES, SHAPES, DemoClip, DemoTask
 from .mirasol import Mirasol, count_parameters
-
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "assets" / "demo"
 
 # The demo model: the tiny preset's sizes (about 0.45M parameters, under 2 MB of weights), for clips of
 # four one-second chunks (4 frames of 32x32 at 4 fps + 1 s of 16 kHz audio each).
@@ -333,7 +331,7 @@ def train_model(config: MirasolConfig, train_clips: Sequence[DemoClip], steps: i
     return model.eval(), history
 
 
-def run_training(output: str | Path = DEFAULT_OUTPUT, seed: int = 0, train_clips: int = 1500,
+def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clips: int = 1500,
                  val_clips: int = 100, test_clips: int = 200, questions_per_clip: int = 5, steps: int = 1500,
                  clips_per_step: int = 16, questions_per_step: int = 8, lr: float = 3e-3,
                  probe_weight: float = 1.0, threads: int = 1, target: float | None = 0.985,
@@ -383,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import click
 
     @click.command(help="Train the built-in demo model on the synthetic audio-video question task.")
-    @click.option("--output", type=click.Path(file_okay=False), default=str(DEFAULT_OUTPUT), show_default=True,
+    @click.option("--output", type=click.Path(file_okay=False), default=str(DEMO_CHECKPOINT), show_default=True,
                   help="checkpoint directory to write")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--train-clips", type=int, default=1500, show_default=True)

@@ -15,7 +15,9 @@ import contextlib
 import ctypes
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,15 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _BACKUP_SUFFIX = "-previous"
 _OURS: set[str] = set()  # temporary directories this process is writing now
+
+
+def pause_point(stage: str) -> None:
+    """A named stage of writing a directory (a bundle). Where the environment names it in MIRASOL_PAUSE_AT (the tests that kill
+    an export at a chosen stage), the process says so on stderr and waits there to be killed."""
+    if os.environ.get("MIRASOL_PAUSE_AT") == stage:
+        print(f"paused at {stage}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -120,7 +131,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise ExportError(f"cannot write beside {target}: {bad}") from None
     _OURS.add(str(work))
     try:
+        pause_point("temporary directory made")
         yield work
+        pause_point("written, before the swap")
         os.chmod(work, _mode_for(target))
         _fsync_tree(work)
         if not target.exists():

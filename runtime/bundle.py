@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError
-from .manifest import GraphEntry, Manifest, parse_json
+from .manifest import GraphEntry, Manifest, check_file_name, parse_json
 from .tokenizer import ByteTokenizer
 
 MAX_STATE_FILE_BYTES = 1 << 31  # 2 GiB: a stream state file, on disk and decompressed
@@ -66,8 +66,7 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         """The path of a file the manifest names; refused if it is missing or resolves outside the bundle."""
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise BundleError(f"{self.path}: {name!r} is not a plain file name inside the bundle")
+        check_file_name(name, str(self.path))
         path = (self.path / name).resolve()
         if path.parent != self.path:
             raise BundleError(f"{self.path}: {name!r} resolves to {path}, outside the bundle directory")
@@ -285,8 +284,7 @@ def _state_header(header: Any, where: str, format_name: str, version: int, bundl
     if header.get("bundle") != bundle.fingerprint:
         raise BundleError(f"{where} was saved with another bundle; restore it with the bundle it came from")
     batch, chunks = header.get("batch"), header.get("chunks")
-    batch_axes = [g.axes["batch"].max for g in bundle.graphs.values() if "batch" in g.axes]
-    max_batch = min(batch_axes) if batch_axes else 1 << 16
+    max_batch = bundle.manifest.max_batch
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= max_batch):
         raise BundleError(f"{where}: batch must be an integer in [1, {max_batch}] or null, got {batch!r}")
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 0 or (batch is None and chunks):

@@ -221,15 +221,15 @@ class Manifest:
             if name not in self.steps:
                 raise BundleError(f"{where}: step {name!r} is missing")
         for name, graph in self.graphs.items():
-            _check_file_name(graph.file, where)
+            check_file_name(graph.file, where)
             for extra in graph.external_data:
-                _check_file_name(extra, where)
+                check_file_name(extra, where)
             for extra in graph.external_sha256:
                 if extra not in graph.external_data:
                     raise BundleError(f"{where}: graph {name!r} has a checksum for {extra!r}, which is not one of "
                                       f"its external_data files {list(graph.external_data)}")
             if isinstance(graph.engine, Mapping) and graph.engine.get("file") is not None:
-                _check_file_name(graph.engine["file"], where)
+                check_file_name(graph.engine["file"], where)
             for kind, tensors in (("input", graph.inputs), ("output", graph.outputs)):
                 names_seen = [t.name for t in tensors]
                 twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
@@ -314,7 +314,7 @@ class Manifest:
     @property
     def max_batch(self) -> int:
         """The largest batch every graph takes (the smallest maximum of their batch axes)."""
-        return min(g.axes["batch"].max for g in self.graphs.values() if "batch" in g.axes)
+        return min((g.axes["batch"].max for g in self.graphs.values() if "batch" in g.axes), default=1 << 16)
 
     def step_tensor(self, step_name: str, name: str, output: bool = False) -> tuple[str, TensorInfo]:
         """The first graph of a step with input (or output) `name`, and that tensor's description."""
@@ -353,7 +353,7 @@ def _by_name(tensors: tuple[TensorInfo, ...], name: str, message: str) -> Tensor
     raise BundleError(f"{message} {name!r}")
 
 
-def _check_file_name(name: Any, where: str) -> None:
+def check_file_name(name: Any, where: str) -> None:
     """Manifest file names are plain names inside the bundle: no separators, no '..', not absolute."""
     if (not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name
             or "\\" in name or (os.altsep and os.altsep in name) or "\x00" in name or ":" in name):

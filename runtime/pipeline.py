@@ -224,18 +224,21 @@ class Stream:
     # ---- state ----
     def _init(self, scope: str, batch: int) -> None:
         p = self.pipeline
-        graphs = p.bundle.graphs
-        for spec in p._state.values():
-            if spec.scope == scope:
-                info = graphs[spec.graph].input(spec.input)
-                shape = [batch if d == "batch" else (0 if i == spec.axis and spec.init == "empty" else d)
-                         for i, d in enumerate(info.shape)]
-                if any(isinstance(d, str) for d in shape):
-                    raise BundleError(f"state {spec.name}: cannot size axes {info.shape} of {spec.graph}.{spec.input}")
-                self.state[spec.name] = np.zeros(shape, dtype=info.dtype)
-        for counter in p._counters.values():
-            if counter.scope == scope:
-                self.counters[counter.name] = np.zeros(batch, dtype=np.int64)
+        self._reset([s for s in p._state.values() if s.scope == scope],
+                    [c for c in p._counters.values() if c.scope == scope], batch)
+
+    def _reset(self, state: list[StateSpec], counters: list[CounterSpec], batch: int) -> None:
+        """Set these state tensors and counters to how they start (zeros, or empty along their axis)."""
+        graphs = self.pipeline.bundle.graphs
+        for spec in state:
+            info = graphs[spec.graph].input(spec.input)
+            shape = [batch if d == "batch" else (0 if i == spec.axis and spec.init == "empty" else d)
+                     for i, d in enumerate(info.shape)]
+            if any(isinstance(d, str) for d in shape):
+                raise BundleError(f"state {spec.name}: cannot size axes {info.shape} of {spec.graph}.{spec.input}")
+            self.state[spec.name] = np.zeros(shape, dtype=info.dtype)
+        for counter in counters:
+            self.counters[counter.name] = np.zeros(batch, dtype=np.int64)
 
     def _carried(self, batch: int) -> dict[str, np.ndarray]:
         """The stream-scope state and counters by name (fresh ones for `batch` rows if nothing was pushed yet)."""
@@ -368,16 +371,19 @@ class Stream:
         if tail:
             yield tail
 
-    def token_ids(self, question: str, max_new_tokens: int = 32, **sampling: Any) -> list[list[int]]:
-        """The generated token ids per batch row (EOS excluded)."""
+    def token_ids(self, question: str, max_new_tokens: int = 32, kv_cache: bool = True, **sampling: Any
+                  ) -> list[list[int]]:
+        """The generated token ids per batch row (EOS excluded). `kv_cache=False` recomputes the whole sequence
+        at every token instead of carrying the decoder's own cache (a baseline and a check: same tokens, slower)."""
         rows: list[list[int]] = [[] for _ in range(self.batch or 1)]
-        for tokens in self._generate(question, max_new_tokens, Sampler(**sampling)):
+        for tokens in self._generate(question, max_new_tokens, Sampler(**sampling), kv_cache):
             for row, token in enumerate(tokens):
                 if token is not None:
                     rows[row].append(token)
         return rows
 
-    def _generate(self, question: str, max_new_tokens: int, sampler: Sampler) -> Iterator[list[int | None]]:
+    def _generate(self, question: str, max_new_tokens: int, sampler: Sampler, kv_cache: bool = True
+                  ) -> Iterator[list[int | None]]:
         """Per generated position, the token of each batch row (None once that row has ended)."""
         tokenizer = self.pipeline.tokenizer
         if not isinstance(question, str) or not question.strip():
@@ -400,11 +406,14 @@ class Stream:
             batch = self.batch or 1
             self._init("question", batch)
             self._run("ask", {})
-            ids = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
-            logits_name = self.pipeline._plans["generate"].returns
+            ids = sequence = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
+            generate = self.pipeline._plans["generate"]
             alive = np.ones(batch, dtype=bool)
             for _ in range(max_new_tokens):
-                logits = self._run("generate", {"input_ids": ids})[logits_name][:, -1]  # type: ignore[index]
+                if not kv_cache:  # the decoder's own state starts afresh and reads the whole sequence
+                    self._reset(generate.state, generate.counters, batch)
+                    ids = sequence
+                logits = self._run("generate", {"input_ids": ids})[generate.returns][:, -1]  # type: ignore[index]
                 tokens = sampler(logits)
                 ended = tokens == tokenizer.EOS
                 row_tokens: list[int | None] = [int(t) if a and not e else None
@@ -414,6 +423,8 @@ class Stream:
                     break
                 yield row_tokens
                 ids = tokens[:, None].astype(np.int64)
+                if not kv_cache:
+                    sequence = np.concatenate([sequence, ids], axis=1)
 
     # ---- persistence ----
     def save(self, path: str | Path) -> Path:

@@ -47,12 +47,13 @@ from typing import Any
 
 from .backends.base import TensorInfo
 from .errors import BackendError, BundleError, MirasolError
-from .manifest import MANIFEST_FILE, AxisRange, GraphEntry, Manifest
+from .bundle import sha256_file
+from .manifest import MANIFEST_FILE, AxisRange, GraphEntry, Manifest, check_file_name
+from .precision import NAMES, get_precision
 
 BUILD_COMMAND = "mirasol-build-engines"
 TIMING_CACHE_FILE = "timing.cache"
 ENGINE_SUFFIX = ".engine"
-PRECISIONS = ("fp32", "fp16", "int8")
 TYPINGS = ("auto", "strong", "weak")
 ENGINE_RECORD_VERSION = 1
 DEFAULT_WORKSPACE_MB = 1024
@@ -67,8 +68,7 @@ Progress = Callable[[str], None]
 def engine_file_name(graph: str, precision: str) -> str:
     """`<graph>.<precision>.engine`, a plain file name inside the bundle."""
     name = f"{graph}.{precision}{ENGINE_SUFFIX}"
-    if not graph or "/" in name or "\\" in name or "\x00" in name or graph in (".", ".."):
-        raise BundleError(f"graph name {graph!r} cannot name an engine file inside the bundle")
+    check_file_name(name, f"the engine of graph {graph!r}")
     return name
 
 
@@ -173,44 +173,41 @@ class BuildPlan:
 
 def plan_build(precision: str, bundle_precision: str, *, typing: str = "auto", has_precision_flags: bool = True,
                int8_fp16: bool = True, tf32: bool = False) -> BuildPlan:
-    """Choose strongly/weakly typed network and builder flags for a precision.
+    """Choose a strongly/weakly typed network and the builder flags for a precision (`runtime/precision.py` says,
+    per precision, which bundles it builds from, where `auto` types strongly and which flags weak typing needs).
 
-    - fp32: weakly typed, no precision flag; TF32 cleared unless `tf32` (TF32 rounds matmul inputs to 10-bit
-      mantissas and would break the fp32 tolerance).
-    - fp16 from an fp16 bundle: strongly typed (the exporter's types are exact, e.g. layers kept in fp32 stay fp32);
-      from an fp32 bundle: weakly typed with BuilderFlag.FP16.
-    - int8 (Q/DQ graphs, explicit quantization, no calibrator): weakly typed with BuilderFlag.INT8 (+ FP16 for the
-      unquantized layers when `int8_fp16`), or strongly typed (the latest docs' recommendation: "Use explicit
-      quantization with Strong Typing. Precision-control build flags are not required").
-    - TensorRT 11 has no precision flags (`has_precision_flags=False`) and is always strongly typed.
+    - A strongly typed network keeps the graph's types, so it needs a bundle of the engine's precision (an fp16
+      bundle's fp32-kept layers stay fp32; an int8 bundle's Q/DQ decide int8). TensorRT 11 has no precision flags
+      (`has_precision_flags=False`) and is always strongly typed.
+    - Weakly typed: fp32 sets no flag; fp16 from an fp32 bundle sets FP16 (TensorRT chooses fp16 kernels); int8
+      (Q/DQ graphs, explicit quantization, no calibrator) sets INT8, plus FP16 for the unquantized layers when
+      `int8_fp16`.
+    - TF32 is cleared unless `tf32` (TF32 rounds matmul inputs to 10-bit mantissas and would break the fp32
+      tolerance).
     """
-    if precision not in PRECISIONS:
-        raise BundleError(f"precision {precision!r} is not one of {PRECISIONS}")
+    try:
+        entry = get_precision(precision)
+    except MirasolError as unknown:
+        raise BundleError(str(unknown)) from None
     if typing not in TYPINGS:
         raise BundleError(f"typing {typing!r} is not one of {TYPINGS}")
-    allowed = {"fp32": ("fp32",), "fp16": ("fp32", "fp16"), "int8": ("int8",)}[precision]
-    if bundle_precision not in allowed:
+    if bundle_precision not in entry.engine_sources:
         raise BundleError(f"cannot build {precision} engines from a {bundle_precision} bundle (allowed from: "
-                          f"{', '.join(allowed)}); export the bundle with --precision {precision}")
+                          f"{', '.join(entry.engine_sources)}); export the bundle with --precision {precision}")
     if typing == "weak" and not has_precision_flags:
         raise BundleError("this TensorRT has no precision builder flags (TensorRT 11+ is always strongly typed); "
                           "use --typing strong or auto")
     if typing == "auto":
-        if not has_precision_flags or (precision == "fp16" and bundle_precision == "fp16"):
-            typing = "strong"
-        else:
-            typing = "weak"
-    if typing == "strong":
-        if precision == "fp16" and bundle_precision != "fp16":
-            raise BundleError("a strongly typed network keeps the graph's types, and this bundle's graphs are fp32: "
-                              "export an fp16 bundle, or use --typing weak to let TensorRT choose fp16 kernels")
-        return BuildPlan(precision, True, (), ())
+        typing = "strong" if not has_precision_flags or bundle_precision in entry.auto_strong_sources else "weak"
     clear = () if tf32 else ("TF32",)
-    if precision == "fp32":
-        return BuildPlan(precision, False, (), clear)
-    if precision == "fp16":
-        return BuildPlan(precision, False, ("FP16",), ())
-    return BuildPlan(precision, False, ("INT8", "FP16") if int8_fp16 else ("INT8",), clear)
+    if typing == "strong":
+        if bundle_precision != precision:
+            raise BundleError(f"a strongly typed network keeps the graph's types, and this bundle's graphs are "
+                              f"{bundle_precision}: export an {precision} bundle, or use --typing weak to let TensorRT "
+                              f"choose {precision} kernels")
+        return BuildPlan(precision, True, (), clear)
+    flags = entry.weak_flags + (("FP16",) if entry.weak_fp16_fallback and int8_fp16 else ())
+    return BuildPlan(precision, False, flags, clear)
 
 
 def write_manifest_atomic(manifest: Manifest, bundle_dir: str | os.PathLike[str]) -> Path:
@@ -228,14 +225,6 @@ def record_engine(bundle_dir: str | os.PathLike[str], graph: str, record: Mappin
     manifest.graphs[graph] = dataclasses.replace(manifest.graphs[graph], engine=dict(record))
     write_manifest_atomic(manifest, bundle_dir)
     return manifest
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def engine_mismatch(record: Mapping[str, Any], gpu: Mapping[str, str], trt_version: str) -> str | None:
@@ -611,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     @click.command(name=BUILD_COMMAND, context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-    @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+    @click.option("--precision", type=click.Choice(NAMES), default=None,
                   help="Engine precision (default: the bundle's; fp16 can be built from an fp32 bundle).")
     @click.option("--max-batch", type=click.IntRange(min=1), default=None, help="Shorthand for --max batch=N.")
     @click.option("--max", "axis_max", multiple=True, metavar="AXIS=N",

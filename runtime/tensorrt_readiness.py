@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from .precision import PRECISIONS
+
 DEFAULT_TARGET = "10.3"  # JetPack 6.1 and 6.2 ship TensorRT 10.3
 MATRIX_VERSION = "10.15"
 OPSET_RANGE = {"10.0": (9, 20), "10.15": (9, 24)}
@@ -230,9 +232,9 @@ def check_model(model: Any, *, graph: str = "", axes: Mapping[str, Any] | None =
 
     axes: axis name -> range (AxisRange, dict with min/opt/max, or (min, opt, max)); with it, every dynamic input
     dimension must be named by one of them. inputs: the manifest's symbolic shape per input name (the names the
-    engine builder uses); when given they take precedence over the ONNX dim_params. precision: the bundle's
-    ("int8" expects Q/DQ nodes, "fp32"/"fp16" do not). base_dir: where external data lives (default: the model's
-    directory), to read zero points stored outside the model.
+    engine builder uses); when given they take precedence over the ONNX dim_params. precision: the bundle's (a
+    quantized precision of `runtime/precision.py` expects Q/DQ nodes, the others do not). base_dir: where external
+    data lives (default: the model's directory), to read zero points stored outside the model.
     """
     import onnx  # noqa: PLC0415
 
@@ -517,10 +519,11 @@ class _Checker:
                     self.add("warning", label, f"{node.op_type} has Q/DQ on only some of its data inputs; "
                              f"TensorRT runs it in int8 only when all of them are quantized (quantize all inputs "
                              f"of weighted ops)", "qdq-partial")
-        if self.precision == "int8" and not has_qdq:
-            self.add("warning", "", "the bundle is int8 but this graph has no QuantizeLinear/DequantizeLinear: "
-                     "TensorRT builds it in floating point", "qdq-missing")
-        if self.precision in ("fp32", "fp16") and has_qdq:
+        expects_qdq = self.precision in PRECISIONS and PRECISIONS[self.precision].quantized
+        if expects_qdq and not has_qdq:
+            self.add("warning", "", f"the bundle is {self.precision} but this graph has no QuantizeLinear/"
+                     "DequantizeLinear: TensorRT builds it in floating point", "qdq-missing")
+        if self.precision in PRECISIONS and not expects_qdq and has_qdq:
             self.add("warning", "", f"the bundle is {self.precision} but this graph has Q/DQ nodes", "qdq-unexpected")
 
     def _dequantized(self, name: str, producers: Mapping[str, Any]) -> bool:

@@ -51,5 +51,5 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str
         paths[name] = root / f"{name}-fp32"
         export_bundle(model, paths[name], precision="fp32")
     paths["ttm-fp16"] = root / "ttm-fp16"
-    export_bundle(tiny_models["ttm"], paths["ttm-fp16"], precision="fp16")
+    export_bundle(tiny_models["ttm"], paths["ttm-fp16"], precision="fp16", reference=paths["ttm"])
     return paths

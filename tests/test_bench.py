@@ -16,6 +16,16 @@ TARGET_KEYS = {"name", "value", "op", "threshold", "pass", "note"}
 STAT_KEYS = {"n", "median_ms", "p95_ms", "mean_ms", "min_ms"}
 
 
+def carried_state_bytes(config: dict, chunks: int) -> int:
+    """fp32 bytes a stream carries after `chunks` chunks: the TTM memory, the AV KV cache (at most W-1 chunks of
+    m tokens per layer, keys and values) and the AV memory the text decoder reads (at most K chunks)."""
+    m, d = config["latents_per_chunk"], config["d_model"]
+    memory = config["memory_size"] * d if config["combiner"] == "ttm" else 0
+    kv = config["av_layers"] * 2 * min(chunks, config["av_window_chunks"] - 1) * m * d
+    av_memory = min(chunks, config["text_memory_chunks"]) * m * d
+    return 4 * (memory + kv + av_memory)
+
+
 def check_report(report: dict) -> None:
     """Every section is there with the keys and types readers rely on."""
     assert report["format"] == "mirasol-bench" and report["version"] == 1
@@ -38,9 +48,9 @@ def check_report(report: dict) -> None:
     flatness = report["flatness"]
     assert flatness["chunks"] and all(STAT_KEYS | {"state_bytes"} <= set(e) for e in flatness["chunks"].values())
     assert {"1", "8"} <= set(flatness["chunks"])
-    # bounded state: as large at chunk 8 as at the last chunk (the window is shorter than 8 chunks here)
-    last = str(flatness["compare"]["at"])
-    assert flatness["chunks"][last]["state_bytes"] == flatness["chunks"]["8"]["state_bytes"]
+    # bounded state: at each chunk exactly what the config's windows imply (full once they are)
+    for chunk, entry in flatness["chunks"].items():
+        assert entry["state_bytes"] == carried_state_bytes(report["meta"]["config"], int(chunk)), chunk
 
     text = report["text"]
     assert 0 <= text["measured_tokens"] <= text["requested_new_tokens"] and text["baseline_tokens"] >= 1

@@ -10,7 +10,7 @@ import torch
 
 from mirasol.model import Mirasol, get_preset, load_checkpoint
 from mirasol.model.demo_task import ANSWERS, COLOURS, PITCHES, SHAPES, DemoTask, all_questions
-from mirasol.model.train import (DEFAULT_OUTPUT, DEMO_CONFIG, collate_text, encode_example, evaluate,
+from mirasol.model.train import (DEMO_CHECKPOINT, DEMO_CONFIG, collate_text, encode_example, evaluate,
                                  evaluate_detailed, qa_loss, teacher_forced_accuracy,
                                  train_model)
 from mirasol.runtime.tokenizer import ByteTokenizer
@@ -157,22 +157,22 @@ def test_evaluate_with_an_answer_function():
 
 @pytest.fixture(scope="module")
 def demo_model() -> Mirasol:
-    if not (DEFAULT_OUTPUT / "model.safetensors").is_file():
-        pytest.fail(f"the shipped demo checkpoint is missing from {DEFAULT_OUTPUT}; run mirasol-train")
-    return load_checkpoint(DEFAULT_OUTPUT)
+    if not (DEMO_CHECKPOINT / "model.safetensors").is_file():
+        pytest.fail(f"the shipped demo checkpoint is missing from {DEMO_CHECKPOINT}; run mirasol-train")
+    return load_checkpoint(DEMO_CHECKPOINT)
 
 
 def test_shipped_checkpoint_loads(demo_model):
     assert demo_model.config == DEMO_CONFIG
     assert sum(p.numel() for p in demo_model.parameters()) < 1_000_000
-    assert (DEFAULT_OUTPUT / "model.safetensors").stat().st_size < 5_000_000
-    report = json.loads((DEFAULT_OUTPUT / "training.json").read_text())
+    assert (DEMO_CHECKPOINT / "model.safetensors").stat().st_size < 5_000_000
+    report = json.loads((DEMO_CHECKPOINT / "training.json").read_text())
     assert report["test_accuracy"] >= 0.95 and report["test_questions"] >= 500
 
 
 def test_shipped_checkpoint_answers_held_out_clips(demo_model):
     """Fresh clips (indices the training run never made), greedy generation through PyTorch."""
-    report = json.loads((DEFAULT_OUTPUT / "training.json").read_text())
+    report = json.loads((DEMO_CHECKPOINT / "training.json").read_text())
     task = DemoTask(demo_model.config, num_chunks=report["task"]["num_chunks"])
     clips = task.make_clips(40, seed=report["splits"]["test"], start=100_000, questions_per_clip=5)
     threads = torch.get_num_threads()

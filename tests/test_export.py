@@ -10,7 +10,8 @@ import pytest
 from mirasol.export import bundle as bundle_module
 from mirasol.export.bundle import export_bundle
 from mirasol.export.specs import graph_specs
-from mirasol.export.validate import TOLERANCES, torch_reference
+from mirasol.export.validate import torch_reference
+from mirasol.runtime.precision import get_precision
 from mirasol.runtime.bundle import Bundle, sha256_file
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.pipeline import Pipeline
@@ -37,10 +38,13 @@ def test_bundle_is_complete_and_checked(tiny_bundles, name) -> None:
         assert json.loads(props["mirasol.config"]) == manifest["config"]
         assert [i.name for i in model.graph.input] == [t["name"] for t in graph["inputs"]]
         assert [o.name for o in model.graph.output] == [t["name"] for t in graph["outputs"]]
+        assert props["mirasol.precision"] == manifest["precision"]
         result = manifest["validation"][graph_name]
         assert result["passed"] and result["cases"] >= 2
-    assert (path / "tokenizer.json").is_file()
-    Bundle.load(path)  # checksums verified on load
+    files = ["manifest.json", *(g["file"] for g in manifest["graphs"].values())]
+    assert sorted(p.name for p in path.iterdir()) == sorted(files)  # the tokenizer lives in the manifest
+    tokenizer = Bundle.load(path).tokenizer  # checksums verified on load
+    assert tokenizer.decode(tokenizer.encode("héllo")) == "héllo"
 
 
 @pytest.mark.parametrize("name", ["ttm", "ttm-fp16"])
@@ -50,7 +54,7 @@ def test_graph_matches_pytorch_at_every_axis_extreme(tiny_bundles, tiny_models, 
     precision = "fp16" if name.endswith("fp16") else "fp32"
     model = tiny_models["ttm"]
     spec = graph_specs(model.config)[graph]
-    tolerance = TOLERANCES[precision]
+    tolerance = get_precision(precision).tolerance
     pipe = Pipeline.load(tiny_bundles[name], verify=False)
     session = pipe.sessions[graph]
     rng = np.random.default_rng(1234)
@@ -123,12 +127,12 @@ def test_bundles_are_tensorrt_ready(tiny_bundles, name) -> None:
 
 def test_int8_tensorrt_flavour_is_tensorrt_ready(tiny_bundles, tiny_models, tmp_path) -> None:
     """The int8 graphs meant for TensorRT: symmetric Q/DQ that its parser fuses, every op supported."""
-    from mirasol.calibration.quantize import export_int8_bundle
+    from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.runtime.tensorrt_readiness import check_bundle
 
     out = tmp_path / "int8-trt"
-    export_int8_bundle(tiny_models["ttm"], out, "synthetic", clips=3, held_out=1, flavour="tensorrt",
-                       reference=tiny_bundles["ttm"], use_cache=False)
+    export_bundle(tiny_models["ttm"], out, "int8", reference=tiny_bundles["ttm"],
+                  calibration=CalibrationOptions("synthetic", clips=3, held_out=1, flavour="tensorrt", use_cache=False))
     report = check_bundle(out)
     assert report.ok and not report.errors, report.format()
     assert json.loads((out / "manifest.json").read_text())["precision"] == "int8"

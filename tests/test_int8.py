@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from mirasol.calibration.data import load_clips
-from mirasol.calibration.quantize import export_int8_bundle
+from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.export.bundle import export_bundle
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.manifest import Manifest
@@ -25,8 +25,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = make_model("ttm")
     made: dict[str, Any] = {"model": model, "fp32": root / "fp32", "int8": root / "int8", "cache": root / "cache"}
     export_bundle(model, made["fp32"], precision="fp32", validate=False)
-    export_int8_bundle(model, made["int8"], "synthetic", clips=4, held_out=2, reference=made["fp32"],
-                       cache_dir=made["cache"], bar=False)
+    export_bundle(model, made["int8"], "int8", reference=made["fp32"],
+                  calibration=CalibrationOptions("synthetic", clips=4, held_out=2, cache_dir=made["cache"], bar=False))
     return made
 
 
@@ -91,8 +91,9 @@ def test_int8_bundle_runs_unchanged(bundles: dict[str, Any]) -> None:
 
 
 def test_rerun_with_same_data_uses_the_cache(bundles: dict[str, Any], tmp_path: Path) -> None:
-    manifest = export_int8_bundle(bundles["model"], tmp_path / "again", "synthetic", clips=4, held_out=2,
-                                  reference=bundles["fp32"], cache_dir=bundles["cache"], bar=False)
+    manifest = export_bundle(bundles["model"], tmp_path / "again", "int8", reference=bundles["fp32"],
+                             calibration=CalibrationOptions("synthetic", clips=4, held_out=2,
+                                                            cache_dir=bundles["cache"], bar=False))
     assert manifest.quantization["calibration"]["cached"] == sorted(manifest.graphs)
     first = Manifest.read(bundles["int8"])
     assert {n: g.sha256 for n, g in manifest.graphs.items()} == {n: g.sha256 for n, g in first.graphs.items()}
@@ -102,7 +103,7 @@ def test_empty_calibration_directory_is_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "clips"
     empty.mkdir()
     with pytest.raises(ExportError, match=r"calibration directory .*clips is empty"):
-        export_int8_bundle(make_model("transformer"), tmp_path / "out", str(empty))
+        export_bundle(make_model("transformer"), tmp_path / "out", "int8", calibration=CalibrationOptions(str(empty)))
     assert not (tmp_path / "out").exists()
 
 

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +38,7 @@ def test_streaming_equals_pytorch_whole_clip(tiny_bundles, tiny_models, combiner
     prompt = pipe.tokenizer.prompt(QUESTION)
     expected = model.generate(whole, prompt, 24)
     assert stream.token_ids(QUESTION, 24) == [expected]
+    assert stream.token_ids(QUESTION, 24, kv_cache=False) == [expected]  # the whole sequence at every token
     assert len(set(expected)) > 2, "the test model should answer with varied tokens"
 
 

@@ -21,6 +21,7 @@ from onnx import numpy_helper as nh  # noqa: E402
 from mirasol.runtime import tensorrt_build as tb  # noqa: E402
 from mirasol.runtime.backends import tensorrt as trt_backend  # noqa: E402
 from mirasol.runtime.backends.base import TensorInfo  # noqa: E402
+from mirasol.runtime.bundle import sha256_file  # noqa: E402
 from mirasol.runtime.errors import BundleError, InputError  # noqa: E402
 from mirasol.runtime.manifest import AxisRange, GraphEntry, Manifest, StepSpec  # noqa: E402
 from mirasol.runtime.tensorrt_readiness import check_bundle, check_model  # noqa: E402
@@ -268,11 +269,11 @@ def test_unknown_override_axis_is_refused(tmp_path):
 def test_build_plan_per_precision():
     assert tb.plan_build("fp32", "fp32") == tb.BuildPlan("fp32", False, (), ("TF32",))
     assert tb.plan_build("fp32", "fp32", tf32=True).clear_flags == ()
-    assert tb.plan_build("fp16", "fp32") == tb.BuildPlan("fp16", False, ("FP16",), ())
+    assert tb.plan_build("fp16", "fp32") == tb.BuildPlan("fp16", False, ("FP16",), ("TF32",))
     assert tb.plan_build("fp16", "fp16").strongly_typed
     assert tb.plan_build("int8", "int8").set_flags == ("INT8", "FP16")
     assert tb.plan_build("int8", "int8", int8_fp16=False).set_flags == ("INT8",)
-    assert tb.plan_build("int8", "int8", typing="strong") == tb.BuildPlan("int8", True, (), ())
+    assert tb.plan_build("int8", "int8", typing="strong") == tb.BuildPlan("int8", True, (), ("TF32",))
     assert tb.plan_build("int8", "int8", has_precision_flags=False).strongly_typed  # TensorRT 11
     with pytest.raises(BundleError, match="from a fp32 bundle"):
         tb.plan_build("int8", "fp32")
@@ -429,7 +430,7 @@ def test_engines_built_and_recorded(built):
     for name, entry in manifest.graphs.items():
         record = entry.engine
         assert record["file"] == f"{name}.{precision}.engine" and (bundle / record["file"]).is_file()
-        assert record["sha256"] == tb.sha256_file(bundle / record["file"])
+        assert record["sha256"] == sha256_file(bundle / record["file"])
         assert record["gpu"] and record["compute_capability"] and record["tensorrt"]
         assert set(record["profile"]) <= set(entry.axes)
     assert (bundle / tb.TIMING_CACHE_FILE).stat().st_size > 0

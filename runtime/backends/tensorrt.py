@@ -54,7 +54,8 @@ import numpy as np
 
 from .. import tensorrt_build as _build
 from ..errors import BackendError, BundleError, InputError
-from ..manifest import Manifest
+from ..bundle import sha256_file
+from ..manifest import Manifest, check_file_name
 from .base import Backend, GraphSession, TensorInfo
 
 _MIN_ALLOCATION = 256  # bytes; TensorRT wants non-null, 256-byte aligned addresses even for empty tensors
@@ -578,8 +579,7 @@ class TensorRTBackend(Backend):
             raise BundleError(f"graph {graph_name!r} has no TensorRT engine in {bundle}: build the engines on this "
                               f"device with: {command}")
         engine_file = str(record["file"])
-        if "/" in engine_file or "\\" in engine_file or engine_file in ("", ".", ".."):
-            raise BundleError(f"graph {graph_name!r}: engine file name {engine_file!r} is not a plain file name")
+        check_file_name(engine_file, f"graph {graph_name!r}: engine")
         engine_path = bundle / engine_file
         if not engine_path.is_file():
             raise BundleError(f"graph {graph_name!r}: engine {engine_path} is missing; build it on this device with: "
@@ -595,7 +595,7 @@ class TensorRTBackend(Backend):
         if record.get("onnx_sha256") not in (None, entry.sha256):
             raise BundleError(f"graph {graph_name!r}: engine {engine_path.name} was built from another version of "
                               f"{entry.file}; rebuild with: {command} --force")
-        if record.get("sha256") and _build.sha256_file(engine_path) != record["sha256"]:
+        if record.get("sha256") and sha256_file(engine_path) != record["sha256"]:
             raise BundleError(f"graph {graph_name!r}: {engine_path} does not match its recorded sha256; rebuild with: "
                               f"{command} --force")
         with self._lock:

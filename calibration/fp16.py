@@ -13,6 +13,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+from .onnx_graph import sort_topologically
+
 KEEP_FACTOR = 1.5
 
 
@@ -87,25 +89,9 @@ def _drop_round_trips(converted: onnx.ModelProto, original: onnx.ModelProto) -> 
             if name in replace and name not in graph_outputs:
                 node.input[i] = replace[name]
     _remove_dead(graph)
-    _sort_topologically(graph)
+    sort_topologically(graph)
     del graph.value_info[:]  # the converter's annotations no longer hold for the rewired values
     return converted
-
-
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """The converter appends its casts at the end; the checker wants producers before consumers."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError(f"graph {graph.name} has a cycle or an unproduced input")
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-        pending = [n for n in pending if all(n is not r for r in ready)]
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def _remove_dead(graph: onnx.GraphProto) -> None:

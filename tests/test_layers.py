@@ -1,0 +1,70 @@
+"""The package's layers: imports point one way (lazy imports included), and the runtime never needs torch."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# what each subpackage may import of ours: runtime <- model <- calibration <- export <- export.bench
+ALLOWED = {
+    "runtime": {"runtime"},
+    "model": {"model", "runtime"},
+    "calibration": {"calibration", "model", "runtime"},
+    "export": {"export", "calibration", "model", "runtime"},
+    "export.bench": {"export.bench", "export", "calibration", "model", "runtime"},
+}
+
+
+def _layer(module: str) -> str:
+    """'export.bench.cli' -> 'export.bench', 'runtime.backends.base' -> 'runtime'."""
+    parts = module.split(".")
+    return "export.bench" if parts[:2] == ["export", "bench"] else parts[0]
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module inside mirasol) of every import in the file, at any depth (function-level ones too)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            else:
+                names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            if name.startswith("mirasol."):
+                found.append((node.lineno, name[len("mirasol."):]))
+            elif node.__class__ is ast.ImportFrom and node.level:
+                found.append((node.lineno, name))
+    return found
+
+
+def test_imports_point_one_way() -> None:
+    wrong = []
+    for layer in ("runtime", "model", "calibration", "export"):
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            own = _layer(".".join(path.relative_to(ROOT).with_suffix("").parts))
+            for line, module in _imports(path):
+                if _layer(module) not in ALLOWED[own]:
+                    wrong.append(f"{path.relative_to(ROOT)}:{line} ({own}) imports mirasol.{module}")
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_runtime_never_imports_torch() -> None:
+    hits = []
+    for path in sorted((ROOT / "runtime").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            if any(m.split(".")[0] == "torch" for m in modules):
+                hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not hits, f"runtime/ imports torch at {hits}"
