@@ -30,8 +30,8 @@ _OURS: set[str] = set()  # temporary directories this process is writing now
 
 
 def pause_point(stage: str) -> None:
-    """A named stage of writing a directory (a bundle). Where the environment names it in MIRASOL_PAUSE_AT (the tests that kill
-    an export at a chosen stage), the process says so on stderr and waits there to be killed."""
+    """A named stage of writing a directory. Where the environment names it in MIRASOL_PAUSE_AT (the tests that
+    kill an export at a chosen stage), the process says so on stderr and waits there to be killed."""
     if os.environ.get("MIRASOL_PAUSE_AT") == stage:
         print(f"paused at {stage}", file=sys.stderr, flush=True)
         while True:
