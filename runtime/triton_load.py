@@ -3,7 +3,8 @@
     python -m mirasol.runtime.triton_load BUNDLE [--streams 8] [--chunks 32] [--protocol grpc]
 
 Every mode pushes the same N x M chunks (seeded noise of the bundle's chunk shape) and reports chunks/s over
-the whole run and the per-chunk latency (p50, p95):
+the whole run, CPU ms per chunk (all processes doing the work: on a machine shared with other work this is the
+figure that still compares the modes) and the per-chunk latency (p50, p95):
 - in-process, N threads: one Stream per thread on one shared Pipeline (what an app without a server does);
 - in-process, one by one: one thread pushing the N streams' chunks in turn (the baseline of batching);
 - in-process, push_streams: one thread, the N streams' chunks of each step in one Pipeline.push_streams call;
@@ -43,14 +44,31 @@ def make_chunks(pipe: Pipeline, streams: int, chunks: int, seed: int = 0) -> lis
             for _ in range(streams)]
 
 
-def summary(name: str, latencies_s: list[float], chunks: int, wall_s: float) -> dict[str, Any]:
-    ms = np.asarray(latencies_s) * 1e3
-    return {"mode": name, "chunks": chunks, "wall_s": wall_s, "chunks_per_s": chunks / wall_s,
-            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
+def server_cpu_s(pid: int | None) -> float:
+    """CPU seconds used so far by a process and its children (the server and its model stubs); 0 without one."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in (root, *root.children(recursive=True)))
 
 
-def run_threads(work: list[Callable[[list[float]], None]]) -> tuple[float, list[float]]:
-    """Run each worker in its own thread (each appends its latencies); returns the wall time and the latencies."""
+def measure(name: str, chunks: int, run: Callable[[], list[float]], server_pid: int | None = None) -> dict[str, Any]:
+    """Run one mode (it returns each chunk's latency): chunks/s of wall time, CPU ms per chunk (this process and
+    the server's, so a machine shared with other work still compares the modes), p50/p95 latency."""
+    cpu = time.process_time() + server_cpu_s(server_pid)
+    start = time.perf_counter()
+    latencies = np.asarray(run()) * 1e3
+    wall = time.perf_counter() - start
+    cpu = time.process_time() + server_cpu_s(server_pid) - cpu
+    return {"mode": name, "chunks": chunks, "wall_s": wall, "chunks_per_s": chunks / wall,
+            "cpu_ms_per_chunk": cpu * 1e3 / chunks, "p50_ms": float(np.percentile(latencies, 50)),
+            "p95_ms": float(np.percentile(latencies, 95))}
+
+
+def run_threads(work: list[Callable[[list[float]], None]]) -> list[float]:
+    """Run each worker in its own thread (each appends its latencies); returns all the latencies."""
     errors: list[BaseException] = []
     latencies: list[list[float]] = [[] for _ in work]
 
@@ -61,22 +79,17 @@ def run_threads(work: list[Callable[[list[float]], None]]) -> tuple[float, list[
             errors.append(error)
 
     threads = [threading.Thread(target=guarded, args=(w, out)) for w, out in zip(work, latencies)]
-    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
     if errors:
         raise errors[0]
-    return wall, [x for out in latencies for x in out]
+    return [x for out in latencies for x in out]
 
 
-def in_process(pipe: Pipeline, data: list[list[Chunk]]) -> tuple[list[dict[str, Any]], list[list[np.ndarray]]]:
-    """The three in-process modes; returns their summaries and the threaded mode's contexts (the reference)."""
-    total = sum(len(chunks) for chunks in data)
-    contexts: list[list[np.ndarray]] = [[] for _ in data]
-
+def threaded(pipe: Pipeline, data: list[list[Chunk]], contexts: list[list[np.ndarray]]) -> list[float]:
+    """One thread per stream, each with its own Stream on the shared Pipeline."""
     def worker(i: int) -> Callable[[list[float]], None]:
         def push_all(out: list[float]) -> None:
             stream = pipe.stream()
@@ -86,30 +99,32 @@ def in_process(pipe: Pipeline, data: list[list[Chunk]]) -> tuple[list[dict[str, 
                 out.append(time.perf_counter() - start)
         return push_all
 
-    wall, latencies = run_threads([worker(i) for i in range(len(data))])
-    results = [summary(f"in-process, {len(data)} threads", latencies, total, wall)]
+    return run_threads([worker(i) for i in range(len(data))])
 
+
+def one_by_one(pipe: Pipeline, data: list[list[Chunk]]) -> list[float]:
+    """One thread pushing each stream's chunk of a step in turn."""
     streams, latencies = [pipe.stream() for _ in data], []
-    start = time.perf_counter()
     for step in range(len(data[0])):
         for stream, chunks in zip(streams, data):
-            t0 = time.perf_counter()
+            start = time.perf_counter()
             stream.push(*chunks[step])
-            latencies.append(time.perf_counter() - t0)
-    results.append(summary("in-process, one by one", latencies, total, time.perf_counter() - start))
+            latencies.append(time.perf_counter() - start)
+    return latencies
 
+
+def batched(pipe: Pipeline, data: list[list[Chunk]]) -> list[float]:
+    """One thread, each step's chunks in one push_streams call (every chunk waits for the whole call)."""
     streams, latencies = [pipe.stream() for _ in data], []
-    start = time.perf_counter()
     for step in range(len(data[0])):
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         pipe.push_streams(streams, [chunks[step] for chunks in data])
-        latencies += [time.perf_counter() - t0] * len(data)  # every chunk of the step waits for the whole call
-    results.append(summary("in-process, push_streams", latencies, total, time.perf_counter() - start))
-    return results, contexts
+        latencies += [time.perf_counter() - start] * len(data)
+    return latencies
 
 
-def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, model: str
-                   ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, model: str,
+                   contexts: list[list[np.ndarray]]) -> list[float]:
     """N client threads, one sequence each, every request waiting for its reply."""
     if protocol == "grpc":
         import tritonclient.grpc as client_module
@@ -117,7 +132,6 @@ def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, 
     else:
         import tritonclient.http as client_module  # type: ignore[no-redef]
         url = server.http_url
-    contexts: list[list[np.ndarray]] = [[] for _ in data]
 
     def worker(i: int) -> Callable[[list[float]], None]:
         def send_all(out: list[float]) -> None:
@@ -137,14 +151,13 @@ def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, 
                 client.close()
         return send_all
 
-    wall, latencies = run_threads([worker(i) for i in range(len(data))])
-    total = sum(len(chunks) for chunks in data)
-    return summary(f"Triton {protocol}, {len(data)} streams", latencies, total, wall), contexts
+    return run_threads([worker(i) for i in range(len(data))])
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    lines = ["| mode | chunks/s | p50 ms | p95 ms |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['mode']} | {r['chunks_per_s']:.1f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |" for r in results]
+    lines = ["| mode | chunks/s | CPU ms/chunk | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['mode']} | {r['chunks_per_s']:.1f} | {r['cpu_ms_per_chunk']:.2f} | {r['p50_ms']:.2f} | "
+              f"{r['p95_ms']:.2f} |" for r in results]
     return "\n".join(lines)
 
 
@@ -163,24 +176,31 @@ def main(argv: list[str] | None = None) -> int:
         options = serving_options(args)
         pipe = Pipeline.load(args.bundle, threads=options.threads or None)
         data = make_chunks(pipe, args.streams, args.chunks)
+        total = args.streams * args.chunks
         warm = pipe.stream()
         for chunk in data[0][:4]:
             warm.push(*chunk)
-        results, reference = in_process(pipe, data)
+        reference: list[list[np.ndarray]] = [[] for _ in data]
+        served: list[list[np.ndarray]] = [[] for _ in data]
+        results = [measure(f"in-process, {args.streams} threads", total, lambda: threaded(pipe, data, reference)),
+                   measure("in-process, one by one", total, lambda: one_by_one(pipe, data)),
+                   measure("in-process, push_streams", total, lambda: batched(pipe, data))]
         with tempfile.TemporaryDirectory(prefix="mirasol-triton-load-") as work:
             write_repository(args.bundle, Path(work) / "repo", options)
             with LocalServer(Path(work) / "repo", log_file=Path(work) / "server.log") as server:
-                through_server(server, [chunks[:4] for chunks in data[:1]], args.protocol, options.model_name)
-                served, contexts = through_server(server, data, args.protocol, options.model_name)
-        results.append(served)
+                through_server(server, [data[0][:4]], args.protocol, options.model_name, [[]])  # warm-up
+                results.append(measure(
+                    f"Triton {args.protocol}, {args.streams} streams", total,
+                    lambda: through_server(server, data, args.protocol, options.model_name, served),
+                    server.process.pid))  # type: ignore[union-attr]
     except MirasolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    difference = max(float(np.abs(a - b).max()) for s, r in zip(contexts, reference) for a, b in zip(s, r))
-    batched, one_by_one = results[2]["chunks_per_s"], results[1]["chunks_per_s"]
+    difference = max(float(np.abs(a - b).max()) for s, r in zip(served, reference) for a, b in zip(s, r))
     print(format_table(results))
-    print(f"\n{args.streams} streams x {args.chunks} chunks; push_streams vs one by one: {batched / one_by_one:.2f}x; "
-          f"Triton vs in-process threads: {served['chunks_per_s'] / results[0]['chunks_per_s']:.2f}x; "
+    print(f"\n{args.streams} streams x {args.chunks} chunks; push_streams vs one by one: "
+          f"{results[2]['chunks_per_s'] / results[1]['chunks_per_s']:.2f}x chunks/s, "
+          f"{results[1]['cpu_ms_per_chunk'] / results[2]['cpu_ms_per_chunk']:.2f}x less CPU; "
           f"max |server - in-process| context: {difference:.2e}")
     if args.json:
         args.json.write_text(json.dumps({"streams": args.streams, "chunks": args.chunks, "options": asdict(options),
