@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -123,6 +124,13 @@ def batched(pipe: Pipeline, data: list[list[Chunk]]) -> list[float]:
     return latencies
 
 
+def model_counts(server: LocalServer, model: str) -> tuple[int, int]:
+    """The model's inference and execution counts so far (their ratio is the mean batch of its calls)."""
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as reply:
+        stats = json.load(reply)["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
 def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, model: str,
                    contexts: list[list[np.ndarray]]) -> list[float]:
     """N client threads, one sequence each, every request waiting for its reply."""
@@ -189,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             write_repository(args.bundle, Path(work) / "repo", options)
             with LocalServer(Path(work) / "repo", log_file=Path(work) / "server.log") as server:
                 through_server(server, [data[0][:4]], args.protocol, options.model_name, [[]])  # warm-up
+                inferences, executions = model_counts(server, options.model_name)
                 results.append(measure(
                     f"Triton {args.protocol}, {args.streams} streams", total,
                     lambda: through_server(server, data, args.protocol, options.model_name, served),
                     server.process.pid))  # type: ignore[union-attr]
+                after = model_counts(server, options.model_name)
+                results[-1]["mean_batch"] = (after[0] - inferences) / (after[1] - executions)
     except MirasolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.streams} streams x {args.chunks} chunks; push_streams vs one by one: "
           f"{results[2]['chunks_per_s'] / results[1]['chunks_per_s']:.2f}x chunks/s, "
           f"{results[1]['cpu_ms_per_chunk'] / results[2]['cpu_ms_per_chunk']:.2f}x less CPU; "
+          f"mean batch in the server: {results[3]['mean_batch']:.2f}; "
           f"max |server - in-process| context: {difference:.2e}")
     if args.json:
         args.json.write_text(json.dumps({"streams": args.streams, "chunks": args.chunks, "options": asdict(options),
