@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import MirasolError
 from .pipeline import Pipeline
+from .triton_model import load_pipeline
 from .triton_repo import add_serving_options, serving_options, write_repository
 from .triton_server import LocalServer
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         options = serving_options(args)
-        pipe = Pipeline.load(args.bundle, threads=options.threads or None)
+        pipe = load_pipeline(args.bundle, options.backend, options.threads)
         data = make_chunks(pipe, args.streams, args.chunks)
         total = args.streams * args.chunks
         warm = pipe.stream()

@@ -165,6 +165,13 @@ class Sequences:
         return self.state_dir / f"{name}.npz"
 
 
+def load_pipeline(bundle: str | Path, backend: str, threads: int = 0, device: int = 0) -> Pipeline:
+    """The bundle with the serving backend: onnxruntime with `threads` intra-op threads (0: its default), or
+    tensorrt on GPU `device`."""
+    options: dict[str, Any] = {"threads": threads or None} if backend == "onnxruntime" else {"device": device}
+    return Pipeline.load(bundle, backend=backend, **options)
+
+
 class TritonPythonModel:
     """Triton's entry point; the repository's model.py imports it (see runtime/triton_repo.py)."""
 
@@ -173,11 +180,9 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
-        backend = params["backend"]
-        options: dict[str, Any] = ({"threads": int(params["threads"]) or None} if backend == "onnxruntime"
-                                   else {"device": int(args["model_instance_device_id"])})
         bundle = Path(args["model_repository"]) / args["model_version"] / params["bundle"]
-        self.sequences = Sequences(Pipeline.load(bundle, backend=backend, **options),
+        device = int(args["model_instance_device_id"])  # the instance's GPU (KIND_GPU: the tensorrt backend)
+        self.sequences = Sequences(load_pipeline(bundle, params["backend"], int(params["threads"]), device),
                                    idle_timeout_s=float(params["idle_timeout_s"]), state_dir=params["state_dir"],
                                    max_new_tokens=int(params["max_new_tokens"]), log=pb_utils.Logger.log_info)
 
