@@ -11,6 +11,7 @@ The server is stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import shlex
@@ -56,6 +57,12 @@ def availability() -> tuple[bool, str]:
         if not path.exists():
             return False, f"the nvidia-pytriton wheel has no {path} (Python {platform.python_version()})"
     return True, f"tritonserver of nvidia-pytriton at {server}"
+
+
+def _end_with_parent() -> None:
+    """In the server's process, before it starts: get SIGTERM when the thread that started it ends (Linux
+    PR_SET_PDEATHSIG), so a killed test run or client leaves no server behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -110,7 +117,7 @@ class LocalServer:
         log = open(self.log_file, "ab") if self.log_file else None  # None: this process's stdout
         try:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, preexec_fn=_end_with_parent)
         finally:
             if log is not None:
                 log.close()
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     command, env = server.command(Path("BACKENDS"))
     print("running: LD_LIBRARY_PATH=" + shlex.quote(env["LD_LIBRARY_PATH"]) + " " + shlex.join(command))
     print(f"  (BACKENDS: a copy of {server_dir / 'backends'} with the stub for this Python in python/)")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where started with SIGINT ignored
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `finally` stops the server
     try:
         server.start()
         print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}; Ctrl-C stops it")
