@@ -422,3 +422,27 @@ def test_restarted_server_resumes_saved_streams(served) -> None:
         assert "no saved state" in infer(http, client, 502, start=True, resume=True)
     finally:
         client.close()
+
+
+@needs_server
+def test_load_figure_modes_do_the_same_work(served) -> None:
+    """The modes of `python -m mirasol.runtime.triton_load` push the same chunks and get the same contexts."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (the triton extra)")
+    from mirasol.runtime import triton_load
+
+    data = triton_load.make_chunks(served.pipe, streams=3, chunks=3, seed=1)
+    reference: list[list[np.ndarray]] = [[] for _ in data]
+    served_contexts: list[list[np.ndarray]] = [[] for _ in data]
+    figures = [triton_load.measure("threads", 9, lambda: triton_load.threaded(served.pipe, data, reference)),
+               triton_load.measure("one by one", 9, lambda: triton_load.one_by_one(served.pipe, data)),
+               triton_load.measure("batched", 9, lambda: triton_load.batched(served.pipe, data)),
+               triton_load.measure("server", 9, lambda: triton_load.through_server(
+                   served.server, data, "grpc", "mirasol", served_contexts), served.server.process.pid)]
+    for figure in figures:
+        assert figure["chunks_per_s"] > 0 and figure["cpu_ms_per_chunk"] > 0 and figure["p95_ms"] >= figure["p50_ms"]
+    for s in range(3):
+        expected, _ = run_alone(served.pipe, data[s])
+        for k in range(3):
+            assert_close(reference[s][k], expected[k], f"in-process stream {s} chunk {k}")
+            assert_close(served_contexts[s][k], expected[k], f"served stream {s} chunk {k}")
+    assert "| mode | chunks/s |" in triton_load.format_table(figures)
