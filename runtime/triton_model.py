@@ -62,7 +62,8 @@ class Sequences:
         self.log = log
         self.streams: dict[SequenceId, Stream] = {}
         self.last_seen: dict[SequenceId, float] = {}
-        _, returns = pipeline.bundle.manifest.step_tensor("push", pipeline._plans["push"].returns, output=True)
+        manifest = pipeline.bundle.manifest
+        _, returns = manifest.step_tensor("push", manifest.steps["push"].returns, output=True)  # type: ignore[arg-type]
         shape = [d for d in returns.shape if d != "batch"]
         self.empty_context = np.zeros([0] + [d if isinstance(d, int) else 0 for d in shape[1:]], dtype=returns.dtype)
         if self.state_dir is not None:
@@ -134,11 +135,16 @@ class Sequences:
         """Save the pushed chunk's state, then answer the question."""
         path = self._state_path(request.sequence)
         if pushed and path is not None and not request.end:
-            stream.save(path)
+            try:
+                stream.save(path)
+            except OSError as bad:
+                return MirasolError(f"sequence {request.sequence!r}: the chunk was taken, but saving the stream to "
+                                    f"{path} failed: {bad}")
         answer = ""
         if request.question is not None:
+            tokens = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
             try:
-                answer = stream.ask(request.question, request.max_new_tokens or self.max_new_tokens)  # type: ignore
+                answer = stream.ask(request.question, tokens)  # type: ignore[assignment]
             except MirasolError as error:
                 return type(error)(f"{error}{' (the chunk of this request was taken)' if pushed else ''}")
         return Reply(context, answer, stream.chunks)
@@ -148,7 +154,10 @@ class Sequences:
         self.last_seen.pop(sequence, None)
         path = self._state_path(sequence)
         if path is not None and not keep_saved:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as bad:  # the stream has ended all the same; the next save replaces the file
+                self.log(f"mirasol: could not remove the saved state of sequence {sequence!r}: {bad}")
 
     def _reclaim(self, now: float, keep: set[SequenceId]) -> None:
         """Free the streams idle for longer than the timeout (their saved state stays, for RESUME)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirasol.runtime.errors import ExportError, InputError
+from mirasol.runtime.errors import ExportError, InputError, MirasolError
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.triton_model import Reply, Request, Sequences
 from mirasol.runtime.triton_repo import MARKER, ServingOptions, write_repository
@@ -181,6 +181,19 @@ def test_sequences_bad_input_fails_only_its_request(tiny_bundles) -> None:
     assert sequences.streams[2].chunks == 1
     [retried] = sequences.serve([Request(2, chunk=chunks[2][1])])
     assert_close(retried.context, expected[2][1], "the bad sequence's state was left as it was")
+
+
+def test_sequences_unsaved_state_is_that_requests_error(tiny_bundles, tmp_path) -> None:
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(pipe, seed=12)
+    (tmp_path / "7.npz").mkdir()  # the state file of sequence 7 cannot be written
+    logged: list[str] = []
+    sequences = Sequences(pipe, idle_timeout_s=60, state_dir=tmp_path, log=logged.append)
+    replies = sequences.serve([Request(7, start=True, chunk=new_chunk()), Request(8, start=True, chunk=new_chunk())])
+    assert "could not remove the saved state of sequence 7" in logged[0]
+    assert isinstance(replies[0], MirasolError) and "the chunk was taken, but saving the stream" in str(replies[0])
+    assert isinstance(replies[1], Reply) and (tmp_path / "8.npz").is_file()
+    assert sequences.streams[7].chunks == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
