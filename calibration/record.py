@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mirasol.runtime.backends.base import Backend, GraphSession, TensorInfo
+from mirasol.runtime.backends.base import Backend, GraphSession
+from mirasol.runtime.bundle import Bundle
+from mirasol.runtime.manifest import GraphEntry
 
 
 @dataclass
@@ -67,6 +69,9 @@ class RecordingSession(GraphSession):
         self.recorder.add(self.name, feeds, outputs if self.recorder.keep_outputs else None)
         return outputs
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 class RecordingBackend(Backend):
     def __init__(self, inner: Backend, recorder: FeedRecorder) -> None:
@@ -74,6 +79,5 @@ class RecordingBackend(Backend):
         self.recorder = recorder
         self.name = inner.name
 
-    def load(self, graph_name: str, path: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]
-             ) -> GraphSession:
-        return RecordingSession(self.inner.load(graph_name, path, inputs, outputs), self.recorder)
+    def load(self, entry: GraphEntry, bundle: Bundle) -> GraphSession:
+        return RecordingSession(self.inner.load(entry, bundle), self.recorder)

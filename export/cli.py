@@ -135,7 +135,7 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         if manifest.validation:
             click.echo("\n" + format_validation(manifest.validation))
         if precision != "int8" or int8_flavour == "tensorrt":
-            from mirasol.runtime.tensorrt_readiness import check_bundle
+            from mirasol.export.tensorrt_readiness import check_bundle
             readiness = check_bundle(out)
             click.echo("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings
                                                       else "\n" + readiness.format()))

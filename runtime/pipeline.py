@@ -71,8 +71,7 @@ class Pipeline:
         self.tokenizer = bundle.tokenizer
         manifest = bundle.manifest
         self.config = manifest.config
-        self.sessions = {name: backend.load(name, str(bundle.file(g.file)), g.inputs, g.outputs)
-                         for name, g in manifest.graphs.items()}
+        self.sessions = {name: backend.load(g, bundle) for name, g in manifest.graphs.items()}
         self._state = {s.name: s for s in manifest.state}
         self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: self._plan(name) for name in manifest.steps}
@@ -87,6 +86,17 @@ class Pipeline:
              **backend_options: Any) -> "Pipeline":
         """Load a bundle directory with a backend ("onnxruntime" or "tensorrt") and its options."""
         return cls(Bundle.load(path, verify=verify), get_backend(backend, **backend_options))
+
+    def close(self) -> None:
+        """Close every graph session (their memory, contexts and streams); idempotent."""
+        for session in self.sessions.values():
+            session.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def _plan(self, step_name: str) -> _StepPlan:
         manifest = self.bundle.manifest
@@ -218,6 +228,7 @@ class Stream:
         self.state: dict[str, np.ndarray] = {}
         self.counters: dict[str, np.ndarray] = {}
         self.chunks = 0
+        self.dropped_chunks = 0  # chunks a live source captured but never pushed (see `skip`)
         self.timings = Timings()
         self._lock = threading.Lock()
 
@@ -318,6 +329,12 @@ class Stream:
         if unbatched:
             feeds = {name: value[None] for name, value in feeds.items()}
         return feeds, self._check_chunk(feeds), unbatched
+
+    def skip(self, count: int = 1) -> None:
+        """Note `count` chunks of the source that were dropped, not pushed: the carried state only ever
+        sees the chunks pushed, in order; the gap is counted in `dropped_chunks`."""
+        with self._lock:
+            self.dropped_chunks += count
 
     def _check_chunk(self, feeds: Mapping[str, Any]) -> int:
         """Refuse at the boundary what the graphs cannot take; returns the batch size."""

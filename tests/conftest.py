@@ -53,3 +53,36 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str
     paths["ttm-fp16"] = root / "ttm-fp16"
     export_bundle(tiny_models["ttm"], paths["ttm-fp16"], precision="fp16", reference=paths["ttm"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_trt_bundle(tiny_bundles: dict[str, Path], tiny_models: dict[str, Mirasol],
+                         tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An int8 bundle of the TTM model in the TensorRT flavour (explicit Q/DQ), calibrated on synthetic clips."""
+    from mirasol.calibration.quantize import CalibrationOptions
+    from mirasol.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("int8-trt") / "bundle"
+    export_bundle(tiny_models["ttm"], out, "int8", reference=tiny_bundles["ttm"],
+                  calibration=CalibrationOptions("synthetic", clips=3, held_out=1, flavour="tensorrt", use_cache=False))
+    return out
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch: pytest.MonkeyPatch):
+    """A strict fake TensorRT 10.3 and CUDA runtime (8 GB device) for one test (tests/fake_tensorrt.py)."""
+    from .fake_tensorrt import install
+
+    return install(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def demo_fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model (model/assets/demo) as a validated fp32 bundle."""
+    from mirasol.export.bundle import export_bundle
+    from mirasol.model import load_checkpoint
+    from mirasol.model.demo_task import DEMO_CHECKPOINT
+
+    path = tmp_path_factory.mktemp("demo") / "fp32"
+    export_bundle(load_checkpoint(DEMO_CHECKPOINT), path, precision="fp32")
+    return path

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from mirasol.export.bench import (NO_CUDA, SECTIONS, _jsonable, chunk_step_flops, main, run_benchmark, stats_ms,
-                                  to_markdown)
+from mirasol.export.bench.cli import main
+from mirasol.export.bench.cuda import NO_CUDA
+from mirasol.export.bench.flops import chunk_step_flops
+from mirasol.export.bench.markdown import to_markdown
+from mirasol.export.bench.run import SECTIONS, jsonable, run_benchmark
+from mirasol.export.bench.stats import stats_ms
 from mirasol.model import get_preset
 
 TARGET_KEYS = {"name", "value", "op", "threshold", "pass", "note"}
@@ -101,7 +107,7 @@ def quick_report(tiny_bundles: dict[str, Path]) -> dict:
 def test_quick_report_has_every_section(quick_report: dict) -> None:
     check_report(quick_report)
     assert quick_report["export"]["fp32"]["source"] == "given"
-    json.dumps(_jsonable(quick_report), allow_nan=False)  # strict JSON
+    json.dumps(jsonable(quick_report), allow_nan=False)  # strict JSON
 
 
 def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
@@ -127,6 +133,15 @@ def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Pa
 def test_cli_refuses_preset_with_checkpoint(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--preset", "tiny", "--checkpoint", str(tmp_path)])
     assert result.exit_code != 0 and "not both" in result.output
+
+
+def test_runtime_child_imports_nothing_heavy() -> None:
+    """The runtime's measuring child loads mirasol.export and mirasol.export.bench on its way: the packages and
+    the child's own module import neither torch nor anything else of weight (its peak RSS is the runtime's)."""
+    code = ("import sys, mirasol.export.bench.child_runtime; "
+            "print([m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'click') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_stats_ms() -> None:

@@ -16,13 +16,10 @@ HELD_OUT_START = 500  # clips of the test family beyond those train.py scored, n
 
 
 @pytest.fixture(scope="module")
-def demo_bundles(tmp_path_factory):
-    model = load_checkpoint(DEMO_CHECKPOINT)
-    root = tmp_path_factory.mktemp("demo")
-    paths = {precision: root / precision for precision in ("fp32", "fp16")}
-    for precision, path in paths.items():
-        export_bundle(model, path, precision=precision)
-    return paths
+def demo_bundles(tmp_path_factory, demo_fp32_bundle):
+    fp16 = tmp_path_factory.mktemp("demo") / "fp16"
+    export_bundle(load_checkpoint(DEMO_CHECKPOINT), fp16, precision="fp16")
+    return {"fp32": demo_fp32_bundle, "fp16": fp16}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -118,21 +118,18 @@ def test_unknown_precision_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["transformer", "ttm", "ttm-fp16"])
 def test_bundles_are_tensorrt_ready(tiny_bundles, name) -> None:
     """Every op, dtype, dynamic axis (and Q/DQ placement) of the real graphs is one TensorRT's parser takes."""
-    from mirasol.runtime.tensorrt_readiness import check_bundle
+    from mirasol.export.tensorrt_readiness import check_bundle
 
     report = check_bundle(tiny_bundles[name])
     assert report.ok and not report.errors, report.format()
     assert set(report.graphs) == set(GRAPHS)
 
 
-def test_int8_tensorrt_flavour_is_tensorrt_ready(tiny_bundles, tiny_models, tmp_path) -> None:
+def test_int8_tensorrt_flavour_is_tensorrt_ready(tiny_int8_trt_bundle) -> None:
     """The int8 graphs meant for TensorRT: symmetric Q/DQ that its parser fuses, every op supported."""
-    from mirasol.calibration.quantize import CalibrationOptions
-    from mirasol.runtime.tensorrt_readiness import check_bundle
+    from mirasol.export.tensorrt_readiness import check_bundle
 
-    out = tmp_path / "int8-trt"
-    export_bundle(tiny_models["ttm"], out, "int8", reference=tiny_bundles["ttm"],
-                  calibration=CalibrationOptions("synthetic", clips=3, held_out=1, flavour="tensorrt", use_cache=False))
+    out = tiny_int8_trt_bundle
     report = check_bundle(out)
     assert report.ok and not report.errors, report.format()
     assert json.loads((out / "manifest.json").read_text())["precision"] == "int8"

@@ -233,6 +233,9 @@ class FailingSession(GraphSession):
         self.calls += 1
         return self.inner.run(feeds, output_names)
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 def inject(pipe: Pipeline, step: str, index: int) -> FailingSession:
     plan = pipe._plans[step]

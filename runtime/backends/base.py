@@ -1,4 +1,4 @@
-"""The backend interface: load a graph, run named arrays to named arrays.
+"""The backend interface: load a graph, run named arrays to named arrays, close.
 
 The stream and generation loops only see this interface; they never know which backend runs.
 """
@@ -7,8 +7,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the manifest imports TensorInfo from here
+    from ..bundle import Bundle
+    from ..manifest import GraphEntry
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,19 @@ class GraphSession(ABC):
             ) -> dict[str, np.ndarray]:
         """Run the graph on named arrays; returns the requested outputs (all when None) by name."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the session holds (memory, contexts, threads); idempotent. `run` then raises."""
+
 
 class Backend(ABC):
-    """Turns a graph file into a GraphSession."""
+    """Turns a graph of a bundle into a GraphSession."""
 
     name: str
 
     @abstractmethod
-    def load(self, graph_name: str, path: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]
-             ) -> GraphSession:
-        """Load the graph at `path`; `inputs`/`outputs` are the manifest's description of its IO."""
+    def load(self, entry: GraphEntry, bundle: Bundle) -> GraphSession:
+        """Load the graph `entry` of `bundle` (its manifest entry: file, IO, axes, engine record).
+
+        Files are reached through `bundle.file(name)`, which keeps them inside the bundle directory.
+        """

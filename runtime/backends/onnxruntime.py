@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import BackendError
 from .base import Backend, GraphSession, TensorInfo
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+    from ..manifest import GraphEntry
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -21,19 +26,26 @@ class OrtGraphSession(GraphSession):
     def __init__(self, name: str, session: ort.InferenceSession, inputs: Sequence[TensorInfo],
                  outputs: Sequence[TensorInfo]) -> None:
         self.name = name
-        self.session = session
+        self.session: ort.InferenceSession | None = session
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self._all_outputs = [t.name for t in self.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
             ) -> dict[str, np.ndarray]:
+        session = self.session
+        if session is None:
+            raise BackendError(f"graph {self.name!r}: the session is closed")
         names = self._all_outputs if output_names is None else list(output_names)
         try:
-            values = self.session.run(names, feeds)  # type: ignore[arg-type]
+            values = session.run(names, feeds)  # type: ignore[arg-type]
         except Exception as failure:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime failed running graph {self.name!r}: {failure}") from failure
         return dict(zip(names, values))
+
+    def close(self) -> None:
+        """Drop the InferenceSession (its memory goes when no call still runs on it)."""
+        self.session = None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -69,26 +81,27 @@ class OnnxRuntimeBackend(Backend):
             self.options.enable_profiling = True
             self.options.profile_file_prefix = profile_dir.rstrip("/") + "/ort"
 
-    def load(self, graph_name: str, path: str, inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]
-             ) -> GraphSession:
+    def load(self, entry: GraphEntry, bundle: Bundle) -> GraphSession:
+        """An InferenceSession of the entry's ONNX file, whose IO must be the entry's (names, dtypes, ranks)."""
+        path = bundle.file(entry.file)
         try:
-            session = ort.InferenceSession(path, sess_options=self.options, providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
         except Exception as failure:
-            raise BackendError(f"onnxruntime could not load graph {graph_name!r} from {path}: {failure}") from failure
-        declared = {t.name: t for t in (*inputs, *outputs)}
+            raise BackendError(f"onnxruntime could not load graph {entry.name!r} from {path}: {failure}") from failure
+        declared = {t.name: t for t in (*entry.inputs, *entry.outputs)}
         actual = {**{i.name: i for i in session.get_inputs()}, **{o.name: o for o in session.get_outputs()}}
         if set(declared) != set(actual):
-            raise BackendError(f"graph {graph_name!r} at {path}: its IO {sorted(actual)} does not match the "
+            raise BackendError(f"graph {entry.name!r} at {path}: its IO {sorted(actual)} does not match the "
                                f"manifest's {sorted(declared)}")
         for name, tensor in declared.items():
             onnx_type = actual[name].type  # e.g. "tensor(float)"
             if onnx_type != _ORT_TYPES.get(tensor.dtype):
-                raise BackendError(f"graph {graph_name!r}: {name!r} is {onnx_type} in the file but "
+                raise BackendError(f"graph {entry.name!r}: {name!r} is {onnx_type} in the file but "
                                    f"{tensor.dtype} in the manifest")
             if len(actual[name].shape) != len(tensor.shape):
-                raise BackendError(f"graph {graph_name!r}: {name!r} has rank {len(actual[name].shape)} in the "
+                raise BackendError(f"graph {entry.name!r}: {name!r} has rank {len(actual[name].shape)} in the "
                                    f"file but {len(tensor.shape)} in the manifest")
-        return OrtGraphSession(graph_name, session, inputs, outputs)
+        return OrtGraphSession(entry.name, session, entry.inputs, entry.outputs)
 
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",

@@ -1,9 +1,9 @@
-"""TensorRT readiness of ONNX graphs, checked without TensorRT (numpy + onnx, onnx imported lazily).
+"""TensorRT readiness of ONNX graphs, checked without TensorRT (numpy + onnx).
 
-Run at export time so a bundle that TensorRT's ONNX parser would reject, or would build badly, says so before it
-reaches the device:
+Run at export time, so a bundle that TensorRT's ONNX parser would reject, or would build badly, says so before it
+reaches the device (where TensorRT's own parser has the final word, and onnx is not needed):
 
-    from mirasol.runtime.tensorrt_readiness import check_bundle, check_model
+    from mirasol.export.tensorrt_readiness import check_bundle, check_model
     report = check_bundle("bundle/")           # every graph of the manifest
     for finding in report.findings: print(finding)   # "error [text_decoder] node 'CumSum_3': ..."
     findings = check_model("g.onnx", axes={"batch": (1, 1, 8)})
@@ -17,21 +17,13 @@ What is checked, per graph:
 - tensor dtypes TensorRT supports (no float64, no string, no complex, no 16/32/64-bit unsigned; uint8 only as
   graph input/output);
 - every dynamic input dimension is bounded: it has a name, and that name has a range in the manifest's axes
-  (which become the optimization profile);
+  (which become the optimization profile); a dimension the ONNX file fixes is not under an axis whose range
+  spans other sizes (TensorRT's builder refuses a profile that varies a fixed dimension);
 - Q/DQ placement TensorRT can fuse: QuantizeLinear -> DequantizeLinear pairs whose DequantizeLinear feeds (possibly
   through shape-only ops) a MatMul / Gemm / Conv / ConvTranspose, both data inputs of such an op quantized, signed
   int8 with zero points equal to 0 (TensorRT's quantization is symmetric), constant positive scales.
 
-Sources (the data below is copied from them, by hand):
-- Operator support matrix of TensorRT 10.15 (opset 9 to 24): onnx/onnx-tensorrt, docs/operators.md
-  ("TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"),
-  https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
-- Operators added during TensorRT 10.x: onnx/onnx-tensorrt docs/Changelog.md (10.1 DeformConv; 10.4 Blackman/
-  Hamming/HannWindow; 10.5 STFT; 10.9 opset-21 GroupNormalization; 10.14 Attention; 10.15 RotaryEmbedding,
-  RMSNormalization, TensorScatter). TensorRT 10.0 documents opset 9 to 20.
-- Symmetric quantization, Q/DQ:
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-quantized-types.html
-  and .../quantized-types-explicit-quantization.html
+The data checked against (the parser's support matrix and its sources) is in `tensorrt_support.py`.
 """
 from __future__ import annotations
 
@@ -42,116 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from .precision import PRECISIONS
+from mirasol.runtime.manifest import Manifest
+from mirasol.runtime.precision import PRECISIONS
 
-DEFAULT_TARGET = "10.3"  # JetPack 6.1 and 6.2 ship TensorRT 10.3
-MATRIX_VERSION = "10.15"
-OPSET_RANGE = {"10.0": (9, 20), "10.15": (9, 24)}
-
-_FP = ("FP32", "FP16", "BF16")
-_FPI = _FP + ("INT32", "INT64")
-_ALL = _FPI + ("BOOL",)
-
-# op -> (supported types of the data input, restriction text). From onnx-tensorrt docs/operators.md (TensorRT 10.15).
-SUPPORTED_OPS: dict[str, tuple[tuple[str, ...], str]] = {
-    "Abs": (_FPI, ""), "Acos": (_FP, ""), "Acosh": (_FP, ""), "Add": (_FPI, ""), "And": (("BOOL",), ""),
-    "ArgMax": (_FPI, ""), "ArgMin": (_FPI, ""), "Asin": (_FP, ""), "Asinh": (_FP, ""), "Atan": (_FP, ""),
-    "Atanh": (_FP, ""),
-    "Attention": (_FP + ("INT8", "FP8"), "Q, K, V and attn_mask must be 4D; past_key, past_value, nonpad_kv_seqlen "
-                  "inputs and present_key, present_value, qk_matmul_output outputs are unsupported"),
-    "AveragePool": (_FP, "2D or 3D pooling only; dilations must be empty or all ones"),
-    "BatchNormalization": (_FP, ""), "BlackmanWindow": (("FP32", "FP16"), ""),
-    "Cast": (_FPI + ("UINT8", "BOOL"), ""), "CastLike": (_FPI + ("UINT8", "BOOL"), ""),
-    "Ceil": (_FP, ""), "Celu": (_FP, ""), "Clip": (_FP, ""), "Concat": (_ALL, ""),
-    "Constant": (_FP + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL"),
-                 "sparse_value, value_string and value_strings attributes are unsupported"),
-    "ConstantOfShape": (_FP + ("FP8", "FP4", "INT4", "INT32", "INT64", "BOOL"), ""),
-    "Conv": (_FP, ""), "ConvTranspose": (_FP, ""), "Cos": (_FP, ""), "Cosh": (_FP, ""),
-    "CumSum": (_FP, "axis must be a build-time constant"),
-    "DeformConv": (("FP32", "FP16"), "input must have 1D or 2D spatial dimensions"),
-    "DepthToSpace": (_FPI, ""),
-    "DequantizeLinear": (("INT8", "FP8", "FP4", "INT4"), "x_zero_point must be zero"),
-    "Div": (_FPI, ""), "Dropout": (_FP, "is_training must be an initializer and evaluate to False"),
-    "Einsum": (_FP, ""), "Elu": (_FP, ""), "Equal": (_FPI, ""), "Erf": (_FP, ""), "Exp": (_FP, ""),
-    "Expand": (_ALL, ""), "EyeLike": (_ALL, "input must have static dimensions"), "Flatten": (_ALL, ""),
-    "Floor": (_FP, ""), "Gather": (_ALL, ""), "GatherElements": (_ALL, ""), "GatherND": (_ALL, ""),
-    "Gelu": (_FP + ("INT8", "INT32", "INT64"), ""), "Gemm": (_FP, ""), "GlobalAveragePool": (_FP, ""),
-    "GlobalLpPool": (_FP, ""), "GlobalMaxPool": (_FP, ""), "Greater": (_FPI, ""), "GreaterOrEqual": (_FPI, ""),
-    "GridSample": (("FP32", "FP16"), "input must be 4D"), "GroupNormalization": (_FP, ""),
-    "GRU": (_FP, "bidirectional GRUs need the same activations in both directions"),
-    "HammingWindow": (("FP32", "FP16"), ""), "HannWindow": (("FP32", "FP16"), ""), "HardSigmoid": (_FP, ""),
-    "HardSwish": (_FP, ""), "Hardmax": (_FP, "axis dimension of input must be a build-time constant"),
-    "Identity": (_ALL, ""), "If": (_ALL, "both branches' outputs must have the same rank and different names"),
-    "ImageScaler": (_FP, ""), "InstanceNormalization": (_FP, ""), "IsInf": (_FP, ""), "IsNaN": (_FPI, ""),
-    "LayerNormalization": (_FP, "only the first output Y is supported"), "LeakyRelu": (_FP, ""),
-    "Less": (_FPI, ""), "LessOrEqual": (_FPI, ""), "Log": (_FP, ""), "LogSoftmax": (_FP, ""),
-    "Loop": (_ALL, "scan output length cannot be dynamic; loop-carried shapes must not change"),
-    "LRN": (_FP, ""), "LSTM": (_FP, "input_forget must be 0, layout must be 0"), "LpNormalization": (_FP, ""),
-    "LpPool": (_FP, "dilations must be empty or all ones"), "MatMul": (_FP, ""), "Max": (_FPI, ""),
-    "MaxPool": (_FP, "2D or 3D pooling only; Indices output unsupported; dilations empty or all ones"),
-    "Mean": (_FP + ("FP8", "INT32", "INT64"), ""), "MeanVarianceNormalization": (_FP, ""), "Min": (_FPI, ""),
-    "Mish": (("FP32", "FP16"), ""), "Mod": (_FPI, ""), "Mul": (_FPI, ""), "Neg": (_FPI, ""),
-    "NonMaxSuppression": (("FP32", "FP16"), ""), "NonZero": (("FP32", "FP16"), ""), "Not": (("BOOL",), ""),
-    "OneHot": (_ALL, "depth must be a build-time constant"), "Or": (("BOOL",), ""), "Pad": (_FPI, ""),
-    "ParametricSoftplus": (_FP, ""), "Pow": (_FPI, ""), "PRelu": (_FP, ""),
-    "QuantizeLinear": (_FP, "y_zero_point must be 0"),
-    "RandomNormal": (_FP, "seed is ignored"), "RandomNormalLike": (_FP, "seed is ignored"),
-    "RandomUniform": (_FP, "seed is ignored"), "RandomUniformLike": (_FP, "seed is ignored"),
-    "Range": (_FPI, ""), "Reciprocal": (_FP, ""),
-    **{op: (_FPI, "axes must be an initializer") for op in (
-        "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-        "ReduceProd", "ReduceSum", "ReduceSumSquare")},
-    "Relu": (_FPI, ""), "Reshape": (_ALL, ""),
-    "Resize": (_FP, "modes nearest/linear only; no antialiasing; aspect ratio policy stretch"),
-    "ReverseSequence": (_ALL, ""), "RMSNormalization": (_FP, ""),
-    "RNN": (_FP, "bidirectional RNNs need the same activations in both directions"),
-    "RoiAlign": (("FP32", "FP16"), ""), "RotaryEmbedding": (_FP, "position_ids must be INT64"), "Round": (_FP, ""),
-    "STFT": (("FP32",), "frame_step and window must be initializers; input must be real-valued"),
-    "ScaledTanh": (_FP, ""), "Scan": (_FP, ""), "Scatter": (_FPI, ""), "ScatterElements": (_FPI, ""),
-    "ScatterND": (_FPI, "reduction other than none is not supported"), "Selu": (_FP, ""), "Shape": (_ALL, ""),
-    "Shrink": (_FPI, ""), "Sigmoid": (_FP, ""), "Sign": (_FPI, ""), "Sin": (_FP, ""), "Sinh": (_FP, ""),
-    "Size": (_ALL, ""), "Slice": (_ALL, ""), "Softmax": (_FP, ""), "Softplus": (_FP, ""), "Softsign": (_FP, ""),
-    "SpaceToDepth": (_FPI, ""), "Split": (_ALL, ""), "Sqrt": (_FP, ""),
-    "Squeeze": (_ALL, "axes must be resolvable to a constant"), "Sub": (_FPI, ""), "Sum": (_FPI, ""),
-    "Tan": (_FP, ""), "Tanh": (_FP, ""),
-    "TensorScatter": (_FP + ("INT32",), "past_cache and update must be 4D; axis must be -2"),
-    "ThresholdedRelu": (_FP, ""), "Tile": (_ALL, ""),
-    "TopK": (_FPI, "sorted must be 1; K must be less than 3840"), "Transpose": (_ALL, ""), "Trilu": (_ALL, ""),
-    "Unsqueeze": (_ALL, "axes must be resolvable to a constant"), "Upsample": (_FP, ""), "Where": (_ALL, ""),
-    "Xor": (("BOOL",), ""),
-}
-
-# Marked "N" in the same matrix.
-UNSUPPORTED_OPS = frozenset({
-    "AffineGrid", "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Col2Im",
-    "CenterCropPad", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det", "DynamicQuantizeLinear",
-    "ImageDecoder", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MelWeightMatrix", "Multinomial",
-    "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement", "OptionalHasElement", "QLinearConv",
-    "QLinearMatMul", "RegexFullMatch", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
-    "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringConcat",
-    "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique"})
-
-# First TensorRT release whose parser has the op (onnx-tensorrt docs/Changelog.md); older ops are in 10.0.
-OP_SINCE = {"DeformConv": "10.1", "BlackmanWindow": "10.4", "HammingWindow": "10.4", "HannWindow": "10.4",
-            "STFT": "10.5", "Attention": "10.14", "RotaryEmbedding": "10.15", "RMSNormalization": "10.15",
-            "TensorScatter": "10.15"}
-
-# ONNX TensorProto.DataType -> the matrix's type names (None: TensorRT has no such type).
-_TYPE_NAMES = {1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
-               9: "BOOL", 10: "FP16", 11: "DOUBLE", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64", 15: "COMPLEX128",
-               16: "BF16", 17: "FP8", 18: "FP8", 19: "FP8", 20: "FP8", 21: "UINT4", 22: "INT4", 23: "FP4"}
-_TRT_TYPES = {"FP32", "FP16", "BF16", "INT32", "INT64", "INT8", "BOOL", "UINT8", "FP8", "INT4", "FP4"}
-# FP8 in TensorRT is E4M3FN (ONNX FLOAT8E4M3FN = 17); the other FP8 encodings are not TensorRT types.
-_UNSUPPORTED_ELEM = {18: "FLOAT8E4M3FNUZ", 19: "FLOAT8E5M2", 20: "FLOAT8E5M2FNUZ", 21: "UINT4"}
-
-# Q/DQ: operators TensorRT runs in int8 when their inputs are dequantized, and shape-only operators a
-# DequantizeLinear may pass through on the way (TensorRT propagates Q/DQ across them).
-QDQ_FUSABLE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
-QDQ_PASS_THROUGH = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice",
-                              "Concat", "Split", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
-                              "Pad", "Expand", "Gather"})
-_WEIGHTED_DATA_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0, 1), "ConvTranspose": (0, 1)}
+from .tensorrt_support import (DEFAULT_TARGET, MATRIX_VERSION, OP_SINCE, OPSET_RANGE, QDQ_FUSABLE, QDQ_PASS_THROUGH,
+                               SUPPORTED_OPS, TRT_TYPES, TYPE_NAMES, UNSUPPORTED_ELEM, UNSUPPORTED_OPS,
+                               WEIGHTED_DATA_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -209,8 +100,6 @@ class ReadinessReport:
 
 def check_bundle(bundle_dir: str | os.PathLike[str], *, target: str = DEFAULT_TARGET) -> ReadinessReport:
     """Check every graph of a bundle against its manifest (axes, inputs, precision)."""
-    from .manifest import Manifest  # noqa: PLC0415
-
     bundle = Path(bundle_dir)
     manifest = Manifest.read(bundle)
     report = ReadinessReport(target=target, graphs=list(manifest.graphs))
@@ -236,8 +125,6 @@ def check_model(model: Any, *, graph: str = "", axes: Mapping[str, Any] | None =
     quantized precision of `runtime/precision.py` expects Q/DQ nodes, the others do not). base_dir: where external
     data lives (default: the model's directory), to read zero points stored outside the model.
     """
-    import onnx  # noqa: PLC0415
-
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         base_dir = base_dir if base_dir is not None else path.parent
@@ -269,9 +156,6 @@ class _Checker:
     def __init__(self, proto: Any, *, graph: str, axes: Mapping[str, Any] | None,
                  inputs: Mapping[str, Sequence[int | str]] | None, target: str, precision: str | None,
                  base_dir: Path | None) -> None:
-        import onnx  # noqa: PLC0415
-
-        self.onnx = onnx
         self.proto = proto
         self.graph_name = graph
         self.axes = dict(axes) if axes is not None else None
@@ -314,7 +198,7 @@ class _Checker:
                     if attr.name == "value" and attr.t is not None:
                         self.types[node.output[0]] = attr.t.data_type
             for attr in node.attribute:
-                for sub in [attr.g] if attr.type == self.onnx.AttributeProto.GRAPH else list(attr.graphs):
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                     self._collect_types(sub)
 
     # -- opset --------------------------------------------------------------------------------------------------
@@ -374,9 +258,11 @@ class _Checker:
                                  f"TensorRT cannot bound it", "unbounded-dim")
                     elif not 0 <= rng[0] <= rng[1] <= rng[2]:
                         self.add("error", "", f"axis {symbol!r} range {rng} is not 0 <= min <= opt <= max", "bad-range")
-                    elif dim.HasField("dim_value") and not rng[0] <= dim.dim_value <= rng[2]:
+                    elif dim.HasField("dim_value") and (rng[0], rng[2]) != (dim.dim_value, dim.dim_value):
                         self.add("error", "", f"input {info.name!r} dimension {i} is fixed to {dim.dim_value} in the "
-                                 f"ONNX file, outside axis {symbol!r} range {rng[0]}..{rng[2]}", "bad-range")
+                                 f"ONNX file, but axis {symbol!r} ranges {rng[0]}..{rng[2]}: TensorRT's builder refuses "
+                                 f"a profile that varies a fixed dimension; export the dimension as dynamic, or give "
+                                 f"the axis the range {dim.dim_value}..{dim.dim_value}", "fixed-dim")
                 elif isinstance(symbol, int) and dim.HasField("dim_value") and dim.dim_value != symbol:
                     self.add("error", "", f"input {info.name!r} dimension {i} is {dim.dim_value} in the ONNX file and "
                              f"{symbol} in the manifest", "rank-mismatch")
@@ -389,15 +275,15 @@ class _Checker:
             if name in seen or not name:
                 continue
             seen.add(name)
-            type_name = _TYPE_NAMES.get(elem, f"type {elem}")
+            type_name = TYPE_NAMES.get(elem, f"type {elem}")
             what = "graph input/output" if name in io_names else "tensor"
             if elem == 11:
                 self.add("error", "", f"{what} {name!r} is float64: TensorRT has no float64 (its parser only casts "
                          f"DOUBLE down to FLOAT, clamping); export it as float32", "float64")
             elif elem in (8, 14, 15):
                 self.add("error", "", f"{what} {name!r} is {type_name}, which TensorRT has no type for", "dtype")
-            elif elem in _UNSUPPORTED_ELEM or type_name not in _TRT_TYPES:
-                self.add("error", "", f"{what} {name!r} is {_UNSUPPORTED_ELEM.get(elem, type_name)}, which "
+            elif elem in UNSUPPORTED_ELEM or type_name not in TRT_TYPES:
+                self.add("error", "", f"{what} {name!r} is {UNSUPPORTED_ELEM.get(elem, type_name)}, which "
                          f"TensorRT has no type for", "dtype")
             elif elem == 2 and name not in io_names and not self._is_qdq_constant(name):
                 self.add("warning", "", f"tensor {name!r} is uint8: TensorRT supports UINT8 only as a network input or "
@@ -425,7 +311,7 @@ class _Checker:
                 continue
             self.check_op(node, label, constants)
             for attr in node.attribute:
-                subgraphs = [attr.g] if attr.type == self.onnx.AttributeProto.GRAPH else list(attr.graphs)
+                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
                 for sub in subgraphs:
                     if depth < 8:
                         self.check_nodes(sub.node, sub, depth + 1, via=f"{label}.{attr.name}")
@@ -448,7 +334,7 @@ class _Checker:
         data = node.input[0] if node.input else ""
         elem = self.types.get(data) if data else None
         if elem is not None:
-            type_name = _TYPE_NAMES.get(elem, str(elem))
+            type_name = TYPE_NAMES.get(elem, str(elem))
             if type_name not in types:
                 self.add("error", label, f"{op} on {type_name} input {data!r}: TensorRT's {op} supports "
                          f"{', '.join(types)}", "op-dtype")
@@ -510,7 +396,7 @@ class _Checker:
                              f"inputs of MatMul/Gemm/Conv instead", "qdq-unfused")
         if has_qdq:
             for node in nodes:
-                data_inputs = _WEIGHTED_DATA_INPUTS.get(node.op_type)
+                data_inputs = WEIGHTED_DATA_INPUTS.get(node.op_type)
                 if not data_inputs:
                     continue
                 quantized = [self._dequantized(node.input[i], producers) for i in data_inputs if i < len(node.input)]
@@ -586,23 +472,21 @@ class _Checker:
                      f"zero point 0 (uint8 Q/DQ is only for DLA)", "qdq-zero-point")
 
     def _constant(self, name: str, graph: Any) -> np.ndarray | None:
-        from onnx import numpy_helper  # noqa: PLC0415
-
         for init in graph.initializer:
             if init.name == name:
-                return self._to_array(init, numpy_helper)
+                return self._to_array(init)
         for node in graph.node:
             if node.op_type == "Constant" and node.output and node.output[0] == name:
                 for attr in node.attribute:
                     if attr.name == "value":
-                        return self._to_array(attr.t, numpy_helper)
+                        return self._to_array(attr.t)
                     if attr.name in ("value_float", "value_int"):
                         return np.asarray(attr.f if attr.name == "value_float" else attr.i)
                     if attr.name in ("value_floats", "value_ints"):
                         return np.asarray(list(attr.floats) if attr.name == "value_floats" else list(attr.ints))
         return None
 
-    def _to_array(self, tensor: Any, numpy_helper: Any) -> np.ndarray | None:
+    def _to_array(self, tensor: Any) -> np.ndarray | None:
         try:
             if tensor.data_location == 1:  # TensorProto.EXTERNAL
                 return numpy_helper.to_array(tensor, str(self.base_dir) if self.base_dir else "")

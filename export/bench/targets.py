@@ -1,0 +1,47 @@
+"""The targets section: the pass/fail lines (set for the small preset on 2 CPU cores), from the report so far."""
+from __future__ import annotations
+
+from typing import Any
+
+from .context import Run
+from .stats import median, ratio
+
+
+def _target(name: str, value: float | None, op: str, threshold: float, note: str = "") -> dict[str, Any]:
+    passed = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "pass": passed, "note": note}
+
+
+def targets(run: Run) -> list[dict[str, Any]]:
+    """One line per target: the measured value, the threshold, pass (None where not measurable) and why not."""
+    report = run.report
+    s = report["streaming"]
+    engines = s["engines"]
+    primary = s["primary"]
+    fp32 = median(engines.get("runtime_fp32"))
+    int8 = engines.get("runtime_int8", {})
+    flat = report["flatness"]["compare"]
+    text = report["text"]
+    n = text["measured_tokens"]
+    tokens_note = (f"at {n} new tokens" if n == text["requested_new_tokens"]
+                   else f"at {n} new tokens (the answer ended at EOS; {text['requested_new_tokens']} requested)")
+    memory = report["memory"]
+    return [
+        _target("runtime fp32 per chunk vs PyTorch eager stepping (x faster)",
+                ratio(median(engines.get("pytorch_eager_step")), fp32), ">=", 1.5,
+                "" if fp32 else "no fp32 bundle"),
+        _target("runtime int8 (CPU) per chunk vs runtime fp32 (x faster)", ratio(fp32, median(int8)), ">=", 1.5,
+                "" if median(int8) else f"int8 {int8.get('status', 'not measured')}: {int8.get('reason', '')}"),
+        _target(f"chunk {flat['at']} vs chunk 8 per-chunk latency (ratio)",
+                flat["ratio"] if flat["at"] == 128 else None, "<=", 1.15,
+                "" if flat["at"] == 128 else f"stream of {report['flatness']['stream_chunks']} chunks: "
+                f"chunk {flat['at']}/8 = {flat['ratio'] if flat['ratio'] is None else round(flat['ratio'], 3)}"),
+        _target("cached text tokens/s vs uncached (ONNX, x)", text["speedup"]["cached_vs_onnx_uncached"], ">=", 5.0,
+                tokens_note),
+        _target("runtime cached text tokens/s vs PyTorch eager cached (x)",
+                text["speedup"]["cached_vs_pytorch_cached"], ">=", 1.3, tokens_note),
+        _target(f"{primary} overhead outside backend run calls (fraction of stream wall time)",
+                report["overhead"]["fraction_outside_run_calls"], "<=", 0.05),
+        _target("runtime-only process peak RSS vs PyTorch process (ratio)",
+                memory["rss_ratio_runtime_vs_pytorch"], "<=", 0.5),
+    ]
