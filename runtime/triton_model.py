@@ -207,6 +207,10 @@ class TritonPythonModel:
             replies[i] = reply
         return [self._response(reply) for reply in replies]  # type: ignore[arg-type]
 
+    def finalize(self) -> None:
+        """Triton unloads the model: close the graph sessions (saved streams stay in the state directory)."""
+        self.sequences.pipeline.close()
+
     def _input(self, request: Any, name: str) -> np.ndarray | None:
         """The request's value of input `name` without its batch axis (Triton's sequence batcher sends batch 1)."""
         tensor = self.pb.get_input_tensor_by_name(request, name)
