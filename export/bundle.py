@@ -24,6 +24,7 @@ import torch
 
 from mirasol.model import Mirasol
 from mirasol.calibration.quantize import CalibrationOptions
+from mirasol.runtime.atomic import atomic_directory, pause_point
 from mirasol.runtime.backends.base import TensorInfo
 from mirasol.runtime.bundle import sha256_file
 from mirasol.runtime.errors import ExportError, MirasolError
@@ -32,7 +33,6 @@ from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import get_precision
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .atomic import atomic_directory, pause_point
 from .onnx_export import DEFAULT_OPSET
 from .precisions import TRANSFORMS
 from .sources import ExportContext, GraphSource, PrecisionOptions

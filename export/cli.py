@@ -69,12 +69,14 @@ def run_cli(main_body, debug: bool) -> None:
 @click.option("--engine", is_flag=True,
               help="Also build TensorRT engines for this GPU (needs TensorRT; or later: mirasol-build-engines).")
 @click.option("--workspace-mb", default=1024, show_default=True, help="--engine: TensorRT workspace limit.")
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a Triton model repository serving the bundle here (defaults of mirasol-triton).")
 @click.option("--params-only", is_flag=True, help="Print the parameter count per component and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str, out: Path | None, opset: int,
          validate: bool, max_batch: int, fp16_io: bool, calibration_data: str | None, calibration_clips: int,
          int8_flavour: str, calibration_method: str, reference_bundle: Path | None,
-         engine: bool, workspace_mb: int, params_only: bool, debug: bool) -> None:
+         engine: bool, workspace_mb: int, triton_dir: Path | None, params_only: bool, debug: bool) -> None:
     """Export Mirasol as a bundle: combiner, AV autoregressor and text decoder graphs (plus the text
     decoder's cross-attention projection), their state wiring and a manifest, validated against PyTorch.
 
@@ -115,6 +117,9 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         click.echo("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
         if params_only:
             return
+        if triton_dir is not None:
+            from mirasol.runtime.triton_repo import KIND
+            check_output_dir(triton_dir, KIND)  # before the export, not after it
         calibration = None
         if precision == "int8":
             if calibration_data is None:
@@ -145,6 +150,10 @@ def main(preset: str | None, checkpoint: Path | None, seed: int, precision: str,
         else:
             click.echo("\nTensorRT readiness: skipped (the int8 cpu flavours are for ONNX Runtime; "
                        "use --int8-flavour tensorrt)")
+        if triton_dir is not None:
+            from mirasol.runtime.triton_repo import write_repository
+            model = write_repository(out, triton_dir)
+            click.echo(f"\nwrote Triton model repository {triton_dir} (model {model.name!r}; see mirasol-triton -h)")
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         click.echo(f"\nwrote {out} ({precision}) in {time.perf_counter() - start:.1f}s, peak memory {peak:.0f} MB")
 

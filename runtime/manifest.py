@@ -324,6 +324,16 @@ class Manifest:
         """The largest batch every graph takes (the smallest maximum of their batch axes)."""
         return min((g.axes["batch"].max for g in self.graphs.values() if "batch" in g.axes), default=1 << 16)
 
+    def step_tensor(self, step_name: str, name: str, output: bool = False) -> tuple[str, TensorInfo]:
+        """The first graph of a step with input (or output) `name`, and that tensor's description."""
+        step = self.steps[step_name]
+        for graph in step.graphs:
+            for tensor in (self.graphs[graph].outputs if output else self.graphs[graph].inputs):
+                if tensor.name == name:
+                    return graph, tensor
+        raise BundleError(f"no graph of step {step_name!r} {list(step.graphs)} has {'output' if output else 'input'} "
+                          f"{name!r}")
+
     def binding(self, graph: str, input_name: str) -> StateSpec | CounterSpec | None:
         for spec in (*self.state, *self.counters):
             if spec.graph == graph and spec.input == input_name:

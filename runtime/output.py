@@ -76,11 +76,16 @@ def prepare_output_dir(path: str | os.PathLike[str], kind: str, legacy: re.Patte
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if _marker(directory) != kind:
-            with atomic_file(directory / MARKER_FILE) as tmp:
-                tmp.write_text(json.dumps({"format": MARKER_FORMAT, "kind": kind}) + "\n")
+            write_marker(directory, kind)
     except OSError as bad:
         raise OutputError(f"cannot create the output directory {path}: {bad.strerror or bad}") from None
     return directory
+
+
+def write_marker(directory: Path, kind: str, **about: Any) -> None:
+    """Mark `directory` as ours, of `kind` (with `about`: what wrote it, from what, how; for people to read)."""
+    with atomic_file(directory / MARKER_FILE) as tmp:
+        tmp.write_text(json.dumps({"format": MARKER_FORMAT, "kind": kind, **about}, indent=2) + "\n")
 
 
 def check_output_file(path: str | os.PathLike[str], is_ours: Callable[[Path], bool], what: str) -> Path:

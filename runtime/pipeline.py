@@ -7,11 +7,12 @@ state is updated. The plan is resolved once at load; the per-chunk and per-token
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,7 @@ class Pipeline:
         self._state = {s.name: s for s in manifest.state}
         self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: self._plan(name) for name in manifest.steps}
-        push = manifest.steps["push"]
-        located = {name: self._input_info(push.graphs, name) for name in push.inputs}
+        located = {name: manifest.step_tensor("push", name) for name in manifest.steps["push"].inputs}
         self.chunk_inputs = {name: info for name, (_, info) in located.items()}
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
@@ -122,14 +122,6 @@ class Pipeline:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-    def _input_info(self, graphs: tuple[str, ...], name: str) -> tuple[str, TensorInfo]:
-        """The first graph of a step taking input `name`, and that input's description."""
-        for graph in graphs:
-            for tensor in self.bundle.graphs[graph].inputs:
-                if tensor.name == name:
-                    return graph, tensor
-        raise BundleError(f"no graph of {graphs} has input {name!r}")
 
     def _plan(self, step_name: str) -> _StepPlan:
         manifest = self.bundle.manifest
@@ -170,6 +162,71 @@ class Pipeline:
         stream = Stream(self)
         stream._load(Path(path))
         return stream
+
+    def push_streams(self, streams: Sequence["Stream"], chunks: Sequence[tuple[np.ndarray, np.ndarray]]
+                     ) -> list[np.ndarray]:
+        """Push one chunk (video, audio) into each stream in as few runs of the push step as their state allows.
+
+        Streams whose carried state has the same shape are stacked along the batch axis (at most `max_batch`
+        rows a run); streams of other shapes run in further groups. Returns each stream's av_context as
+        `stream.push` would (equal up to float rounding). No stream changes unless every run succeeded.
+        """
+        if len(streams) != len(chunks):
+            raise InputError(f"push_streams: {len(streams)} streams but {len(chunks)} chunks")
+        if len({id(stream) for stream in streams}) != len(streams):
+            raise InputError("push_streams: a stream appears twice; push its chunks in separate calls")
+        if any(stream.pipeline is not self for stream in streams):
+            raise InputError("push_streams: every stream must come from this Pipeline")
+        prepared = [stream._chunk_feeds(video, audio) for stream, (video, audio) in zip(streams, chunks)]
+        graphs = self.bundle.graphs
+        axes = {s.name: graphs[s.graph].input(s.input).shape.index("batch")
+                for s in self._state.values() if s.scope == "stream"}
+        plan = self._plans["push"]
+        returns_axis = self.bundle.manifest.step_tensor("push", plan.returns, output=True)[1].shape.index("batch")
+        with contextlib.ExitStack() as held:
+            for stream in sorted(streams, key=id):  # one order for every caller: no deadlock between them
+                held.enter_context(stream._lock)
+            carried = [stream._carried_for(batch) for stream, (_, batch, _) in zip(streams, prepared)]
+            groups: dict[tuple, list[int]] = {}
+            for i, values in enumerate(carried):
+                key = tuple(v.shape[:axes[n]] + v.shape[axes[n] + 1:] for n, v in values.state.items())
+                groups.setdefault(key, []).append(i)
+            updated = [_Carried() for _ in streams]
+            contexts: list[np.ndarray] = [np.empty(0)] * len(streams)
+            runner = Stream(self)  # runs the stacked step; its own state stays unused
+            for members in groups.values():
+                for part in self._parts(members, [prepared[i][1] for i in members]):
+                    rows = [prepared[i][1] for i in part]
+                    stacked = _Carried(
+                        {n: np.concatenate([carried[i].state[n] for i in part], axis=axes[n]) for n in axes},
+                        {n: np.concatenate([carried[i].counters[n] for i in part]) for n in carried[part[0]].counters})
+                    feeds = {n: np.concatenate([prepared[i][0][n] for i in part]) for n in self.chunk_inputs}
+                    context = runner._run("push", feeds, sum(rows), stacked)[plan.returns]  # type: ignore[index]
+                    offsets = np.cumsum(rows)[:-1]
+                    for n, value in stacked.state.items():
+                        for i, piece in zip(part, np.split(value, offsets, axis=axes[n])):
+                            updated[i].state[n] = np.ascontiguousarray(piece)
+                    for n, value in stacked.counters.items():
+                        for i, piece in zip(part, np.split(value, offsets)):
+                            updated[i].counters[n] = piece.copy()
+                    for i, piece in zip(part, np.split(context, offsets, axis=returns_axis)):
+                        contexts[i] = piece
+            for stream, new, (_, batch, _) in zip(streams, updated, prepared):
+                stream._carried, stream.batch = new, batch
+                stream.chunks += 1
+        return [context[0] if unbatched else context for context, (_, _, unbatched) in zip(contexts, prepared)]
+
+    def _parts(self, members: list[int], rows: list[int]) -> list[list[int]]:
+        """Consecutive runs of `members` whose rows add up to at most max_batch each."""
+        parts: list[list[int]] = [[]]
+        total = 0
+        for member, count in zip(members, rows):
+            if parts[-1] and total + count > self.max_batch:
+                parts.append([])
+                total = 0
+            parts[-1].append(member)
+            total += count
+        return parts
 
     def split_clip(self, video: np.ndarray, audio: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Whole clip: video [N*F, 3, H, W], audio log-mel [n_mels, N*A] -> N (video, audio) chunks."""
@@ -302,6 +359,17 @@ class Stream:
 
         A chunk whose graphs give NaN or inf (e.g. inputs of extreme magnitude) raises InputError naming the
         graph and output, and the stream stays as it was."""
+        feeds, batch, unbatched = self._chunk_feeds(video, audio)
+        with self._lock:
+            carried = self._carried_for(batch)
+            produced = self._run("push", feeds, batch, carried)
+            self._carried, self.batch = carried, batch
+            self.chunks += 1
+        context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
+        return context[0] if unbatched else context
+
+    def _chunk_feeds(self, video: np.ndarray, audio: np.ndarray) -> tuple[dict[str, np.ndarray], int, bool]:
+        """The chunk as the push step's feeds with a batch axis, its batch size, and whether it came without one."""
         feeds = {"video": video, "audio": audio}
         for name, value in feeds.items():
             if not isinstance(value, np.ndarray):
@@ -311,17 +379,15 @@ class Stream:
         unbatched = feeds["video"].ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
         if unbatched:
             feeds = {name: value[None] for name, value in feeds.items()}
-        batch = self._check_chunk(feeds)
-        with self._lock:
-            if self.batch is not None and batch != self.batch:
-                raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch "
-                                 f"{batch}")
-            carried = self._carried if self.batch is not None else self._fresh("stream", batch)
-            produced = self._run("push", feeds, batch, carried)
-            self._carried, self.batch = carried, batch
-            self.chunks += 1
-        context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
-        return context[0] if unbatched else context
+        return feeds, self._check_chunk(feeds), unbatched
+
+    def _carried_for(self, batch: int) -> _Carried:
+        """The stream-scope state a push of `batch` rows starts from (under the lock): the stream's, or fresh."""
+        if self.batch is None:
+            return self._fresh("stream", batch)
+        if batch != self.batch:
+            raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch {batch}")
+        return self._carried
 
     def skip(self, count: int = 1) -> None:
         """Note `count` chunks of the source that were dropped, not pushed: the carried state only ever

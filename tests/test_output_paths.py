@@ -92,7 +92,7 @@ def test_export_refuses_root_and_mount_points(tmp_path) -> None:
 
 
 def test_a_bundle_holding_a_user_file_is_not_replaced(tiny_bundle, tmp_path) -> None:
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     bundle = copy_bundle(tiny_bundle, tmp_path)
     (bundle / "README.txt").write_text("what I learned about this bundle")
@@ -105,7 +105,7 @@ def test_a_bundle_holding_a_user_file_is_not_replaced(tiny_bundle, tmp_path) -> 
 
 
 def test_a_bundle_and_an_empty_directory_are_written(tiny_bundle, tmp_path) -> None:
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     bundle = copy_bundle(tiny_bundle, tmp_path)
     (bundle / "combiner.fp16.engine").write_bytes(b"an engine built earlier, no longer recorded")
@@ -119,7 +119,7 @@ def test_a_bundle_and_an_empty_directory_are_written(tiny_bundle, tmp_path) -> N
 
 
 def test_user_files_moved_in_during_an_export_are_kept(tmp_path) -> None:
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     target = tmp_path / "out"
     with pytest.raises(OutputError, match="notes.txt"):
@@ -229,7 +229,7 @@ SAME_PID_WRITER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     os.getpid = lambda: int(sys.argv[2])  # a second container: the same PID as the other writer
-    import mirasol.export.atomic as atomic
+    import mirasol.runtime.atomic as atomic
 
     with atomic.atomic_directory(Path(sys.argv[1])) as work:
         (work / "manifest.json").write_text('{"format": "mirasol-bundle", "writer": "other"}')
@@ -241,7 +241,7 @@ SAME_PID_WRITER = textwrap.dedent("""
 
 
 def test_two_writers_with_the_same_pid_keep_each_others_work(tmp_path) -> None:
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     target = tmp_path / "bundle"
     other = subprocess.Popen([sys.executable, "-c", SAME_PID_WRITER, str(target), str(os.getpid())],

@@ -791,7 +791,7 @@ def test_export_cli_bad_argument(args, words) -> None:
 
 
 def test_export_out_is_a_file(tmp_path) -> None:
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     target = tmp_path / "not-a-dir"
     target.write_text("keep me")

@@ -1,9 +1,10 @@
 """Write a directory atomically: build it beside the target, then swap it into place.
 
-The target must be ours to replace (`mirasol.runtime.output.check_output_dir`: new, empty, or a bundle),
-checked before anything is written and again just before the swap. A failed or killed export leaves the
-target exactly as it was (or, once the swap has happened, holds the complete new directory); at worst a
-hidden temporary directory remains beside it, which the next export to the same target removes.
+Used for bundles (`mirasol-export`) and Triton model repositories (`mirasol-triton`). The target must be ours to
+replace (`output.check_output_dir`: new, empty, or a directory of that kind we wrote), checked before anything is
+written and again just before the swap. A failed or killed write leaves the target exactly as it was (or, once
+the swap has happened, holds the complete new directory); at worst a hidden temporary directory remains beside it,
+which the next write to the same target removes.
 
 The swap is one renameat2(RENAME_EXCHANGE) on Linux. Where that is unavailable, the old target is first
 renamed to a `-previous` backup and the new directory renamed into place; a process killed between the two
@@ -29,8 +30,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mirasol.runtime.errors import ExportError
-from mirasol.runtime.output import check_output_dir, directory_mode, fsync
+from .errors import ExportError
+from .output import check_output_dir, directory_mode, fsync
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
