@@ -61,6 +61,7 @@ class _StepPlan:
     counters: list[CounterSpec]  # counters this step advances
     returns: str | None
     checked: dict[str, list[_Checked]]  # per graph: its outputs that are carried, returned or fed to a later graph
+    keep: dict[str, frozenset[str]]  # per graph: outputs that stay where the backend computes (carried or fed on)
 
 
 @dataclass
@@ -148,8 +149,10 @@ class Pipeline:
         used = passed_on | {s.output for s in state}
         checked = {g: [_Checked(g, t, np.dtype(t.dtype), _finite_check(t.dtype) if t.name in finite else None)
                        for t in manifest.graphs[g].outputs if t.name in used] for g in step.graphs}
+        kept = (used - {step.returns}) | {s.output for s in state} if self.backend.keeps_on_device else set()
+        keep = {g: frozenset(t.name for t in manifest.graphs[g].outputs if t.name in kept) for g in step.graphs}
         return _StepPlan(graphs, state, [c for c in manifest.counters if c.graph in step.graphs], step.returns,
-                         checked)
+                         checked, keep)
 
     def stream(self) -> "Stream":
         """A fresh stream: TTM memory zeros, empty caches, counters at 0."""
@@ -198,14 +201,15 @@ class Pipeline:
                 for part in self._parts(members, [prepared[i][1] for i in members]):
                     rows = [prepared[i][1] for i in part]
                     stacked = _Carried(
-                        {n: np.concatenate([carried[i].state[n] for i in part], axis=axes[n]) for n in axes},
+                        {n: self.backend.concatenate([carried[i].state[n] for i in part], axes[n]) for n in axes},
                         {n: np.concatenate([carried[i].counters[n] for i in part]) for n in carried[part[0]].counters})
                     feeds = {n: np.concatenate([prepared[i][0][n] for i in part]) for n in self.chunk_inputs}
-                    context = runner._run("push", feeds, sum(rows), stacked)[plan.returns]  # type: ignore[index]
+                    context = runner._run("push", feeds, sum(rows), stacked)
                     offsets = np.cumsum(rows)[:-1]
+                    bounds = list(zip([0, *offsets], [*offsets, sum(rows)]))
                     for n, value in stacked.state.items():
-                        for i, piece in zip(part, np.split(value, offsets, axis=axes[n])):
-                            updated[i].state[n] = np.ascontiguousarray(piece)
+                        for i, (begin, end) in zip(part, bounds):
+                            updated[i].state[n] = self.backend.slice(value, axes[n], begin, end)
                     for n, value in stacked.counters.items():
                         for i, piece in zip(part, np.split(value, offsets)):
                             updated[i].counters[n] = piece.copy()
@@ -300,13 +304,17 @@ class Stream:
         return carried
 
     def _run(self, step_name: str, inputs: Mapping[str, np.ndarray], batch: int, stream: _Carried,
-             question: _Carried | None = None) -> dict[str, np.ndarray]:
-        """Run a step's graphs (under the stream's lock). State and counters change only once every graph has
-        succeeded and every output that is carried, returned or fed to a later graph has the manifest's dtype and
-        shape and holds no NaN or inf; otherwise nothing changes and the error names the graph and output."""
+             question: _Carried | None = None) -> np.ndarray | None:
+        """Run a step's graphs (under the stream's lock); returns the step's returned output on the host (None for
+        a step that returns nothing). State and counters change only once every graph has succeeded and every output
+        that is carried, returned or fed to a later graph has the manifest's dtype and shape and holds no NaN or inf
+        (outputs the backend keeps on its device are checked for dtype and shape, and through what they lead to:
+        the returned output); otherwise nothing changes and the error names the graph and output."""
         plan = self.pipeline._plans[step_name]
+        backend = self.pipeline.backend
         scopes = {"stream": stream, "question": question}
-        produced: dict[str, np.ndarray] = {}
+        produced: dict[str, Any] = {}
+        returned = None
         start = time.perf_counter()
         for session, feeds in plan.graphs:
             values = {}
@@ -319,12 +327,16 @@ class Stream:
                     values[feed.input] = scopes[feed.scope].state[feed.key]  # type: ignore[union-attr]
                 else:
                     values[feed.input] = scopes[feed.scope].counters[feed.key]  # type: ignore[union-attr]
+            keep = plan.keep[session.name]
             t0 = time.perf_counter()
-            outputs = session.run(values)
+            outputs = session.run(values, keep_on_device=keep) if keep else session.run(values)
             self.timings.add(self.timings.graph_seconds, session.name, time.perf_counter() - t0)
             self.timings.graph_calls[session.name] = self.timings.graph_calls.get(session.name, 0) + 1
+            if plan.returns in outputs:
+                returned = backend.to_host(outputs[plan.returns])
             for checked in plan.checked[session.name]:
-                _check_output(outputs[checked.info.name], checked, batch, step_name,
+                name = checked.info.name
+                _check_output(returned if name == plan.returns else outputs[name], checked, batch, step_name,
                               InputError if step_name == "push" else BackendError)
             produced.update(outputs)
         updates: list[tuple[dict[str, np.ndarray], str, np.ndarray]] = []
@@ -333,12 +345,10 @@ class Stream:
             value = produced[spec.output]
             try:
                 if spec.update == "append":
-                    value = np.concatenate([table[spec.name], value], axis=spec.axis)
+                    value = backend.concatenate([table[spec.name], value], spec.axis)  # type: ignore[arg-type]
                 if spec.window is not None and value.shape[spec.axis] > spec.window:
-                    index = [slice(None)] * value.ndim
-                    index[spec.axis] = slice(value.shape[spec.axis] - spec.window, None)
-                    value = np.ascontiguousarray(value[tuple(index)])
-            except ValueError:
+                    value = backend.slice(value, spec.axis, value.shape[spec.axis] - spec.window)  # type: ignore[arg-type]
+            except (ValueError, InputError):
                 raise BackendError(f"state {spec.name}: output {spec.source_graph}.{spec.output} of shape "
                                    f"{value.shape} does not fit the carried {table[spec.name].shape}") from None
             updates.append((table, spec.name, value))
@@ -350,7 +360,7 @@ class Stream:
         for table, name, value in updates:
             table[name] = value
         self.timings.add(self.timings.step_seconds, step_name, time.perf_counter() - start)
-        return produced
+        return returned
 
     # ---- streaming ----
     def push(self, video: np.ndarray, audio: np.ndarray) -> np.ndarray:
@@ -362,11 +372,10 @@ class Stream:
         feeds, batch, unbatched = self._chunk_feeds(video, audio)
         with self._lock:
             carried = self._carried_for(batch)
-            produced = self._run("push", feeds, batch, carried)
+            context = self._run("push", feeds, batch, carried)
             self._carried, self.batch = carried, batch
             self.chunks += 1
-        context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
-        return context[0] if unbatched else context
+        return context[0] if unbatched else context  # type: ignore[index]
 
     def _chunk_feeds(self, video: np.ndarray, audio: np.ndarray) -> tuple[dict[str, np.ndarray], int, bool]:
         """The chunk as the push step's feeds with a batch axis, its batch size, and whether it came without one."""
@@ -497,8 +506,7 @@ class Stream:
                 asked.counters.update(restart.counters)
                 ids = sequence
             with self._lock:
-                produced = self._run("generate", {"input_ids": ids}, batch, self._carried, asked)
-            logits = produced[generate.returns][:, -1]  # type: ignore[index]
+                logits = self._run("generate", {"input_ids": ids}, batch, self._carried, asked)[:, -1]  # type: ignore[index]
             tokens = sampler(logits)
             ended = tokens == tokenizer.EOS
             row_tokens: list[int | None] = [int(t) if a and not e else None for t, a, e in zip(tokens, alive, ended)]
@@ -564,7 +572,7 @@ def _check_output(value: Any, checked: _Checked, batch: int, step: str, error: t
         raise BackendError(f"{step}: graph {checked.graph!r} output {info.name!r} is {getattr(value, 'dtype', None)} "
                            f"{list(shape)}, the manifest says {info.dtype} {list(info.shape)} (batch {batch}); "
                            f"nothing was changed")
-    if checked.finite is not None and not checked.finite(value):
+    if checked.finite is not None and isinstance(value, np.ndarray) and not checked.finite(value):
         hint = " (are the chunk's values of a sane magnitude?)" if error is InputError else ""
         raise error(f"{step}: graph {checked.graph!r} output {info.name!r} holds NaN or inf{hint}; the stream was "
                     f"not changed")
