@@ -28,6 +28,7 @@ from mirasol.runtime.tokenizer import ByteTokenizer
 
 from .ceiling import ceiling
 from .context import Run, chunk_pool
+from .costs import costs
 from .cuda import cuda
 from .memory import memory
 from .source import Progress, Source, build_source, export_bundles
@@ -43,7 +44,7 @@ SPIN_KEY = "session.intra_op.allow_spinning"
 # the measured sections in the order they run (a later one may read an earlier one's entry in run.report)
 MEASURES: dict[str, Callable[[Run], Any]] = {
     "streaming": streaming, "overhead": overhead, "flatness": flatness, "text": text, "memory": memory,
-    "ceiling": ceiling, "cuda": cuda, "targets": targets}
+    "ceiling": ceiling, "costs": costs, "cuda": cuda, "targets": targets}
 SECTIONS = ("export", *MEASURES)
 
 
