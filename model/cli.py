@@ -45,8 +45,9 @@ def _demo(args: argparse.Namespace) -> None:
     with atomic_file(check_output_file(args.out, is_demo_clip, "demo clip")) as tmp:
         task.write(clip, tmp)
     print(f"wrote {args.out}: {len(clip.events)} chunks")
+    width = max(len(qa.question) for qa in clip.questions)
     for qa in clip.questions:
-        print(f"  Q: {qa.question:<40} A: {qa.answer}")
+        print(f"  Q: {qa.question:<{width}}  A: {qa.answer}")
 
 
 # ---------------------------------------------------------------- mirasol-train

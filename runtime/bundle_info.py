@@ -46,8 +46,10 @@ def text_limits(max_text_len: int, prompt_tokens: int) -> tuple[int, int]:
     return room - 1, room
 
 
-def describe_bundle(bundle: Bundle, width: int = 110) -> str:
+def describe_bundle(bundle: Bundle, shown_path: str | Path | None = None, width: int = 110) -> str:
+    """The description, `shown_path` naming the bundle (default: its absolute path), lines wrapped at `width`."""
     manifest = bundle.manifest
+    shown = shown_path if shown_path is not None else bundle.path
     config = manifest.config
     media = MediaParams.from_config(config)
     _, video = manifest.step_tensor("push", "video")
@@ -61,7 +63,7 @@ def describe_bundle(bundle: Bundle, width: int = 110) -> str:
                       for graph in manifest.graphs.values() for f in (graph.file, *graph.external_data))
     made = ", ".join(f"{k} {v}" for k, v in manifest.producer.items() if k != "python") or "unknown"
     fields = {
-        "bundle": f"{bundle.path} ({manifest.format} format {manifest.format_version})",
+        "bundle": f"{shown} ({manifest.format} format {manifest.format_version})",
         "written by": made,
         "model": f"{config.get('preset', 'unnamed')}: {human_bytes(graph_bytes)} of {manifest.precision} graphs "
                  f"(its config is at the end)",
@@ -82,7 +84,7 @@ def describe_bundle(bundle: Bundle, width: int = 110) -> str:
     lines += ["", format_graph_sizes(bundle.path, manifest), ""]
     engines = {name: graph.engine for name, graph in manifest.graphs.items() if graph.engine}
     lines += (["TensorRT engines:", *memory_report(engines)] if engines else
-              [f"TensorRT engines: none (build them on the device that runs them: mirasol-build-engines {bundle.path})"])
+              [f"TensorRT engines: none (build them on the device that runs them: mirasol-build-engines {shown})"])
     lines += ["", "validation against PyTorch (the largest error of each output):",
               format_validation(manifest.validation) if manifest.validation else "none (exported with --no-validate)"]
     if "fp16" in manifest.quantization:

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -145,6 +146,10 @@ def _answer_clip(args: argparse.Namespace, pipe: Pipeline, load_seconds: float) 
                         "answer_s": answer_seconds, **stream.timings.to_dict()}}, indent=2))
     else:
         print(answer)
+        if not answer.strip():
+            warnings.warn(f"the answer is blank ({len(tokens)} tokens of whitespace or none): a bundle of a "
+                          f"random-init preset answers nothing meaningful; the demo model (mirasol-export's default) "
+                          f"or a trained checkpoint does", stacklevel=1)
     return 0
 
 
@@ -324,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.info or (args.video is not None and args.question is None):  # describe, or decode into --save-chunks
         bundle = Bundle.load(args.bundle, verify=not args.no_verify)
         if args.info:
-            print(describe_bundle(bundle))
+            print(describe_bundle(bundle, args.bundle))
         else:
             _chunks(args, bundle.config)
         return 0
