@@ -24,6 +24,7 @@ import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from .errors import MirasolError
@@ -94,6 +95,14 @@ def bounded(kind: Callable[[str], Any], low: float | None = None, high: float | 
 
     parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
     return parse
+
+
+def existing_dir(text: str) -> Path:
+    """An argparse type: a directory that exists (a wrong one is a wrong command line)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} {'is not a directory' if path.exists() else 'does not exist'}")
+    return path
 
 
 def missing_extra(error: ImportError) -> str | None:

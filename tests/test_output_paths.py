@@ -19,17 +19,9 @@ import pytest
 from mirasol.runtime.errors import ExportError, MirasolError, OutputError
 from mirasol.runtime.output import MARKER_FILE, atomic_file, check_output_dir, prepare_output_dir
 
-from .conftest import QUESTION, chunk, copy_bundle, snapshot
+from .conftest import QUESTION, chunk, copy_bundle, run_export_cli as _export_cli, snapshot
 
 BUNDLE_MANIFEST = '{"format": "mirasol-bundle", "writer": "%s"}'
-
-
-def _export_cli(args: list[str]):
-    from click.testing import CliRunner
-
-    from mirasol.export.cli import main
-
-    return CliRunner().invoke(main, args)
 
 
 def _user_folder(path: Path) -> Path:

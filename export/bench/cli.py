@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirasol.runtime.commandline import UsageError, bounded, command_parser, run_command
+from mirasol.runtime.commandline import UsageError, bounded, command_parser, existing_dir, run_command
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 
 PRESETS = ("tiny", "small", "base", "mirasol3b")
@@ -40,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     count = bounded(int, 1)
     parser.add_argument("--preset", choices=PRESETS,
                         help="model size with a seeded random init (default: small; tiny with --quick)")
-    parser.add_argument("--checkpoint", type=Path, metavar="DIR", help="a checkpoint directory instead of a preset")
-    parser.add_argument("--bundle", type=Path, metavar="DIR",
+    parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
+                        help="a checkpoint directory instead of a preset")
+    parser.add_argument("--bundle", type=existing_dir, metavar="DIR",
                         help="benchmark this bundle (no export of its precision); PyTorch baselines use --checkpoint "
                              "if given, else a random init of the bundle's config")
     parser.add_argument("--chunks", type=count, metavar="N", help="clip length in chunks (default: the config's clip)")
