@@ -41,9 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from mirasol.runtime.errors import OutputError
 from mirasol.runtime.media import MediaParams, load_clip
-from mirasol.runtime.output import atomic_file, check_output_file, prepare_output_dir
+from mirasol.runtime.output import atomic_file, prepare_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -385,31 +384,6 @@ def is_demo_clip(path: str | os.PathLike[str]) -> bool:
     return tags.get("comment") == DEMO_COMMENT
 
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"  # the shipped model, never written
+TRAIN_OUTPUT = Path("checkpoints") / "demo"  # where mirasol-train writes by default
 TEST_SEED = 2000  # the held-out test split of the shipped model's training (train.py: train 0, validation 1000)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`mirasol-demo OUT.mp4`: write a held-out demo clip and print its questions with the expected answers."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="mirasol-demo",
-        description="Write a synthetic demo clip (a real mp4: moving coloured shapes and tones, one event per "
-                    "chunk) that the shipped demo model never saw, and print the questions it answers.")
-    parser.add_argument("out", type=Path, help="the video file to write (.mp4); an existing file is replaced only "
-                                               "if it is a clip mirasol-demo wrote")
-    parser.add_argument("--index", type=int, default=0, help="which held-out clip (any integer)")
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"clip family (default {TEST_SEED}: held out)")
-    args = parser.parse_args(argv)
-    config = json.loads((DEMO_CHECKPOINT / "config.json").read_text())
-    task = DemoTask(config)
-    clip = task.clip(args.seed, args.index)
-    try:
-        with atomic_file(check_output_file(args.out, is_demo_clip, "demo clip")) as tmp:
-            task.write(clip, tmp)
-    except OutputError as error:
-        parser.exit(1, f"error: {error}\n")
-    print(f"wrote {args.out}: {len(clip.events)} chunks")
-    for qa in clip.questions:
-        print(f"  Q: {qa.question:<40} A: {qa.answer}")

@@ -9,12 +9,16 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from .bundle import BoundedNpz
+from .bundle import Bundle
+from .bundle_info import describe_bundle
+from .chunks_file import load_chunks, save_chunks
+from .commandline import EXIT_ERROR, EXIT_INTERRUPTED, UsageError, command_parser, describe, run_command
 from .errors import InputError, MirasolError
 from .live import DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
 from .pipeline import Pipeline
@@ -22,41 +26,60 @@ from .pipeline import Pipeline
 STATUS_EVERY_S = 0.25  # refresh of the status line on a terminal
 STATUS_LINE_EVERY_S = 5.0  # a status line per this many seconds when stderr is not a terminal
 
+EXAMPLES = """Examples:
+  mirasol-run bundles/demo --video clip.mp4 --question 'which colour appeared first?'
+  mirasol-run bundles/demo --info                  # what the bundle is: model, precision, graphs, limits
+  mirasol-run bundles/demo --video clip.mp4 --save-chunks clip.npz     # decode once, into an .npz
+  mirasol-run bundles/demo --chunks clip.npz --question 'what did you hear first?' --json
+  mirasol-run bundles/demo --live udp://127.0.0.1:5000 --ask-every 5 --question 'which colour appeared first?'
+(with --live: more questions on stdin, one per line; Ctrl-C stops with a summary)"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mirasol-run",
-        description="Stream a clip or a live source through a Mirasol bundle chunk by chunk and answer questions "
-                    "about it.",
-        epilog="Examples: mirasol-run bundles/demo-fp32 --video clip.mp4 --question 'which colour appeared first?'  "
-               "|  mirasol-run bundles/demo-fp32 --live udp://127.0.0.1:5000 --ask-every 5 "
-               "--question 'which colour appeared first?'  (more questions on stdin, one per line; Ctrl-C stops "
-               "with a summary)")
+    parser = command_parser(
+        "mirasol-run",
+        "Stream a clip or a live source through a Mirasol bundle chunk by chunk and answer questions about it, "
+        "or describe a bundle (--info).",
+        epilog=EXAMPLES, quiet=True)
     parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--video", type=Path, help="a video file (mp4, mkv, webm, avi); needs the media extra")
-    source.add_argument("--chunks", type=Path,
-                        help=".npz with 'video' [N*F, 3, H, W] float32 in [0, 1] and 'audio' log-mel [n_mels, N*A]")
+    source.add_argument("--video", type=Path, metavar="FILE",
+                        help="a video file (mp4, mkv, webm, avi); needs the media extra")
+    source.add_argument("--chunks", type=Path, metavar="NPZ",
+                        help="an .npz of decoded chunks: 'video' [N*F, 3, H, W] float32 in [0, 1] and 'audio' "
+                             "log-mel [n_mels, N*A] (written by --save-chunks)")
     source.add_argument("--live", metavar="SOURCE",
                         help="stream SOURCE in real time: rtsp://, udp://, rtp://, srt://, tcp://, http(s):// (HLS), "
                              "a V4L2 camera /dev/videoN, a named pipe, or a file (see --realtime); questions are "
                              "read from stdin, one per line, and answered while it streams; needs the media extra")
-    parser.add_argument("--question", help="the question to answer (required with --video/--chunks; with --live: "
-                                           "asked when the stream ends, or every --ask-every seconds)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    source.add_argument("--info", action="store_true",
+                        help="describe the bundle: model, precision, chunk shape, the longest question and answer, "
+                             "graphs and their sizes, TensorRT engines, validation errors")
+    parser.add_argument("--question", help="the question to answer (required with --chunks, and with --video unless "
+                                           "--save-chunks; with --live: asked when the stream ends, or every "
+                                           "--ask-every seconds)")
+    parser.add_argument("--save-chunks", type=Path, metavar="NPZ",
+                        help="with --video: also write the decoded chunks to this .npz, for --chunks (replaces only "
+                             "a chunks file mirasol wrote)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                        help="most answer tokens (bytes); --info says how many the bundle's context leaves")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    parser.add_argument("--provider", action="append",
-                        help="onnxruntime execution provider (repeatable, in order); default CPUExecutionProvider")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="sample from the K likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="sample from the smallest set of tokens holding probability P (1: all)")
+    parser.add_argument("--seed", type=int, help="seed of the sampling (default: fresh each run; greedy answers "
+                                                 "need none)")
+    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                        help="tensorrt: engines built by mirasol-build-engines on this device")
+    parser.add_argument("--provider", action="append", metavar="NAME",
+                        help="onnxruntime execution provider (repeatable, in order; default: CPUExecutionProvider)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="onnxruntime intra-op threads (default: ONNX Runtime's choice, one per core)")
     parser.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
     parser.add_argument("--json", action="store_true",
                         help="print the answer, tokens and timings as JSON; with --live, one JSON object per line "
                              "for every chunk, drop, answer and reconnect, then the summary")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     live = parser.add_argument_group("live sources (with --live)")
     live.add_argument("--realtime", action="store_true",
                       help="play a file at its own pace, as a camera would deliver it (default: as fast as it "
@@ -69,15 +92,15 @@ def _parser() -> argparse.ArgumentParser:
                            "drop-oldest for network streams, pipes and cameras, block for files)")
     live.add_argument("--latency-bound", type=float, default=LATENCY_BOUND_S, metavar="SECONDS",
                       help="latency from a chunk's capture to its av_context that drop-oldest keeps to; "
-                           "chunks over it are counted (default: %(default)s)")
+                           "chunks over it are counted")
     live.add_argument("--queue-size", type=int, metavar="CHUNKS",
                       help=f"chunks decoded ahead of the model (default: as many as fit in --latency-bound, at "
                            f"least {MIN_QUEUE_SIZE}: 2 for 1 s chunks and the default bound)")
     live.add_argument("--reconnect", type=int, default=5, metavar="ATTEMPTS",
                       help="reconnect attempts in a row (backoff 0.5 s doubling to 8 s) before a network source "
-                           "or camera gives up (default: %(default)s)")
+                           "or camera gives up")
     live.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
-                      help="seconds without data that end a connection (then reconnect) (default: %(default)s)")
+                      help="seconds without data that end a connection (then reconnect)")
     live.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                       help="an FFmpeg option of the source, e.g. rtsp_transport=tcp or video_size=640x480 "
                            "(repeatable)")
@@ -85,12 +108,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _chunks(args: argparse.Namespace, config: dict) -> tuple[np.ndarray, np.ndarray]:
-    if args.video is not None:
-        from .media import load_clip
-        return load_clip(args.video, config)
-    with BoundedNpz(args.chunks, f"chunks file {args.chunks}", max_bytes=8 << 30, error=InputError) as npz:
-        return (npz.read("video", np.float32, ((1, 1 << 24), (3, 3), (1, 1 << 14), (1, 1 << 14))),
-                npz.read("audio", np.float32, ((1, 1 << 12), (1, 1 << 28))))
+    if args.video is None:
+        return load_chunks(args.chunks)
+    from .media import load_clip
+    video, audio = load_clip(args.video, config)
+    if args.save_chunks is not None:
+        save_chunks(args.save_chunks, video, audio, source=str(args.video))
+        print(f"wrote {args.save_chunks}: {len(video) // int(config['frames_per_chunk'])} chunks (video "
+              f"{list(video.shape)}, audio {list(audio.shape)}); stream it with --chunks {args.save_chunks}",
+              file=sys.stderr)
+    return video, audio
 
 
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +146,10 @@ def _answer_clip(args: argparse.Namespace, pipe: Pipeline, load_seconds: float) 
                         "answer_s": answer_seconds, **stream.timings.to_dict()}}, indent=2))
     else:
         print(answer)
+        if not answer.strip():
+            warnings.warn(f"the answer is blank ({len(tokens)} tokens of whitespace or none): a bundle of a "
+                          f"random-init preset answers nothing meaningful; the demo model (mirasol-export's default) "
+                          f"or a trained checkpoint does", stacklevel=1)
     return 0
 
 
@@ -147,8 +178,9 @@ def _read_questions(run: LiveRun, fd: int) -> None:
 class _LiveOutput:
     """Prints a live run: JSON lines (--json) or answers on stdout; the status line and summary on stderr."""
 
-    def __init__(self, as_json: bool, out: TextIO, err: TextIO) -> None:
+    def __init__(self, as_json: bool, out: TextIO, err: TextIO, status: bool = True) -> None:
         self.as_json = as_json
+        self.status = status  # the status line (--quiet: none)
         self.out = out
         self.err = err
         self.tty = err.isatty()
@@ -165,7 +197,7 @@ class _LiveOutput:
     def _status(self) -> None:
         now = time.monotonic()
         every = STATUS_EVERY_S if self.tty else STATUS_LINE_EVERY_S
-        if self.run is None or now - self.last_status < every:
+        if not self.status or self.run is None or now - self.last_status < every:
             return
         self.last_status = now
         if self.tty:
@@ -230,7 +262,7 @@ def _stream_live(args: argparse.Namespace, pipe: Pipeline) -> int:
 
     source = open_source(args.live, pipe.config, realtime=args.realtime, reconnect=args.reconnect,
                          stall_timeout=args.stall_timeout, options=_source_options(args.source_option))
-    output = _LiveOutput(args.json, sys.stdout, sys.stderr)
+    output = _LiveOutput(args.json, sys.stdout, sys.stderr, status=not args.quiet)
     run = LiveRun(pipe.stream(), source, policy=args.drop_policy, latency_bound=args.latency_bound,
                   queue_size=args.queue_size, ask_every=args.ask_every, question=args.question,
                   on_event=output, **_generation(args))
@@ -255,12 +287,15 @@ def _stream_live(args: argparse.Namespace, pipe: Pipeline) -> int:
         run.run()
         code = 0
     except KeyboardInterrupt:
-        code = 130
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except MirasolError as error:  # the summary is out; then the error line
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        code = 1
+        print(f"error: {describe(error)}", file=sys.stderr)
+        code = EXIT_ERROR
     finally:
         if in_main_thread:
             for signum, previous in handled.items():
@@ -273,30 +308,40 @@ def _stream_live(args: argparse.Namespace, pipe: Pipeline) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    return run_command(_parser(), _run, argv)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.save_chunks is not None and args.video is None:
+        raise UsageError("--save-chunks goes with --video")
     if args.live is None:
-        if args.question is None:
-            parser.error("--question is required with --video or --chunks")
+        answers = args.chunks is not None or (args.video is not None and args.save_chunks is None)
+        if answers and args.question is None:
+            raise UsageError("--question is required with --chunks, and with --video unless --save-chunks")
         if args.realtime or args.ask_every is not None:
-            parser.error("--realtime and --ask-every go with --live")
+            raise UsageError("--realtime and --ask-every go with --live")
     elif args.ask_every is not None and args.question is None:
-        parser.error("--ask-every needs --question")
-    try:
-        options = {}
-        if args.backend == "onnxruntime":
-            options = {"providers": args.provider, "threads": args.threads}
-        start = time.perf_counter()
-        pipe = Pipeline.load(args.bundle, backend=args.backend, verify=not args.no_verify, **options)
-        load_seconds = time.perf_counter() - start
-        if args.live is not None:
-            return _stream_live(args, pipe)
-        return _answer_clip(args, pipe, load_seconds)
-    except (MirasolError, ImportError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise UsageError("--ask-every needs --question")
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    if args.info or (args.video is not None and args.question is None):  # describe, or decode into --save-chunks
+        bundle = Bundle.load(args.bundle, verify=not args.no_verify)
+        if args.info:
+            print(describe_bundle(bundle, args.bundle))
+        else:
+            _chunks(args, bundle.config)
+        return 0
+    options = {}
+    if args.backend == "onnxruntime":
+        options = {"providers": args.provider, "threads": args.threads}
+    start = time.perf_counter()
+    pipe = Pipeline.load(args.bundle, backend=args.backend, verify=not args.no_verify, **options)
+    load_seconds = time.perf_counter() - start
+    if args.live is not None:
+        return _stream_live(args, pipe)
+    return _answer_clip(args, pipe, load_seconds)
 
 
 if __name__ == "__main__":

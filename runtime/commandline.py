@@ -3,7 +3,8 @@
 - `-h`/`--help` with every default shown, `--version`, `--debug` (tracebacks), `-q`/`--quiet` where a command
   prints progress;
 - one `error: ...` line and exit status 1 for every error of ours (and for a missing file, a bad value), 2 for a
-  wrong command line, 130 after Ctrl-C; a command whose output is piped into `head` stops quietly;
+  wrong command line, 130 after Ctrl-C; a command whose output is piped into `head` stops quietly; a warning is
+  one `warning: ...` line;
 - a command whose extra is not installed says which one to install instead of a traceback.
 
     def main(argv: list[str] | None = None) -> int:
@@ -19,8 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 from .errors import MirasolError
 
@@ -36,14 +41,24 @@ class UsageError(Exception):
     """A command line that cannot work (options that exclude each other, a missing companion option)."""
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and epilogs as written; every option's default after its help (unless it has none)."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs wrapped line by line, indented lines (examples) kept as written; every option's
+    default after its help, unless it has none (a flag, None) or the help already says what the default is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if not line.strip() or line[0].isspace()
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" not in text and default is not None and default is not False
-                and default is not argparse.SUPPRESS and action.option_strings and action.nargs != 0):
+        if "default" in text.lower() or not action.option_strings:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):  # --name / --no-name
+            return text + f" (default: {action.option_strings[0 if default else 1]})"
+        if (default is not None and default is not False and default is not argparse.SUPPRESS
+                and default not in ("", []) and action.nargs != 0):
             text += " (default: %(default)s)"
         return text
 
@@ -67,6 +82,29 @@ def command_parser(prog: str, description: str, epilog: str | None = None, quiet
     return parser
 
 
+def bounded(kind: Callable[[str], Any], low: float | None = None, high: float | None = None
+            ) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` within [low, high] (either end open when None)."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = (f"in [{low}, {high}]" if low is not None and high is not None
+                    else f">= {low}" if low is not None else f"<= {high}")
+            raise argparse.ArgumentTypeError(f"{text} is not {span}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def existing_dir(text: str) -> Path:
+    """An argparse type: a directory that exists (a wrong one is a wrong command line)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} {'is not a directory' if path.exists() else 'does not exist'}")
+    return path
+
+
 def missing_extra(error: ImportError) -> str | None:
     """The message for an ImportError of a module an extra brings (None for any other ImportError)."""
     top = (error.name or "").split(".")[0]
@@ -78,11 +116,22 @@ def missing_extra(error: ImportError) -> str | None:
 
 def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
                 argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` and run `body`; errors become one line on stderr and an exit status."""
-    args = parser.parse_args(argv)  # exits 2 on a wrong command line, 0 after --help / --version
-    debug = bool(getattr(args, "debug", False))
+    """Parse `argv` and run `body`; errors become one line on stderr and an exit status, which is returned (also
+    after --help, --version and a wrong command line: `main(argv)` returns, it never exits)."""
+    debug = False
     try:
-        return int(body(args) or 0)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help / --version (0), a wrong command line (2: usage and error printed)
+            code = done.code if isinstance(done.code, int) else EXIT_USAGE
+        else:
+            debug = bool(getattr(args, "debug", False))
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.showwarning = _show_warning
+                code = int(body(args) or 0)
+        sys.stdout.flush()  # here, where a reader that went away is seen, not at exit
+        return code
     except UsageError as error:
         parser.print_usage(sys.stderr)
         _say(f"{parser.prog}: error: {error}")
@@ -104,11 +153,11 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     except (MirasolError, OSError, ValueError) as error:
         if debug:
             raise
-        _say(f"error: {_describe(error)}")
+        _say(f"error: {describe(error)}")
         return EXIT_ERROR
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
     """One line: our messages as they are; an OSError as 'what: path' without the errno prefix."""
     if isinstance(error, OSError) and not isinstance(error, MirasolError) and error.strerror:
         where = error.filename if error.filename is not None else ""
@@ -116,9 +165,13 @@ def _describe(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    _say(f"warning: {' '.join(str(message).split())}")
+
+
 def _say(line: str) -> None:
     try:
         print(line, file=sys.stderr, flush=True)
     except (BrokenPipeError, OSError):
         pass
-

@@ -50,8 +50,8 @@ def _import_av() -> Any:
     try:
         import av
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError('decoding media files needs PyAV; install the extra: '
-                          'pip install "mirasol-edge[media]"') from error
+        raise ImportError('decoding media files needs PyAV; install the extra: pip install "mirasol-edge[media]"',
+                          name="av") from error
     import av.video.reformatter  # noqa: F401  (not always imported by `import av`)
     return av
 
@@ -325,6 +325,12 @@ class MonoAudio:
         return pieces
 
 
+def ffmpeg_reason(error: BaseException) -> str:
+    """FFmpeg's words for an error, without PyAV's '[Errno 1094995529] ...: path' wrapping."""
+    reason = getattr(error, "strerror", None)
+    return reason if isinstance(reason, str) and reason else str(error)
+
+
 # ---------------------------------------------------------------- files
 def _open(av: Any, path: str) -> Any:
     if not os.path.exists(path):
@@ -338,7 +344,8 @@ def _open(av: Any, path: str) -> Any:
     try:
         return av.open(path, mode="r")
     except (av.FFmpegError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read media file {path}: {error}") from error
+        raise InputError(f"cannot read media file {path}: {ffmpeg_reason(error)} (FFmpeg reads no video or audio "
+                         f"in it)") from error
 
 
 def start_time(container: Any) -> float:
@@ -360,7 +367,8 @@ def _sampled_frames(av: Any, path: str, fps: float) -> Iterator[Any]:
             for frame in container.decode(stream):
                 yield from sampler.add(frame, *frame_timing(frame, origin))
         except av.FFmpegError as error:
-            raise InputError(f"error decoding the video of {path} near frame {sampler.k}: {error}") from error
+            raise InputError(f"error decoding the video of {path} near frame {sampler.k}: {ffmpeg_reason(error)}"
+                             ) from error
         if sampler.previous is None:
             raise InputError(f"media file {path} has no decodable video frames")
         yield from sampler.finish()
@@ -375,7 +383,7 @@ def _mono_audio(av: Any, container: Any, path: str, sample_rate: int) -> Iterato
         for frame in itertools.chain(container.decode(container.streams.audio[0]), [None]):
             yield from mono.add(frame)
     except av.FFmpegError as error:
-        raise InputError(f"error decoding the audio of {path}: {error}") from error
+        raise InputError(f"error decoding the audio of {path}: {ffmpeg_reason(error)}") from error
 
 
 class _MonoAudioReader:

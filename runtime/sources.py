@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .media import (ChunkAssembler, FrameConverter, FrameSampler, MediaParams, MonoAudio, _import_av,
+from .media import (ChunkAssembler, FrameConverter, FrameSampler, MediaParams, MonoAudio, _import_av, ffmpeg_reason,
                     frame_timing, iter_chunks, start_time)
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "udp", "rtp", "srt", "tcp", "http", "https")
@@ -212,7 +212,7 @@ class StreamSource(Source):
             return av.open(self.name, format="v4l2" if self.kind == "camera" else None, options=options,
                            timeout=(max(self.stall_timeout, OPEN_TIMEOUT_S), self.stall_timeout))
         except (av.FFmpegError, OSError) as error:
-            raise InputError(f"cannot open {self.kind} source {self.name}: {error}") from error
+            raise InputError(f"cannot open {self.kind} source {self.name}: {ffmpeg_reason(error)}") from error
 
     def _retry(self, error: InputError, failures: int, report: Report, stop: threading.Event) -> int:
         """Wait before the next attempt (reported), or raise `error` when no attempt is left."""

@@ -18,13 +18,13 @@ import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 from .atomic import atomic_directory
 from .backends import BACKENDS
 from .bundle import Bundle
-from .errors import ExportError, InputError, MirasolError
+from .commandline import command_parser, run_command, version
+from .errors import ExportError, InputError
 from .output import check_output_dir, write_marker
 
 KIND = "Triton model repository"  # of output directory (runtime/output.py)
@@ -61,7 +61,7 @@ def write_repository(bundle_dir: str | Path, out: str | Path, options: ServingOp
         shutil.copytree(bundle.path, model / "1" / "bundle")
         (model / "1" / "model.py").write_text(MODEL_PY)
         (model / "config.pbtxt").write_text(model_config(bundle, options))
-        write_marker(work, KIND, writer=f"mirasol-edge {_package_version()}", bundle=str(bundle.path),
+        write_marker(work, KIND, writer=f"mirasol-edge {version()}", bundle=str(bundle.path),
                      bundle_fingerprint=bundle.fingerprint, options=asdict(options))
     return out / options.model_name
 
@@ -111,7 +111,7 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
                   "threads": str(options.threads)}
     kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_CPU"
     lines = [
-        f"# Written by mirasol-triton {_package_version()} for the bundle in 1/bundle ({manifest.precision}).",
+        f"# Written by mirasol-triton {version()} for the bundle in 1/bundle ({manifest.precision}).",
         f"name: {_quote(options.model_name)}",
         'backend: "python"',
         f"max_batch_size: {options.max_batch}",
@@ -145,26 +145,18 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _package_version() -> str:
-    try:
-        return metadata.version("mirasol-edge")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _parser() -> argparse.ArgumentParser:
-    defaults = ServingOptions()
-    parser = argparse.ArgumentParser(
-        prog="mirasol-triton", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Write a Triton Inference Server model repository serving a bundle: a Python-backend model "
-                    "holding one runtime stream per sequence (correlation ID), with Triton's sequence batcher.",
-        epilog="Example: mirasol-triton bundles/demo --out triton-repo && "
-               "python -m mirasol.runtime.triton_server triton-repo")
+    parser = command_parser(
+        "mirasol-triton",
+        "Write a Triton Inference Server model repository serving a bundle: a Python-backend model holding one "
+        "runtime stream per sequence (correlation ID), with Triton's sequence batcher.",
+        epilog="Examples:\n"
+               "  mirasol-triton bundles/demo --out triton-repo --state-dir triton-state\n"
+               "  python -m mirasol.runtime.triton_server triton-repo --http-port 8000 --grpc-port 8001")
     parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
-    parser.add_argument("--out", type=Path, required=True,
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="repository directory to write (replaced only if mirasol-triton wrote it)")
-    add_serving_options(parser, defaults)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_serving_options(parser, ServingOptions())
     return parser
 
 
@@ -197,18 +189,14 @@ def serving_options(args: argparse.Namespace) -> ServingOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        model = write_repository(args.bundle, args.out, serving_options(args))
-    except MirasolError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(_parser(), _write, argv)
+
+
+def _write(args: argparse.Namespace) -> None:
+    model = write_repository(args.bundle, args.out, serving_options(args))
     print(f"wrote {args.out}: model {model.name!r} serving a copy of {args.bundle}")
     if args.backend == "tensorrt":
         print(f"on the server, build the engines first: mirasol-build-engines {model / '1' / 'bundle'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ Test modules import the helpers from here (`from .conftest import chunk, ...`), 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +143,31 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def shared_pipeline(tiny_bundle: Path) -> Pipeline:
     return Pipeline.load(tiny_bundle)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(main: Callable[[Sequence[str]], int], args: Sequence[str]) -> CliResult:
+    """A command's `main(args)` run in this process, its output captured (with --debug its error is raised)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_export_cli(args: Sequence[str]) -> CliResult:
+    from mirasol.export.cli import main
+
+    return run_cli(main, args)
 
 
 def copy_bundle(bundle: Path, tmp_path: Path, name: str = "bundle") -> Path:

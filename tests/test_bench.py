@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from mirasol.export.bench.cli import main
 from mirasol.export.bench.cuda import NO_CUDA
@@ -134,20 +133,21 @@ def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
     assert len(rows) == 7
 
 
-def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
+def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path], capsys) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = CliRunner().invoke(main, ["--quick", "--bundle", str(tiny_bundles["transformer"]), "--repeats", "2",
-                                       "--chunks", "2", "--flat-chunks", "8", "--new-tokens", "4", "--quiet",
-                                       "--json", str(out_json), "--markdown", str(out_md)])
-    assert result.exit_code == 0, result.output
+    code = main(["--quick", "--bundle", str(tiny_bundles["transformer"]), "--repeats", "2", "--chunks", "2",
+                 "--flat-chunks", "8", "--new-tokens", "4", "--quiet", "--json", str(out_json), "--markdown",
+                 str(out_md)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     report = json.loads(out_json.read_text())
     check_report(report)
-    assert out_md.read_text() in result.output
+    assert out_md.read_text() in out and err == ""
 
 
-def test_cli_refuses_preset_with_checkpoint(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["--preset", "tiny", "--checkpoint", str(tmp_path)])
-    assert result.exit_code != 0 and "not both" in result.output
+def test_cli_refuses_preset_with_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["--preset", "tiny", "--checkpoint", str(tmp_path)]) == 2
+    assert "mirasol-bench: error: give --preset or --checkpoint, not both" in capsys.readouterr().err
 
 
 def test_runtime_child_imports_nothing_heavy() -> None:
@@ -216,8 +216,7 @@ def test_cost_model_counts_what_the_graphs_hold_and_compute(tiny_bundles, tiny_m
 def test_small_preset_benchmark(tmp_path: Path) -> None:
     """The reference run: `mirasol-bench --preset small --json out.json` in under 10 minutes on 2 cores."""
     out = tmp_path / "out.json"
-    result = CliRunner().invoke(main, ["--preset", "small", "--json", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert main(["--preset", "small", "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     check_report(report)
     assert report["meta"]["wall_seconds"] < 600

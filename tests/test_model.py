@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from mirasol.model import Mirasol, MirasolConfig, PRESETS, count_parameters, get_preset, load_checkpoint, save_checkpoint
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .conftest import make_model, random_clip
+from .conftest import make_model, random_clip, run_export_cli
 
 
 def step_through(model: Mirasol, video: torch.Tensor, audio: torch.Tensor) -> tuple[list[torch.Tensor], list]:
@@ -155,8 +154,6 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 
 
 def test_parameter_count_command() -> None:
-    from mirasol.export.cli import main
-
-    result = CliRunner().invoke(main, ["--preset", "mirasol3b", "--params-only"])
+    result = run_export_cli(["--preset", "mirasol3b", "--params-only"])
     assert result.exit_code == 0, result.output
     assert "av_autoregressor" in result.output and "total 30" in result.output

@@ -19,17 +19,9 @@ import pytest
 from mirasol.runtime.errors import ExportError, MirasolError, OutputError
 from mirasol.runtime.output import MARKER_FILE, atomic_file, check_output_dir, prepare_output_dir
 
-from .conftest import QUESTION, chunk, copy_bundle, snapshot
+from .conftest import QUESTION, chunk, copy_bundle, run_export_cli as _export_cli, snapshot
 
 BUNDLE_MANIFEST = '{"format": "mirasol-bundle", "writer": "%s"}'
-
-
-def _export_cli(args: list[str]):
-    from click.testing import CliRunner
-
-    from mirasol.export.cli import main
-
-    return CliRunner().invoke(main, args)
 
 
 def _user_folder(path: Path) -> Path:
@@ -150,17 +142,34 @@ def test_other_kinds_are_not_mistaken_for_each_other(tmp_path) -> None:
 
 # ---- the same rule for every other writer of a directory -------------------------------------------------------
 
-def test_training_output_is_refused_before_training(tmp_path) -> None:
-    from mirasol.model.train import main, run_training
+def test_training_output_is_refused_before_training(tmp_path, capsys) -> None:
+    from mirasol.model.cli import train
+    from mirasol.model.train import run_training
 
     folder = _user_folder(tmp_path / "mine")
     before = snapshot(folder)
     with pytest.raises(OutputError, match="is not a checkpoint written by mirasol"):
         run_training(output=folder, train_clips=1, val_clips=1, test_clips=1, steps=1, log=pytest.fail)
-    with pytest.raises(SystemExit) as exited:
-        main(["--output", str(folder), "--train-clips", "1"])
-    assert exited.value.code == 1
+    assert train(["--output", str(folder), "--train-clips", "1"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {folder} exists and is not a checkpoint written by mirasol")
     assert snapshot(folder) == before
+
+
+def test_training_never_writes_into_the_package(tmp_path, capsys) -> None:
+    """The shipped demo checkpoint is not the default output, and is refused as any output (issue 16)."""
+    from mirasol.model.cli import train
+    from mirasol.model.demo_task import DEMO_CHECKPOINT, TRAIN_OUTPUT
+    from mirasol.model.train import run_training
+
+    assert not TRAIN_OUTPUT.is_absolute() and TRAIN_OUTPUT.resolve() != DEMO_CHECKPOINT
+    before = snapshot(DEMO_CHECKPOINT)
+    for inside in (DEMO_CHECKPOINT, DEMO_CHECKPOINT.parent / "other", DEMO_CHECKPOINT.parent.parent):
+        with pytest.raises(OutputError, match="is inside the installed package"):
+            run_training(output=inside, train_clips=1, val_clips=1, test_clips=1, steps=1, log=pytest.fail)
+    assert train(["--output", str(DEMO_CHECKPOINT), "--train-clips", "1"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "is inside the installed package" in lines[0]
+    assert snapshot(DEMO_CHECKPOINT) == before
 
 
 def test_checkpoint_is_written_only_where_ours(tmp_path) -> None:
@@ -208,18 +217,17 @@ def test_calibration_cache_directory(tmp_path) -> None:
 
 def test_demo_clip_replaces_only_its_own_clips(tmp_path, capsys) -> None:
     pytest.importorskip("av")
-    from mirasol.model.demo_task import is_demo_clip, main
+    from mirasol.model.cli import demo
+    from mirasol.model.demo_task import is_demo_clip
 
     mine = tmp_path / "holiday.mp4"
     mine.write_bytes(b"not really a video, but mine")
-    with pytest.raises(SystemExit) as exited:
-        main([str(mine)])
-    assert exited.value.code == 1
+    assert demo([str(mine)]) == 1
     assert "error: " in capsys.readouterr().err and mine.read_bytes() == b"not really a video, but mine"
     clip = tmp_path / "clip.mp4"
-    main([str(clip)])
+    assert demo([str(clip)]) == 0
     assert is_demo_clip(clip) and not is_demo_clip(mine)
-    main([str(clip), "--index", "1"])  # a clip mirasol-demo wrote: replaced
+    assert demo([str(clip), "--index", "1"]) == 0  # a clip mirasol-demo wrote: replaced
     assert is_demo_clip(clip) and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "holiday.mp4"]
 
 
@@ -318,7 +326,7 @@ def test_disk_full_during_export_is_one_line(tmp_path) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
         from mirasol.export.cli import main
-        main(sys.argv[1:])
+        sys.exit(main(sys.argv[1:]))
     """)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-c", script, "--preset", "tiny", "--no-validate", "--out", str(out)],

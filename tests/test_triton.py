@@ -24,6 +24,8 @@ from mirasol.runtime.output import MARKER_FILE as MARKER
 from mirasol.runtime.triton_repo import KIND, ServingOptions, write_repository
 from mirasol.runtime.triton_server import LocalServer, availability
 
+from .conftest import run_export_cli
+
 QUESTION = "what is the man holding?"
 FP32_TOLERANCE = 1e-5  # a stream's chunk batched with others vs alone (batched matrix products round differently)
 IDLE_TIMEOUT_S = 2.0
@@ -105,18 +107,14 @@ def test_cli_help_and_errors(tiny_bundles, tmp_path) -> None:
 
 
 def test_export_cli_writes_the_repository(tmp_path) -> None:
-    from click.testing import CliRunner
-
-    from mirasol.export.cli import main
-
     users = tmp_path / "users"
     users.mkdir()
     (users / "notes.txt").write_text("keep me")
     args = ["--preset", "tiny", "--no-validate", "--out", str(tmp_path / "bundle"), "--triton"]
-    refused = CliRunner().invoke(main, [*args, str(users)])
+    refused = run_export_cli([*args, str(users)])
     assert refused.exit_code == 1 and "is not a Triton model repository written by mirasol" in refused.stderr
     assert not (tmp_path / "bundle").exists(), "refused before exporting"
-    result = CliRunner().invoke(main, [*args, str(tmp_path / "repo")])
+    result = run_export_cli([*args, str(tmp_path / "repo")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "repo" / MARKER).is_file() and "wrote Triton model repository" in result.output
     assert (tmp_path / "repo" / "mirasol" / "1" / "bundle" / "manifest.json").is_file()
