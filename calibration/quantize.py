@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, load_tensors_data, save_tensors_data
 
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from mirasol.runtime.output import atomic_file, prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 
 from .data import ClipSet, iter_loaded
@@ -48,6 +50,7 @@ MAX_KEEP_WEIGHT_SHARE = 0.25  # ... and it holds at most this share of the graph
 SWEEP_SAMPLES = 16  # recorded calls per graph the sweep measures on
 QUESTION_TOKENS = 12  # greedy tokens per calibration question
 CALIBRATION_BATCH = 16  # recorded calls run through the calibrator per collect_data
+CACHE_FILES = re.compile(r"[0-9a-f]{24}\.(ranges|sweep)\.json(\.tmp-\d+)?")  # a cache written before its marker
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ class CalibrationCache:
     """Calibrated ranges and sweep decisions on disk (`directory` None: no cache)."""
 
     def __init__(self, directory: Path | None) -> None:
-        self.directory = directory
+        self.directory = None if directory is None else prepare_output_dir(directory, "calibration cache", CACHE_FILES)
 
     def ranges(self, key: str) -> TensorsData | None:
         path = self._path(key, "ranges")
@@ -229,10 +232,8 @@ class CalibrationCache:
     def save_sweep(self, key: str, value: dict[str, Any]) -> None:
         path = self._path(key, "sweep")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(value, default=float))
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(value, default=float))
 
     def _path(self, key: str, kind: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{key}.{kind}.json"

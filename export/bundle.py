@@ -24,14 +24,15 @@ import torch
 
 from mirasol.model import Mirasol, release_weights
 from mirasol.calibration.quantize import CalibrationOptions
+from mirasol.runtime.atomic import atomic_directory, pause_point
 from mirasol.runtime.backends.base import TensorInfo
 from mirasol.runtime.bundle import sha256_file
 from mirasol.runtime.errors import ExportError, MirasolError
 from mirasol.runtime.manifest import GraphEntry, Manifest
+from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import get_precision
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .atomic import atomic_directory, pause_point
 from .onnx_export import DEFAULT_OPSET
 from .precisions import TRANSFORMS
 from .sources import ExportContext, GraphSource, PrecisionOptions
@@ -168,6 +169,7 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
                           f"--calibration-data DIR|synthetic)")
     if precision == "fp32" and reference is not None:
         raise ExportError("a reference bundle is what fp16 and int8 start from; fp32 is traced from the model")
+    check_output_dir(out, "bundle")  # before any work: a target holding anything not ours is refused
     model = model.eval()
     context = ExportContext(model, graph_specs(model.config, max_batch=max_batch), opset, producer_versions(opset),
                             progress, release_model=release_model)

@@ -1,16 +1,22 @@
-"""`mirasol-export`: PyTorch model -> validated bundle of ONNX graphs (fp32, fp16, int8)."""
+"""`mirasol-export`: PyTorch model -> validated bundle of ONNX graphs (fp32, fp16, int8).
+
+Only the standard library and the runtime are imported here: PyTorch and the ONNX toolchain load when the command
+runs, so that in a runtime-only install it names the extra that brings them.
+"""
 from __future__ import annotations
 
+import argparse
 import resource
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import click
-
-from mirasol.runtime.errors import MirasolError
+from mirasol.runtime.bundle_info import format_graph_sizes
+from mirasol.runtime.commandline import UsageError, bounded, command_parser, existing_dir, run_command
+from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 
+PRESETS = ("tiny", "small", "base", "mirasol3b")
 
 
 def default_source() -> tuple[str | None, Path | None]:
@@ -20,133 +26,128 @@ def default_source() -> tuple[str | None, Path | None]:
     return (None, DEMO_CHECKPOINT) if (DEMO_CHECKPOINT / "config.json").is_file() else ("tiny", None)
 
 
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.2f} GB"
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = command_parser(
+        "mirasol-export",
+        "Export Mirasol as a bundle: combiner, AV autoregressor and text decoder graphs (plus the text decoder's "
+        "cross-attention projection), their state wiring and a manifest, validated against PyTorch. Without "
+        "--preset or --checkpoint: the shipped demo model, the one that answers the demo task's questions.",
+        epilog="Examples:\n"
+               "  mirasol-export --precision fp32 --out bundles/demo     # the shipped demo model (the quick start)\n"
+               "  mirasol-export --precision fp16                        # the same, fp16 -> bundles/demo-fp16\n"
+               "  mirasol-export --preset small --out bundles/small      # random init: answers mean nothing\n"
+               "  mirasol-export --preset mirasol3b --params-only        # parameter count per component",
+        quiet=True)
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="model size with a seeded random init (default: the shipped demo checkpoint)")
+    parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
+                        help="a checkpoint directory (config.json + model.safetensors) instead of a preset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init (with --preset)")
+    parser.add_argument("--combiner", choices=["transformer", "ttm"],
+                        help="with --preset: this combiner instead of the preset's (tiny: transformer, the others: "
+                             "ttm)")
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
+                        help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated "
+                             "Q/DQ")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="bundle directory to write (replaced atomically; an existing one must be a bundle or "
+                             "empty) (default: bundles/<model>-<precision>)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
+                        help="check every graph against PyTorch at several sizes of each dynamic axis")
+    parser.add_argument("--max-batch", type=bounded(int, 1), default=4, metavar="N",
+                        help="largest batch the graphs' profiles allow")
+    parser.add_argument("--fp16-io", action="store_true", help="with fp16: graph inputs/outputs in fp16 too "
+                                                                "(default: fp32)")
+    parser.add_argument("--calibration-data", metavar="SOURCE",
+                        help="int8: a directory of media files or .npz chunk files (mirasol-run --save-chunks), or "
+                             "'synthetic'")
+    parser.add_argument("--calibration-clips", type=bounded(int, 1), default=16, metavar="N",
+                        help="int8: clips to calibrate on")
+    parser.add_argument("--int8-flavour", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
+                        help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ "
+                             "for TensorRT")
+    parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                        help="int8: how activation ranges are chosen from the recorded activations")
+    parser.add_argument("--reference-bundle", type=existing_dir, metavar="DIR",
+                        help="fp16/int8: an fp32 bundle of this model to start from instead of exporting one "
+                             "(checked against the model)")
+    parser.add_argument("--engine", action="store_true",
+                        help="also build TensorRT engines for this GPU (needs TensorRT; or later: "
+                             "mirasol-build-engines)")
+    parser.add_argument("--workspace-mb", type=bounded(int, 1), default=1024, metavar="MB",
+                        help="--engine: TensorRT workspace limit")
+    parser.add_argument("--triton", dest="triton_dir", type=Path, metavar="DIR",
+                        help="also write a Triton model repository serving the bundle here (defaults of "
+                             "mirasol-triton)")
+    parser.add_argument("--params-only", action="store_true",
+                        help="print the parameter count per component and exit")
+    return run_command(parser, _export, argv)
 
 
-def run_cli(main_body, debug: bool) -> None:
-    """Run a CLI body: MirasolErrors exit 1 with one clear line (the traceback only with --debug)."""
-    try:
-        main_body()
-    except (MirasolError, FileNotFoundError, ValueError) as error:
-        if debug:
-            raise
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
+def _export(args: argparse.Namespace) -> None:
+    if args.preset and args.checkpoint:
+        raise UsageError("give --preset or --checkpoint, not both")
+    if args.combiner and not args.preset:
+        raise UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
+    if args.precision == "int8" and args.calibration_data is None and not args.params_only:
+        raise UsageError("--precision int8 needs --calibration-data (media dir, .npz dir or 'synthetic')")
+    import torch
 
+    from mirasol.calibration.quantize import CalibrationOptions
+    from mirasol.model import build_model, count_parameters
+    from mirasol.runtime.reports import format_validation
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--preset", type=click.Choice(["tiny", "small", "base", "mirasol3b"]),
-              help="Model size with a seeded random init. Default: the shipped demo checkpoint.")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A checkpoint directory (config.json + model.safetensors) instead of a preset.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random init (with --preset).")
-@click.option("--combiner", type=click.Choice(["transformer", "ttm"]),
-              help="With --preset: this combiner instead of the preset's (tiny: transformer, the others: ttm).")
-@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="fp32", show_default=True,
-              help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated Q/DQ.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Bundle directory to write (replaced atomically). Default: bundles/<model>-<precision>.")
-@click.option("--opset", default=18, show_default=True, help="ONNX opset.")
-@click.option("--validate/--no-validate", default=True, show_default=True,
-              help="Check every graph against PyTorch at several sizes of each dynamic axis.")
-@click.option("--max-batch", default=4, show_default=True, help="Largest batch the graphs' profiles allow.")
-@click.option("--fp16-io", is_flag=True, help="With fp16: graph inputs/outputs in fp16 too (default fp32).")
-@click.option("--calibration-data", type=str,
-              help="int8: a directory of media files or .npz chunk files, or 'synthetic'.")
-@click.option("--calibration-clips", default=16, show_default=True, help="int8: clips to calibrate on.")
-@click.option("--int8-flavour", type=click.Choice(["cpu", "cpu-dynamic", "tensorrt"]), default="cpu", show_default=True,
-              help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ for TensorRT.")
-@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True, help="int8: how activation ranges are chosen from the recorded activations.")
-@click.option("--reference-bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="fp16/int8: an fp32 bundle of this model to start from instead of exporting one (checked "
-                   "against the model).")
-@click.option("--engine", is_flag=True,
-              help="Also build TensorRT engines for this GPU (needs TensorRT; or later: mirasol-build-engines).")
-@click.option("--workspace-mb", default=1024, show_default=True, help="--engine: TensorRT workspace limit.")
-@click.option("--params-only", is_flag=True, help="Print the parameter count per component and exit.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(preset: str | None, checkpoint: Path | None, seed: int, combiner: str | None, precision: str,
-         out: Path | None, opset: int,
-         validate: bool, max_batch: int, fp16_io: bool, calibration_data: str | None, calibration_clips: int,
-         int8_flavour: str, calibration_method: str, reference_bundle: Path | None,
-         engine: bool, workspace_mb: int, params_only: bool, debug: bool) -> None:
-    """Export Mirasol as a bundle: combiner, AV autoregressor and text decoder graphs (plus the text
-    decoder's cross-attention projection), their state wiring and a manifest, validated against PyTorch.
+    from .bundle import export_bundle
 
-    \b
-    Examples:
-      mirasol-export --precision fp16                 # the shipped demo model, fp16
-      mirasol-export --preset small --out bundles/s   # random-init small preset, fp32
-      mirasol-export --preset mirasol3b --params-only # parameter count per component
-    """
-    def body() -> None:
-        import torch
+    def say(line: str) -> None:
+        print(line, flush=True)
 
-        from mirasol.model import build_model, count_parameters
-
-        from mirasol.calibration.quantize import CalibrationOptions
-        from mirasol.runtime.reports import format_validation
-
-        from .bundle import export_bundle
-
-        nonlocal preset, checkpoint, out
-        if preset and checkpoint:
-            raise click.UsageError("give --preset or --checkpoint, not both")
-        if combiner and not preset:
-            raise click.UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
-        if not preset and not checkpoint:
-            preset, checkpoint = default_source()
-        name = preset or Path(checkpoint).name  # type: ignore[arg-type]
-        start = time.perf_counter()
-        if params_only:
-            from mirasol.model import Mirasol, get_preset
-            with torch.device("meta"):
-                model = Mirasol(get_preset(preset, combiner)) if preset else build_model(checkpoint=checkpoint)
-        else:
-            click.echo(f"building model {name} ({'checkpoint ' + str(checkpoint) if checkpoint else f'seed {seed}'})")
-            model = build_model(preset or "tiny", seed=seed, checkpoint=checkpoint, combiner=combiner)
-        counts = count_parameters(model)
-        click.echo("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
-        if params_only:
-            return
-        out = out or Path("bundles") / f"{name}-{precision}"
-        calibration = None
-        if precision == "int8":
-            if calibration_data is None:
-                raise click.UsageError("--precision int8 needs --calibration-data (media dir, .npz dir or 'synthetic')")
-            calibration = CalibrationOptions(calibration_data, clips=calibration_clips, flavour=int8_flavour,
-                                             method=calibration_method)
-        manifest = export_bundle(model, out, precision=precision, opset=opset, validate=validate,
-                                 max_batch=max_batch, reference=reference_bundle, fp16_io=fp16_io,
-                                 calibration=calibration, release_model=True, progress=click.echo)
-        click.echo("")
-        total = 0
-        for graph in manifest.graphs.values():
-            size = sum((out / f).stat().st_size for f in (graph.file, *graph.external_data))
-            total += size
-            click.echo(f"  {graph.file:<24} {human_bytes(size):>10}")
-        click.echo(f"  {'total':<24} {human_bytes(total):>10}")
-        if manifest.validation:
-            click.echo("\n" + format_validation(manifest.validation))
-        if precision != "int8" or int8_flavour == "tensorrt":
-            from mirasol.export.tensorrt_readiness import check_bundle
-            readiness = check_bundle(out)
-            click.echo("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings
-                                                      else "\n" + readiness.format()))
-            if engine:
-                from mirasol.runtime.tensorrt_build import build_engines
-                build_engines(out, precision=None if precision == "int8" else precision,
-                              axis_max={"batch": max_batch}, workspace_mb=workspace_mb, progress=click.echo)
-        else:
-            click.echo("\nTensorRT readiness: skipped (the int8 cpu flavours are for ONNX Runtime; "
-                       "use --int8-flavour tensorrt)")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        click.echo(f"\nwrote {out} ({precision}) in {time.perf_counter() - start:.1f}s, peak memory {peak:.0f} MB")
-
-    run_cli(body, debug)
+    progress = (lambda line: None) if args.quiet else say
+    preset, checkpoint = (args.preset, args.checkpoint) if args.preset or args.checkpoint else default_source()
+    name = preset or Path(checkpoint).name  # type: ignore[arg-type]
+    out = args.out or Path("bundles") / f"{name}-{args.precision}"
+    if not args.params_only:
+        check_output_dir(out, "bundle")  # before any work: an --out holding anything not ours is refused
+    start = time.perf_counter()
+    if args.params_only:
+        from mirasol.model import Mirasol, get_preset
+        with torch.device("meta"):
+            model = Mirasol(get_preset(preset, args.combiner)) if preset else build_model(checkpoint=checkpoint)
+    else:
+        progress(f"building model {name} ({'checkpoint ' + str(checkpoint) if checkpoint else f'seed {args.seed}'})")
+        model = build_model(preset or "tiny", seed=args.seed, checkpoint=checkpoint, combiner=args.combiner)
+    counts = count_parameters(model)
+    say("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    if args.params_only:
+        return
+    if args.triton_dir is not None:
+        from mirasol.runtime.triton_repo import KIND
+        check_output_dir(args.triton_dir, KIND)  # before the export, not after it
+    calibration = None
+    if args.precision == "int8":
+        calibration = CalibrationOptions(args.calibration_data, clips=args.calibration_clips,
+                                         flavour=args.int8_flavour, method=args.calibration_method)
+    manifest = export_bundle(model, out, precision=args.precision, opset=args.opset, validate=args.validate,
+                             max_batch=args.max_batch, reference=args.reference_bundle, fp16_io=args.fp16_io,
+                             calibration=calibration, release_model=True, progress=progress)
+    say("\n" + format_graph_sizes(out, manifest))
+    if manifest.validation:
+        say("\n" + format_validation(manifest.validation))
+    if args.precision != "int8" or args.int8_flavour == "tensorrt":
+        from mirasol.export.tensorrt_readiness import check_bundle
+        readiness = check_bundle(out)
+        say("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings else "\n" + readiness.format()))
+        if args.engine:
+            from mirasol.runtime.tensorrt_build import build_engines
+            build_engines(out, precision=None if args.precision == "int8" else args.precision,
+                          axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
+    else:
+        say("\nTensorRT readiness: skipped (the int8 cpu flavours are for ONNX Runtime; use --int8-flavour tensorrt)")
+    if args.triton_dir is not None:
+        from mirasol.runtime.triton_repo import write_repository
+        served = write_repository(out, args.triton_dir)
+        say(f"\nwrote Triton model repository {args.triton_dir} (model {served.name!r}; see mirasol-triton -h)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    say(f"\nwrote {out} ({args.precision}) in {time.perf_counter() - start:.1f}s, peak memory {peak:.0f} MB "
+        f"(mirasol-run {out} --info describes it)")

@@ -1,8 +1,23 @@
-"""mirasol.model: the PyTorch reference Mirasol model."""
-from .checkpoint import build_model, load_checkpoint, save_checkpoint
-from .config import PRESETS, MirasolConfig, get_preset
-from .features import clip_log_mel, log_mel
-from .mirasol import Mirasol, count_parameters, release_weights
+"""mirasol.model: the PyTorch reference Mirasol model.
 
-__all__ = ["PRESETS", "Mirasol", "MirasolConfig", "build_model", "clip_log_mel", "count_parameters",
-           "get_preset", "load_checkpoint", "log_mel", "release_weights", "save_checkpoint"]
+The names below load on first use (PEP 562): importing `mirasol.model.demo_task` or the commands (`model/cli.py`)
+needs no PyTorch, so that where it is not installed a command says which extra brings it.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_MODULE_OF = {"build_model": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+              "PRESETS": "config", "MirasolConfig": "config", "get_preset": "config",
+              "clip_log_mel": "features", "log_mel": "features", "Mirasol": "mirasol", "count_parameters": "mirasol",
+              "release_weights": "mirasol"}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mirasol.runtime.output import atomic_file, prepare_output_dir
+
 from .config import MirasolConfig, get_preset
 from .mirasol import Mirasol
 
@@ -14,12 +16,14 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_checkpoint(model: Mirasol, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(model.config.to_json())
+    """Write config.json and model.safetensors into `directory` (new, empty, or a checkpoint of ours)."""
+    directory = prepare_output_dir(directory, "checkpoint")
+    with atomic_file(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(model.config.to_json())
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
              if name != "text_decoder.lm_head.weight"}  # tied to text_decoder.embed.weight
-    save_file(state, str(directory / WEIGHTS_FILE))
+    with atomic_file(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     return directory
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from mirasol.runtime.media import MediaParams, load_clip
+from mirasol.runtime.output import atomic_file, prepare_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -51,6 +53,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 PITCHES: dict[str, float] = {"low": 330.0, "middle": 880.0, "high": 2350.0}  # Hz
 ANSWERS: tuple[str, ...] = (*COLOURS, *SHAPES, *PITCHES)
+DEMO_COMMENT = "mirasol-demo clip"
+CACHE_FILES = re.compile(r"demo--?\d+--?\d+-\d+-[0-9a-f]{16}(\.tmp)?\.npz")  # a clip cache written before its marker
 TASK_VERSION = 2  # bump when what a (seed, index) renders changes: it keys the caches of decoded clips
 
 QUESTION_KINDS: tuple[str, ...] = (
@@ -248,6 +252,7 @@ class DemoTask:
         frames = self.render_video(clip)
         wave = self.render_audio(clip)
         with av.open(str(path), mode="w", format=None) as container:
+            container.metadata["comment"] = DEMO_COMMENT  # how mirasol-demo knows its own clips (is_demo_clip)
             video = container.add_stream(self.video_codec, rate=self.render_fps)
             video.width = video.height = self.render_size
             video.pix_fmt = "yuv420p"
@@ -321,7 +326,9 @@ class DemoTask:
                 [self.describe(), _config_key(self.config), count, seed, start, questions_per_clip],
                 sort_keys=True).encode()).hexdigest()[:16]
             cache = Path(cache_dir) / f"demo-{seed}-{start}-{count}-{key}.npz"
-            if cache.is_file():
+            if not cache.is_file():
+                prepare_output_dir(cache_dir, "clip cache", CACHE_FILES)  # refused before the clips are made
+            else:
                 with np.load(cache, allow_pickle=False) as data:  # each data[key] reads the whole array: read each once
                     videos, audios = data["video"], data["audio"]
                 clips = [self.clip(seed, start + i, questions_per_clip) for i in range(count)]
@@ -349,11 +356,9 @@ class DemoTask:
                     leftover.unlink()
                 work.rmdir()
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, video=np.stack([c.video for c in clips]).astype(np.float16),
-                     audio=np.stack([c.audio for c in clips]))
-            tmp.replace(cache)
+            with atomic_file(cache) as tmp:
+                np.savez(tmp, video=np.stack([c.video for c in clips]).astype(np.float16),
+                         audio=np.stack([c.audio for c in clips]))
             for clip in clips:  # the same values a cache hit gives
                 clip.video = clip.video.astype(np.float16).astype(np.float32)
         return clips
@@ -367,26 +372,18 @@ def _config_key(config: Any) -> dict[str, Any]:
     return asdict(config)
 
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"
+def is_demo_clip(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a video file `DemoTask.write` wrote (its container's comment tag says so)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            tags = {key.lower(): value for key, value in container.metadata.items()}
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return False
+    return tags.get("comment") == DEMO_COMMENT
+
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"  # the shipped model, never written
+TRAIN_OUTPUT = Path("checkpoints") / "demo"  # where mirasol-train writes by default
 TEST_SEED = 2000  # the held-out test split of the shipped model's training (train.py: train 0, validation 1000)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`mirasol-demo OUT.mp4`: write a held-out demo clip and print its questions with the expected answers."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="mirasol-demo",
-        description="Write a synthetic demo clip (a real mp4: moving coloured shapes and tones, one event per "
-                    "chunk) that the shipped demo model never saw, and print the questions it answers.")
-    parser.add_argument("out", type=Path, help="the video file to write (.mp4)")
-    parser.add_argument("--index", type=int, default=0, help="which held-out clip (any integer)")
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"clip family (default {TEST_SEED}: held out)")
-    args = parser.parse_args(argv)
-    config = json.loads((DEMO_CHECKPOINT / "config.json").read_text())
-    task = DemoTask(config)
-    clip = task.clip(args.seed, args.index)
-    task.write(clip, args.out)
-    print(f"wrote {args.out}: {len(clip.events)} chunks")
-    for qa in clip.questions:
-        print(f"  Q: {qa.question:<40} A: {qa.answer}")

@@ -1,8 +1,10 @@
 """Train the built-in demo model: a small Mirasol that answers the demo task's questions.
 
-    mirasol-train                               # -> model/assets/demo (config.json, model.safetensors,
+    mirasol-train                               # -> checkpoints/demo (config.json, model.safetensors,
                                                 #    training.json with the held-out accuracy and timings)
     mirasol-train --output runs/demo --seed 1 --cache-dir ~/.cache/mirasol-demo
+
+The shipped checkpoint (model/assets/demo) is never an output: nothing is written inside the installed package.
 
 Everything is seeded: the clips (`mirasol.model.demo_task`), the initialisation, the batch order.
 The same seed, thread count and library versions give the same checkpoint.
@@ -43,11 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mirasol
+from mirasol.runtime.errors import OutputError
+from mirasol.runtime.output import atomic_file, check_output_dir
 from mirasol.runtime.tokenizer import ByteTokenizer
 
 from .checkpoint import save_checkpoint
 from .config import MirasolConfig, get_preset
-from .demo_task import COLOURS, DEMO_CHECKPOINT, PITCHES, SHAPES, DemoClip, DemoTask
+from .demo_task import COLOURS, DEMO_CHECKPOINT, PITCHES, SHAPES, TRAIN_OUTPUT, DemoClip, DemoTask
 from .mirasol import Mirasol, count_parameters
 
 # The demo model: the tiny preset's sizes (about 0.45M parameters, under 2 MB of weights), for clips of
@@ -331,18 +336,31 @@ def train_model(config: MirasolConfig, train_clips: Sequence[DemoClip], steps: i
     return model.eval(), history
 
 
-def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clips: int = 1500,
+def check_outside_package(path: str | Path) -> None:
+    """Refuse an output inside the installed package (where the shipped demo checkpoint lives): in an installed
+    mirasol, its whole directory; in an editable install, the model package's directory."""
+    target = Path(path).resolve()
+    for package in {Path(p).resolve() for p in mirasol.__path__ if Path(p).is_dir()} | {DEMO_CHECKPOINT.parents[1]}:
+        if target == package or package in target.parents:
+            raise OutputError(f"{path} is inside the installed package {package}; nothing is written there (the "
+                              f"shipped demo checkpoint lives in it): choose another output directory")
+
+
+def run_training(output: str | Path = TRAIN_OUTPUT, seed: int = 0, train_clips: int = 1500,
                  val_clips: int = 100, test_clips: int = 200, questions_per_clip: int = 5, steps: int = 1500,
                  clips_per_step: int = 16, questions_per_step: int = 8, lr: float = 3e-3,
                  probe_weight: float = 1.0, threads: int = 1, target: float | None = 0.985,
-                 cache_dir: str | Path | None = None, config: MirasolConfig = DEMO_CONFIG,
+                 cache_dir: str | Path | None = None, config: MirasolConfig = DEMO_CONFIG, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Make the clips, train, test on held-out clips, save the checkpoint and training.json."""
+    """Make the clips, train, test on held-out clips, save the checkpoint and training.json. `progress`: a bar
+    while the training clips are made (on a terminal)."""
+    check_outside_package(output)
+    check_output_dir(output, "checkpoint")  # before any work: an output holding anything not ours is refused
     torch.set_num_threads(threads)
     started = time.perf_counter()
     task = DemoTask(config, num_chunks=config.num_chunks)
     log(f"model: {count_parameters(Mirasol(config))['total']:,} parameters; making {train_clips} training clips")
-    train_set = task.make_clips(train_clips, seed, cache_dir=cache_dir, progress=True)
+    train_set = task.make_clips(train_clips, seed, cache_dir=cache_dir, progress=progress)
     val_set = task.make_clips(val_clips, seed + 1000, questions_per_clip=questions_per_clip, cache_dir=cache_dir)
     test_set = task.make_clips(test_clips, seed + 2000, questions_per_clip=questions_per_clip,
                                cache_dir=cache_dir)
@@ -357,8 +375,7 @@ def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clip
     total_seconds = time.perf_counter() - started
     log(f"held-out accuracy {result['accuracy']:.4f} ({result['correct']}/{result['questions']}); "
         f"per kind {json.dumps({k: round(v, 3) for k, v in result['per_kind'].items()})}")
-    output = Path(output)
-    save_checkpoint(model, output)
+    output = save_checkpoint(model, output)
     report = {
         "task": task.describe(), "seed": seed, "train_clips": train_clips, "val_clips": val_clips,
         "test_clips": test_clips, "questions_per_clip": questions_per_clip, "steps": history["steps"],
@@ -372,50 +389,7 @@ def run_training(output: str | Path = DEMO_CHECKPOINT, seed: int = 0, train_clip
         "total_seconds": round(total_seconds, 1), "parameters": count_parameters(model)["total"],
         "torch": torch.__version__,
     }
-    (output / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(output / "training.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
     log(f"saved {output} in {total_seconds:.0f}s total")
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import click
-
-    @click.command(help="Train the built-in demo model on the synthetic audio-video question task.")
-    @click.option("--output", type=click.Path(file_okay=False), default=str(DEMO_CHECKPOINT), show_default=True,
-                  help="checkpoint directory to write")
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--train-clips", type=int, default=1500, show_default=True)
-    @click.option("--val-clips", type=int, default=100, show_default=True)
-    @click.option("--test-clips", type=int, default=200, show_default=True)
-    @click.option("--questions-per-clip", type=int, default=5, show_default=True,
-                  help="questions asked per validation / test clip")
-    @click.option("--steps", type=int, default=1500, show_default=True, help="most optimiser steps")
-    @click.option("--clips-per-step", type=int, default=16, show_default=True)
-    @click.option("--questions-per-step", type=int, default=8, show_default=True,
-                  help="questions per clip in a training step")
-    @click.option("--lr", type=float, default=3e-3, show_default=True)
-    @click.option("--probe-weight", type=float, default=1.0, show_default=True,
-                  help="weight of the training-only attribute probes (0 disables)")
-    @click.option("--threads", type=int, default=1, show_default=True,
-                  help="torch CPU threads (1 is fastest on a shared 2-core machine)")
-    @click.option("--target", type=float, default=0.985, show_default=True,
-                  help="stop early once validation accuracy reaches this (<= 0 disables)")
-    @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                  help="keep decoded clips here to skip making them next time")
-    def command(output: str, seed: int, train_clips: int, val_clips: int, test_clips: int,
-                questions_per_clip: int, steps: int, clips_per_step: int, questions_per_step: int, lr: float,
-                probe_weight: float, threads: int, target: float, cache_dir: str | None) -> None:
-        report = run_training(output=output, seed=seed, train_clips=train_clips, val_clips=val_clips,
-                              test_clips=test_clips, questions_per_clip=questions_per_clip, steps=steps,
-                              clips_per_step=clips_per_step, questions_per_step=questions_per_step, lr=lr,
-                              probe_weight=probe_weight, threads=threads,
-                              target=target if target > 0 else None, cache_dir=cache_dir,
-                              log=lambda line: click.echo(line, err=True))
-        click.echo(json.dumps({k: report[k] for k in ("test_accuracy", "test_questions", "steps",
-                                                      "total_seconds")}))
-
-    command.main(args=list(argv) if argv is not None else None, standalone_mode=True)
-
-
-if __name__ == "__main__":
-    main()

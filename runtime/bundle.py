@@ -3,14 +3,18 @@
 Loading a bundle never executes anything from it: the manifest is strict JSON, graphs are ONNX files handed
 to the backend, state files are read with `allow_pickle=False` after their sizes are checked. Every file name
 the manifest gives must stay inside the bundle directory (no separators, no '..', not absolute, and no symlink
-pointing out), and every graph file must match its sha256.
+pointing out), every external-data location inside a graph file must be one of the files the manifest lists
+for that graph (so a graph cannot make the backend read anything else), and every graph file must match its
+sha256.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import stat
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError
+from .graph_files import GraphFileError, external_data_locations
 from .manifest import GraphEntry, Manifest, check_file_name, parse_json
 from .tokenizer import ByteTokenizer
 
@@ -62,16 +67,18 @@ class Bundle:
                 for extra, extra_path in zip(graph.external_data, extras):
                     if extra in graph.external_sha256:
                         _verify(extra_path, graph.external_sha256[extra], f"external data of graph {graph.name!r}")
+            _check_external_locations(graph, graph_path)
         return bundle
 
     def file(self, name: str) -> Path:
         """The path of a file the manifest names; refused if it is missing or resolves outside the bundle."""
         check_file_name(name, str(self.path))
-        path = (self.path / name).resolve()
+        path = _resolve(self.path / name)
         if path.parent != self.path:
             raise BundleError(f"{self.path}: {name!r} resolves to {path}, outside the bundle directory")
         if not path.is_file():
-            raise BundleError(f"{self.path}: file {name!r} named in the manifest is missing")
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise BundleError(f"{self.path}: file {name!r} named in the manifest {what}")
         return path
 
     def _refuse_escaping_links(self) -> None:
@@ -83,7 +90,7 @@ class Bundle:
             raise BundleError(f"bundle directory {self.path} cannot be listed: {bad}") from None
         for entry in entries:
             if entry.is_symlink():
-                target = Path(entry.path).resolve()
+                target = _resolve(Path(entry.path))
                 if target.parent != self.path:
                     raise BundleError(f"{self.path}: {entry.name!r} is a symlink to {target}, outside the bundle "
                                       f"directory")
@@ -190,22 +197,31 @@ class BoundedNpz:
         return {name.removesuffix(".npy") for name in self._members}
 
     def __enter__(self) -> "BoundedNpz":
-        if not self.path.is_file():
-            raise self.error(f"{self.where} does not exist")
-        size = self.path.stat().st_size
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            raise self.error(f"{self.where} does not exist") from None
+        except (OSError, ValueError) as bad:
+            raise self.error(f"{self.where} cannot be read: {getattr(bad, 'strerror', None) or bad}") from None
+        if stat.S_ISDIR(info.st_mode):
+            raise self.error(f"{self.where} is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise self.error(f"{self.where} is not a regular file (a FIFO, socket or device)")
+        size = info.st_size
         if size > self.max_bytes:
             raise self.error(f"{self.where} is {size} bytes, over the {self.max_bytes}-byte limit")
         try:
             self._archive = zipfile.ZipFile(self.path)
             infos = self._archive.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as bad:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as bad:
             self.__exit__()
             raise self.error(f"{self.where} is not a readable .npz: {bad}") from None
         declared = sum(info.file_size for info in infos)
-        if declared > self.max_bytes:
+        refused = _refused_entry(infos) or (f"its entries declare {declared} bytes, over the {self.max_bytes}-byte "
+                                            f"limit" if declared > self.max_bytes else None)
+        if refused:
             self.__exit__()
-            raise self.error(f"{self.where}: its entries declare {declared} bytes, over the {self.max_bytes}-byte "
-                             f"limit")
+            raise self.error(f"{self.where}: {refused}")
         self._members = {info.filename: info for info in infos}
         return self
 
@@ -222,12 +238,59 @@ class BoundedNpz:
             raise self.error(f"{where} is missing")
         try:
             return _read_member(self._archive, member, np.dtype(dtype), dims, where, self.error)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as bad:  # truncated entries, CRC errors
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as bad:  # truncated, CRC, deflate
             raise self.error(f"{where} is not readable: {bad}") from None
 
 
+def _refused_entry(infos: list[zipfile.ZipInfo]) -> str | None:
+    """Why an .npz entry cannot be read safely (encrypted, or compressed other than the way numpy writes)."""
+    for info in infos:
+        if info.flag_bits & 0x1:
+            return f"entry {info.filename!r} is encrypted"
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            return (f"entry {info.filename!r} uses zip compression method {info.compress_type}; only stored and "
+                    f"deflated entries (what numpy writes) are read")
+    return None
+
+
+def state_file_format(path: str | Path) -> str | None:
+    """The format a stream state file's header names, or None if `path` is not such a file (never raises)."""
+    try:
+        with BoundedNpz(path, f"state file {path}") as npz:
+            raw = npz.read("header", np.uint8, ((0, MAX_STATE_HEADER_BYTES),))
+        header = parse_json(raw.tobytes(), f"state file {path} (header)")
+    except BundleError:
+        return None
+    return header.get("format") if isinstance(header, Mapping) else None
+
+
+def _resolve(path: Path) -> Path:
+    """`path` with every symlink followed; a link loop is a BundleError."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as bad:
+        raise BundleError(f"{path} cannot be resolved (a symlink loop?): {bad}") from None
+
+
+def _check_external_locations(graph: GraphEntry, path: Path) -> None:
+    """Every external-data location inside the graph file is a file the manifest lists for this graph."""
+    try:
+        locations = external_data_locations(path)
+    except GraphFileError as bad:
+        raise BundleError(f"{path}: graph {graph.name!r} is not a readable ONNX file: {bad}") from None
+    except OSError as bad:
+        raise BundleError(f"{path}: graph {graph.name!r} cannot be read: {bad.strerror or bad}") from None
+    unlisted = sorted(locations - set(graph.external_data))
+    if unlisted:
+        raise BundleError(f"{path}: graph {graph.name!r} reads external data from {unlisted[0]!r}, which is not one "
+                          f"of the files its manifest entry lists {list(graph.external_data)}; refusing the bundle")
+
+
 def _verify(path: Path, expected: str, what: str) -> None:
-    actual = sha256_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as bad:
+        raise BundleError(f"{path}: {what} cannot be read: {bad.strerror or bad}") from None
     if actual != expected:
         raise BundleError(f"{path}: checksum of {what} is {actual[:12]}…, the manifest says {expected[:12]}… "
                           f"(file altered or truncated); re-export the bundle")
@@ -292,4 +355,4 @@ def _state_header(header: Any, where: str, format_name: str, version: int, bundl
     return dict(header)
 
 
-__all__ = ["BoundedNpz", "Bundle", "MAX_STATE_FILE_BYTES", "sha256_file"]
+__all__ = ["BoundedNpz", "Bundle", "MAX_STATE_FILE_BYTES", "sha256_file", "state_file_format"]

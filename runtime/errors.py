@@ -20,3 +20,7 @@ class BackendError(MirasolError):
 
 class ExportError(MirasolError):
     """Export, validation or calibration failed."""
+
+
+class OutputError(MirasolError):
+    """An output path is refused (it holds something mirasol did not write) or cannot be written."""

@@ -35,6 +35,12 @@ MAX_STATE_ELEMENTS = 1 << 28  # a zeros-initialised state tensor, per batch row
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 SCOPES = ("stream", "question")
 STEPS = ("push", "ask", "generate")
+# Model config values the runtime reads (media decoding, chunking, text): (type, smallest, largest) where given.
+CONFIG_LIMITS: dict[str, tuple[type, float, float]] = {
+    "fps": (float, 1e-3, 1e3), "frames_per_chunk": (int, 1, 4096), "image_size": (int, 1, 8192),
+    "sample_rate": (int, 1, 384_000), "n_fft": (int, 1, 1 << 16), "hop_length": (int, 1, 1 << 16),
+    "n_mels": (int, 1, 4096), "max_text_len": (int, 1, 1 << 20)}
+MAX_CHUNK_SAMPLES = 1 << 26  # audio samples in one chunk (sample_rate * frames_per_chunk / fps)
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,9 @@ class Manifest:
         return cls.from_dict(parse_json(raw, str(path)), str(path))
 
     def check(self, where: str = MANIFEST_FILE) -> None:
-        """Every name the wiring uses exists, and every graph input of a step is bound exactly once."""
+        """Config values the runtime reads are in range, every name the wiring uses exists, and every graph input
+        of a step is bound exactly once."""
+        _check_config(self.config, where)
         for name in STEPS:
             if name not in self.steps:
                 raise BundleError(f"{where}: step {name!r} is missing")
@@ -316,6 +324,16 @@ class Manifest:
         """The largest batch every graph takes (the smallest maximum of their batch axes)."""
         return min((g.axes["batch"].max for g in self.graphs.values() if "batch" in g.axes), default=1 << 16)
 
+    def step_tensor(self, step_name: str, name: str, output: bool = False) -> tuple[str, TensorInfo]:
+        """The first graph of a step with input (or output) `name`, and that tensor's description."""
+        step = self.steps[step_name]
+        for graph in step.graphs:
+            for tensor in (self.graphs[graph].outputs if output else self.graphs[graph].inputs):
+                if tensor.name == name:
+                    return graph, tensor
+        raise BundleError(f"no graph of step {step_name!r} {list(step.graphs)} has {'output' if output else 'input'} "
+                          f"{name!r}")
+
     def binding(self, graph: str, input_name: str) -> StateSpec | CounterSpec | None:
         for spec in (*self.state, *self.counters):
             if spec.graph == graph and spec.input == input_name:
@@ -334,6 +352,24 @@ class Manifest:
             return self.graphs[name]
         except KeyError:
             raise BundleError(f"{where}: {who} names graph {name!r}, which the bundle does not have") from None
+
+
+def _check_config(config: Mapping[str, Any], where: str) -> None:
+    """The config values in CONFIG_LIMITS, where present, are numbers of the right kind within their range."""
+    for key, (kind, low, high) in CONFIG_LIMITS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:
+            raise BundleError(f"{where}: config.{key}: expected {'an integer' if kind is int else 'a number'} in "
+                              f"[{low:g}, {high:g}], got {_short(value)}")
+    if all(k in config for k in ("sample_rate", "frames_per_chunk", "fps", "hop_length")):
+        samples = config["sample_rate"] * config["frames_per_chunk"] / config["fps"]
+        if not config["hop_length"] <= samples <= MAX_CHUNK_SAMPLES:
+            raise BundleError(f"{where}: config: a chunk of sample_rate * frames_per_chunk / fps = {samples:g} audio "
+                              f"samples must hold at least hop_length ({config['hop_length']}) and at most "
+                              f"{MAX_CHUNK_SAMPLES}")
 
 
 def _by_name(tensors: tuple[TensorInfo, ...], name: str, message: str) -> TensorInfo:

@@ -18,6 +18,10 @@ Rules, the same for files and live sources:
 - No audio track: the audio is silence (the log-mel of zeros), with a warning. Audio that ends before
   the video is zero-filled (with a warning when more than half a chunk is missing).
 - A missing, empty or corrupt file raises `InputError` naming the file.
+- Live sources only (cameras, network streams: `sources.py`; `iter_live`): audio a whole chunk behind
+  the video is given up (silence for that chunk) and audio more than two chunks ahead is trimmed, so a
+  stalled track neither holds chunks back nor grows memory; a frame time that goes backwards or jumps
+  far ahead (a timestamp wrap, a restarted sender) continues from the previous frame.
 
 Decoding is chunk by chunk with bounded memory: the video and the audio are read by two demuxers of the
 same file, each pulled only as far as the current chunk needs, so memory does not depend on the file's
@@ -46,8 +50,8 @@ def _import_av() -> Any:
     try:
         import av
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError('decoding media files needs PyAV; install the extra: '
-                          'pip install "mirasol-edge[media]"') from error
+        raise ImportError('decoding media files needs PyAV; install the extra: pip install "mirasol-edge[media]"',
+                          name="av") from error
     import av.video.reformatter  # noqa: F401  (not always imported by `import av`)
     return av
 
@@ -115,23 +119,49 @@ def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- chunk assembly (shared by file and live)
-class _ChunkAssembler:
-    """Collects resized frames and mono samples; hands out whole chunks."""
+class ChunkAssembler:
+    """Collects resized frames and mono samples as they arrive; hands out whole chunks.
 
-    def __init__(self, params: MediaParams) -> None:
+    The chunking rules of the module notes live here, for files and live sources alike. A file pulls
+    exactly the audio each chunk needs; a live source adds whatever arrived and takes `live_chunks()`.
+    """
+
+    def __init__(self, params: MediaParams, source: str) -> None:
         self.params = params
+        self.source = source
         self.frames: list[np.ndarray] = []
         self.samples: list[np.ndarray] = []
         self.num_samples = 0
         self.chunks_out = 0
+        self.frames_seen = 0
+        self.samples_seen = 0
+        self.audio_late_warned = False
+        self.audio_ahead_warned = False
 
     def add_frame(self, frame: np.ndarray) -> None:
+        """One resized frame, float32 [3, image_size, image_size] (see `resize_frame`)."""
         self.frames.append(frame)
+        self.frames_seen += 1
 
     def add_samples(self, samples: np.ndarray) -> None:
+        """Mono float32 samples at the config's sample rate, following those already added."""
         if samples.size:
             self.samples.append(samples)
             self.num_samples += samples.size
+            self.samples_seen += samples.size
+
+    def add_audio(self, waveform: np.ndarray | None) -> None:
+        """Audio that arrived: mono [n] or [channels, n] (averaged); None: silence up to the frames so far."""
+        if waveform is None:
+            due = math.floor(self.frames_seen * self.params.audio.sample_rate / self.params.fps + 0.5)
+            self.add_samples(np.zeros(max(due - self.samples_seen, 0), np.float32))
+            return
+        wave = np.asarray(waveform, dtype=np.float32)
+        if wave.ndim == 2:
+            wave = wave.mean(axis=0, dtype=np.float32)
+        elif wave.ndim != 1:
+            raise InputError(f"{self.source}: a waveform piece must be [n] or [channels, n], got {wave.shape}")
+        self.add_samples(wave)
 
     def take_samples(self, count: int) -> np.ndarray:
         """The next `count` samples, zero-filled past what has arrived."""
@@ -156,17 +186,149 @@ class _ChunkAssembler:
         self.chunks_out += 1
         return video, audio
 
-    def finish(self, source: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """At the end of the input: pad a clip shorter than one chunk; drop a trailing partial chunk."""
+    def live_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The chunks whose frames and samples have arrived, with the live rules for a lagging track:
+        audio a whole chunk behind the video is given up (that chunk's missing audio is silence) and
+        audio more than two chunks ahead of the video is trimmed from its start, so neither waits or
+        grows without bound when the other track stalls (each warned once)."""
         p = self.params
-        if self.chunks_out == 0 and self.frames and len(self.frames) < p.frames_per_chunk:
+        while self.ready() or len(self.frames) >= 2 * p.frames_per_chunk:
+            if not self.ready() and not self.audio_late_warned:
+                self.audio_late_warned = True
+                warnings.warn(f"{self.source}: the audio is more than a chunk behind the video (chunk "
+                              f"{self.chunks_out}); its missing part is silence", stacklevel=2)
+            yield self.pop()
+        excess = self.num_samples - 3 * p.samples_per_chunk
+        if excess > 0:
+            if not self.audio_ahead_warned:
+                self.audio_ahead_warned = True
+                warnings.warn(f"{self.source}: the audio runs more than two chunks ahead of the video; "
+                              f"its oldest samples are dropped", stacklevel=2)
+            self.take_samples(excess)
+
+    def finish(self, pad_short: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """At the end of the input: the whole chunks still waiting (their missing audio zero-filled); a
+        clip shorter than one chunk is padded (`pad_short`); a trailing partial chunk is dropped."""
+        p = self.params
+        if pad_short and self.chunks_out == 0 and self.frames and len(self.frames) < p.frames_per_chunk:
             seconds = len(self.frames) / p.fps
-            warnings.warn(f"{source}: {len(self.frames)} frames ({seconds:.2f} s) is shorter than one chunk "
-                          f"({p.frames_per_chunk} frames); padded by repeating the last frame and with "
+            warnings.warn(f"{self.source}: {len(self.frames)} frames ({seconds:.2f} s) is shorter than one "
+                          f"chunk ({p.frames_per_chunk} frames); padded by repeating the last frame and with "
                           f"zero audio", stacklevel=3)
             self.frames.extend([self.frames[-1]] * (p.frames_per_chunk - len(self.frames)))
-        if len(self.frames) >= p.frames_per_chunk:
+        while len(self.frames) >= p.frames_per_chunk:
             yield self.pop()
+
+
+# ---------------------------------------------------------------- decoding rules (shared by file and live)
+class FrameSampler:
+    """Source frames in, the frames shown at the sampling times k / fps out (the module's rule).
+
+    `add` takes each decoded source frame with its time (seconds from the stream's origin; None: right
+    after the previous one) and duration (None: `default_duration`) and yields the source frames of the
+    sampling times before it. With `max_gap` (live sources), a time that goes backwards or jumps ahead by
+    more than max_gap seconds is a discontinuity (a timestamp wrap, a restarted sender): the source frame
+    is taken as following the previous one, and `discontinuities` counts it.
+    """
+
+    def __init__(self, fps: float, default_duration: float, max_gap: float | None = None) -> None:
+        self.fps = fps
+        self.default_duration = default_duration
+        self.max_gap = max_gap
+        self.k = 0
+        self.previous: Any = None
+        self.previous_time = 0.0
+        self.previous_duration = default_duration
+        self.offset = 0.0
+        self.discontinuities = 0
+
+    def add(self, frame: Any, time: float | None, duration: float | None) -> Iterator[Any]:
+        if time is None:
+            time = self.previous_time + self.previous_duration if self.previous is not None else 0.0
+        else:
+            time += self.offset
+        if self.max_gap is not None and self.previous is not None and not (
+                -_TIME_EPS <= time - self.previous_time <= self.max_gap):
+            follow = self.previous_time + self.previous_duration
+            self.offset += follow - time
+            time = follow
+            self.discontinuities += 1
+        while self.k / self.fps < time - _TIME_EPS:  # sampling times before this frame: the previous one
+            yield self.previous if self.previous is not None else frame
+            self.k += 1
+        self.previous, self.previous_time = frame, time
+        self.previous_duration = duration or self.default_duration
+
+    def finish(self) -> Iterator[Any]:
+        """The sampling times until the last source frame's end show it."""
+        end = self.previous_time + self.previous_duration
+        while self.previous is not None and self.k / self.fps < end - _TIME_EPS:
+            yield self.previous
+            self.k += 1
+
+
+def frame_timing(frame: Any, origin: float) -> tuple[float | None, float | None]:
+    """A decoded PyAV frame's (time from `origin`, duration) in seconds; None where the stream lacks it."""
+    time = frame.time - origin if frame.time is not None and math.isfinite(frame.time) else None
+    duration = (float(frame.duration * frame.time_base)
+                if frame.duration and frame.time_base is not None else None)
+    return time, duration
+
+
+class FrameConverter:
+    """PyAV video frames -> resized float32 [3, size, size]; a source frame shown at several sampling
+    times is converted once. One reformatter for the whole stream: VideoFrame.to_ndarray would set up a
+    new swscale context for every frame, which costs more than the decoding itself at small sizes."""
+
+    def __init__(self, av: Any, image_size: int) -> None:
+        self.reformatter = av.video.reformatter.VideoReformatter()
+        self.image_size = image_size
+        self.converted_from: Any = None
+        self.converted: np.ndarray | None = None
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        if frame is not self.converted_from:
+            rgb = self.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+            self.converted_from, self.converted = frame, resize_frame(rgb, self.image_size)
+        return self.converted  # type: ignore[return-value]
+
+
+class MonoAudio:
+    """PyAV audio frames -> float32 mono samples at `sample_rate`, time 0 at `origin`: a track that
+    starts late begins with silence, one that starts early is cut. `add(None)` flushes the resampler."""
+
+    def __init__(self, av: Any, origin: float, sample_rate: int) -> None:
+        self.av = av
+        self.origin = origin
+        self.sample_rate = sample_rate
+        self.resampler: Any = None
+        self.skip = 0  # samples still to drop (a track starting before time 0)
+
+    def add(self, frame: Any) -> list[np.ndarray]:
+        pieces = []
+        if self.resampler is None:
+            if frame is None:
+                return pieces
+            offset = round(((frame.time or 0.0) - self.origin) * self.sample_rate)
+            if offset > 0:  # the track starts late: silence until it does
+                pieces.append(np.zeros(offset, np.float32))
+            self.skip = max(-offset, 0)
+            self.resampler = self.av.AudioResampler(format="fltp", layout=frame.layout.name, rate=self.sample_rate)
+        for out in self.resampler.resample(frame):
+            samples = out.to_ndarray().reshape(len(out.layout.channels), -1)
+            mono = samples[0] if samples.shape[0] == 1 else samples.mean(axis=0, dtype=np.float32)
+            if self.skip:
+                dropped = min(self.skip, mono.size)
+                mono, self.skip = mono[dropped:], self.skip - dropped
+            if mono.size:
+                pieces.append(mono)
+        return pieces
+
+
+def ffmpeg_reason(error: BaseException) -> str:
+    """FFmpeg's words for an error, without PyAV's '[Errno 1094995529] ...: path' wrapping."""
+    reason = getattr(error, "strerror", None)
+    return reason if isinstance(reason, str) and reason else str(error)
 
 
 # ---------------------------------------------------------------- files
@@ -175,15 +337,19 @@ def _open(av: Any, path: str) -> Any:
         raise InputError(f"media file {path} does not exist")
     if os.path.isdir(path):
         raise InputError(f"media file {path} is a directory")
+    if not os.path.isfile(path):  # a FIFO or a device would block the decoder
+        raise InputError(f"media file {path} is not a regular file")
     if os.path.getsize(path) == 0:
         raise InputError(f"media file {path} is empty")
     try:
         return av.open(path, mode="r")
     except (av.FFmpegError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read media file {path}: {error}") from error
+        raise InputError(f"cannot read media file {path}: {ffmpeg_reason(error)} (FFmpeg reads no video or audio "
+                         f"in it)") from error
 
 
-def _start_time(container: Any) -> float:
+def start_time(container: Any) -> float:
+    """The container's start time in seconds (time 0 of every stream), 0 when it has none."""
     start = container.start_time
     return float(start) / 1_000_000 if start is not None else 0.0  # AV_TIME_BASE is microseconds
 
@@ -195,62 +361,29 @@ def _sampled_frames(av: Any, path: str, fps: float) -> Iterator[Any]:
         if not container.streams.video:
             raise InputError(f"media file {path} has no video stream")
         stream = container.streams.video[0]
-        origin = _start_time(container)
-        rate = float(stream.average_rate or stream.guessed_rate or fps)
-        k = 0
-        previous = None
-        previous_time = 0.0
-        previous_duration = 1.0 / rate
+        origin = start_time(container)
+        sampler = FrameSampler(fps, 1.0 / float(stream.average_rate or stream.guessed_rate or fps))
         try:
             for frame in container.decode(stream):
-                if frame.time is not None:
-                    time = frame.time - origin
-                else:
-                    time = previous_time + previous_duration if previous is not None else 0.0
-                while k / fps < time - _TIME_EPS:  # sampling times before this frame: the previous one
-                    yield previous if previous is not None else frame
-                    k += 1
-                duration = (float(frame.duration * frame.time_base)
-                            if frame.duration and frame.time_base is not None else 1.0 / rate)
-                previous, previous_time, previous_duration = frame, time, duration
+                yield from sampler.add(frame, *frame_timing(frame, origin))
         except av.FFmpegError as error:
-            raise InputError(f"error decoding the video of {path} near frame {k}: {error}") from error
-        if previous is None:
+            raise InputError(f"error decoding the video of {path} near frame {sampler.k}: {ffmpeg_reason(error)}"
+                             ) from error
+        if sampler.previous is None:
             raise InputError(f"media file {path} has no decodable video frames")
-        end = previous_time + previous_duration
-        while k / fps < end - _TIME_EPS:
-            yield previous
-            k += 1
+        yield from sampler.finish()
     finally:
         container.close()
 
 
 def _mono_audio(av: Any, container: Any, path: str, sample_rate: int) -> Iterator[np.ndarray]:
     """float32 mono samples at sample_rate from the container's first audio stream, from time 0."""
-    stream = container.streams.audio[0]
-    origin = _start_time(container)
-    resampler = None
-    skip = 0  # samples still to drop (an audio track starting before time 0)
+    mono = MonoAudio(av, start_time(container), sample_rate)
     try:
-        for frame in itertools.chain(container.decode(stream), [None]):
-            if resampler is None:
-                if frame is None:
-                    return
-                offset = round(((frame.time or 0.0) - origin) * sample_rate)
-                if offset > 0:  # the track starts late: silence until it does
-                    yield np.zeros(offset, np.float32)
-                skip = max(-offset, 0)
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sample_rate)
-            for out in resampler.resample(frame):
-                samples = out.to_ndarray().reshape(len(out.layout.channels), -1)
-                mono = samples[0] if samples.shape[0] == 1 else samples.mean(axis=0, dtype=np.float32)
-                if skip:
-                    dropped = min(skip, mono.size)
-                    mono, skip = mono[dropped:], skip - dropped
-                if mono.size:
-                    yield mono
+        for frame in itertools.chain(container.decode(container.streams.audio[0]), [None]):
+            yield from mono.add(frame)
     except av.FFmpegError as error:
-        raise InputError(f"error decoding the audio of {path}: {error}") from error
+        raise InputError(f"error decoding the audio of {path}: {ffmpeg_reason(error)}") from error
 
 
 class _MonoAudioReader:
@@ -301,6 +434,8 @@ def iter_chunks(path: str | os.PathLike[str], config: Mapping[str, Any] | Any
     Streams with bounded memory (a one-hour file is never held whole). See the module notes for the
     sampling, padding and error rules.
     """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise InputError(f"a media path must be a str or an os.PathLike, got {type(path).__name__}")
     av = _import_av()
     path = os.fspath(path)
     p = MediaParams.from_config(config)
@@ -309,23 +444,17 @@ def iter_chunks(path: str | os.PathLike[str], config: Mapping[str, Any] | Any
     try:
         if not audio.has_audio:
             warnings.warn(f"{path} has no audio track; using silence", stacklevel=2)
-        assembler = _ChunkAssembler(p)
-        # one reformatter for the whole file: VideoFrame.to_ndarray would set up a new swscale context
-        # for every frame, which costs more than the decoding itself at small sizes
-        reformatter = av.video.reformatter.VideoReformatter()
-        converted_from, converted = None, None
+        assembler = ChunkAssembler(p, path)
+        convert = FrameConverter(av, p.image_size)
         for frame in frames:
-            if frame is not converted_from:  # a source frame shown at several sampling times: convert once
-                rgb = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
-                converted_from, converted = frame, resize_frame(rgb, p.image_size)
-            assembler.add_frame(converted)
+            assembler.add_frame(convert(frame))
             if len(assembler.frames) == p.frames_per_chunk:
                 assembler.add_samples(audio.read(p.samples_per_chunk - assembler.num_samples))
                 audio.check_missing(assembler.num_samples, p.samples_per_chunk, assembler.chunks_out)
                 yield assembler.pop()
         if assembler.chunks_out == 0:  # a clip shorter than one chunk: the audio it has, then zeros
             assembler.add_samples(audio.read(p.samples_per_chunk))
-        yield from assembler.finish(path)
+        yield from assembler.finish()
     finally:
         frames.close()
         audio.close()
@@ -355,30 +484,12 @@ def iter_live(frames_and_audio: Iterable[tuple[np.ndarray, np.ndarray | None]],
     [0, 1]); `waveform` is the audio that arrived with it, float32 at the config's `sample_rate`, mono
     [n] or [channels, n] (averaged), of any length; None means no audio for that frame (its share of
     samples is silence). Yields (video [F, 3, H, W], audio [n_mels, A]) as soon as a chunk's frames
-    and samples have arrived. Needs no PyAV.
+    and samples have arrived (a track that lags or runs ahead: `ChunkAssembler.live_chunks`). Needs
+    no PyAV.
     """
-    p = MediaParams.from_config(config)
-    samples_per_frame = p.audio.sample_rate / p.fps
-    assembler = _ChunkAssembler(p)
-    frames_seen = 0
-    samples_seen = 0
+    assembler = ChunkAssembler(MediaParams.from_config(config), source)
     for frame, waveform in frames_and_audio:
-        assembler.add_frame(resize_frame(frame, p.image_size))
-        frames_seen += 1
-        if waveform is None:  # no audio with this frame: silence up to where the audio should be
-            wave = np.zeros(max(math.floor(frames_seen * samples_per_frame + 0.5) - samples_seen, 0),
-                            np.float32)
-        else:
-            wave = np.asarray(waveform, dtype=np.float32)
-            if wave.ndim == 2:
-                wave = wave.mean(axis=0, dtype=np.float32)
-            elif wave.ndim != 1:
-                raise InputError(f"{source}: a waveform piece must be [n] or [channels, n], got {wave.shape}")
-        samples_seen += wave.size
-        assembler.add_samples(wave)
-        while assembler.ready():
-            yield assembler.pop()
-    # the input has ended: whole chunks still waiting for audio get zero-filled audio
-    while len(assembler.frames) >= p.frames_per_chunk:
-        yield assembler.pop()
-    yield from assembler.finish(source)
+        assembler.add_frame(resize_frame(frame, assembler.params.image_size))
+        assembler.add_audio(waveform)
+        yield from assembler.live_chunks()
+    yield from assembler.finish()

@@ -7,10 +7,12 @@ state is updated. The plan is resolved once at load; the per-chunk and per-token
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
+import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,11 @@ import numpy as np
 
 from .backends import Backend, GraphSession, get_backend
 from .backends.base import TensorInfo
-from .bundle import Bundle
+from .bundle import Bundle, state_file_format
 from .errors import BackendError, BundleError, InputError
 from .manifest import CounterSpec, StateSpec
-from .sampling import Sampler
+from .output import atomic_file, check_output_file
+from .sampling import Sampler, as_integer
 
 STATE_FORMAT = "mirasol-stream-state"
 STATE_VERSION = 1
@@ -31,11 +34,24 @@ STATE_VERSION = 1
 @dataclass(frozen=True)
 class _Feed:
     """Where one graph input comes from in a step: 'input' (the caller), 'step' (an earlier graph), 'state'
-    or 'counter' (by name)."""
+    or 'counter' (by name, of the stream or of the question: `scope`)."""
 
     input: str
     kind: str
     key: str
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A graph output that is carried, returned or fed to a later graph: checked before the step commits. Its
+    dtype and shape always; its values (`finite`) where they are returned, fed on or carried for the stream (a
+    question's own state is never saved, and what it would spoil shows in the logits, which are checked)."""
+
+    graph: str
+    info: TensorInfo
+    dtype: np.dtype
+    finite: Callable[[np.ndarray], bool] | None  # how its values are checked (None: they are not)
 
 
 @dataclass
@@ -44,6 +60,16 @@ class _StepPlan:
     state: list[StateSpec]  # carried tensors this step produces
     counters: list[CounterSpec]  # counters this step advances
     returns: str | None
+    checked: dict[str, list[_Checked]]  # per graph: its outputs that are carried, returned or fed to a later graph
+    keep: dict[str, frozenset[str]]  # per graph: outputs that stay where the backend computes (carried or fed on)
+
+
+@dataclass
+class _Carried:
+    """State tensors and counters of one scope: the stream's, or one question's."""
+
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    counters: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,8 +101,7 @@ class Pipeline:
         self._state = {s.name: s for s in manifest.state}
         self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: self._plan(name) for name in manifest.steps}
-        push = manifest.steps["push"]
-        located = {name: self._input_info(push.graphs, name) for name in push.inputs}
+        located = {name: manifest.step_tensor("push", name) for name in manifest.steps["push"].inputs}
         self.chunk_inputs = {name: info for name, (_, info) in located.items()}
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
@@ -99,14 +124,6 @@ class Pipeline:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _input_info(self, graphs: tuple[str, ...], name: str) -> tuple[str, TensorInfo]:
-        """The first graph of a step taking input `name`, and that input's description."""
-        for graph in graphs:
-            for tensor in self.bundle.graphs[graph].inputs:
-                if tensor.name == name:
-                    return graph, tensor
-        raise BundleError(f"no graph of {graphs} has input {name!r}")
-
     def _plan(self, step_name: str) -> _StepPlan:
         manifest = self.bundle.manifest
         step = manifest.steps[step_name]
@@ -121,13 +138,21 @@ class Pipeline:
                 elif tensor.name in produced:
                     feeds.append(_Feed(tensor.name, "step", tensor.name))
                 elif isinstance(binding, StateSpec):
-                    feeds.append(_Feed(tensor.name, "state", binding.name))
+                    feeds.append(_Feed(tensor.name, "state", binding.name, binding.scope))
                 else:
-                    feeds.append(_Feed(tensor.name, "counter", binding.name))  # type: ignore[union-attr]
+                    feeds.append(_Feed(tensor.name, "counter", binding.name, binding.scope))  # type: ignore[union-attr]
             produced.update(t.name for t in manifest.graphs[graph_name].outputs)
             graphs.append((self.sessions[graph_name], feeds))
-        return _StepPlan(graphs, [s for s in manifest.state if s.source_graph in step.graphs],
-                         [c for c in manifest.counters if c.graph in step.graphs], step.returns)
+        state = [s for s in manifest.state if s.source_graph in step.graphs]
+        passed_on = {step.returns} | {f.key for _, feeds in graphs for f in feeds if f.kind == "step"}
+        finite = passed_on | {s.output for s in state if s.scope == "stream"}
+        used = passed_on | {s.output for s in state}
+        checked = {g: [_Checked(g, t, np.dtype(t.dtype), _finite_check(t.dtype) if t.name in finite else None)
+                       for t in manifest.graphs[g].outputs if t.name in used] for g in step.graphs}
+        kept = (used - {step.returns}) | {s.output for s in state} if self.backend.keeps_on_device else set()
+        keep = {g: frozenset(t.name for t in manifest.graphs[g].outputs if t.name in kept) for g in step.graphs}
+        return _StepPlan(graphs, state, [c for c in manifest.counters if c.graph in step.graphs], step.returns,
+                         checked, keep)
 
     def stream(self) -> "Stream":
         """A fresh stream: TTM memory zeros, empty caches, counters at 0."""
@@ -135,9 +160,77 @@ class Pipeline:
 
     def restore(self, path: str | Path) -> "Stream":
         """A stream continued from a file written by `Stream.save` with this bundle."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"restore: a path must be a str or an os.PathLike, got {type(path).__name__}")
         stream = Stream(self)
         stream._load(Path(path))
         return stream
+
+    def push_streams(self, streams: Sequence["Stream"], chunks: Sequence[tuple[np.ndarray, np.ndarray]]
+                     ) -> list[np.ndarray]:
+        """Push one chunk (video, audio) into each stream in as few runs of the push step as their state allows.
+
+        Streams whose carried state has the same shape are stacked along the batch axis (at most `max_batch`
+        rows a run); streams of other shapes run in further groups. Returns each stream's av_context as
+        `stream.push` would (equal up to float rounding). No stream changes unless every run succeeded.
+        """
+        if len(streams) != len(chunks):
+            raise InputError(f"push_streams: {len(streams)} streams but {len(chunks)} chunks")
+        if len({id(stream) for stream in streams}) != len(streams):
+            raise InputError("push_streams: a stream appears twice; push its chunks in separate calls")
+        if any(stream.pipeline is not self for stream in streams):
+            raise InputError("push_streams: every stream must come from this Pipeline")
+        prepared = [stream._chunk_feeds(video, audio) for stream, (video, audio) in zip(streams, chunks)]
+        graphs = self.bundle.graphs
+        axes = {s.name: graphs[s.graph].input(s.input).shape.index("batch")
+                for s in self._state.values() if s.scope == "stream"}
+        plan = self._plans["push"]
+        returns_axis = self.bundle.manifest.step_tensor("push", plan.returns, output=True)[1].shape.index("batch")
+        with contextlib.ExitStack() as held:
+            for stream in sorted(streams, key=id):  # one order for every caller: no deadlock between them
+                held.enter_context(stream._lock)
+            carried = [stream._carried_for(batch) for stream, (_, batch, _) in zip(streams, prepared)]
+            groups: dict[tuple, list[int]] = {}
+            for i, values in enumerate(carried):
+                key = tuple(v.shape[:axes[n]] + v.shape[axes[n] + 1:] for n, v in values.state.items())
+                groups.setdefault(key, []).append(i)
+            updated = [_Carried() for _ in streams]
+            contexts: list[np.ndarray] = [np.empty(0)] * len(streams)
+            runner = Stream(self)  # runs the stacked step; its own state stays unused
+            for members in groups.values():
+                for part in self._parts(members, [prepared[i][1] for i in members]):
+                    rows = [prepared[i][1] for i in part]
+                    stacked = _Carried(
+                        {n: self.backend.concatenate([carried[i].state[n] for i in part], axes[n]) for n in axes},
+                        {n: np.concatenate([carried[i].counters[n] for i in part]) for n in carried[part[0]].counters})
+                    feeds = {n: np.concatenate([prepared[i][0][n] for i in part]) for n in self.chunk_inputs}
+                    context = runner._run("push", feeds, sum(rows), stacked)
+                    offsets = np.cumsum(rows)[:-1]
+                    bounds = list(zip([0, *offsets], [*offsets, sum(rows)]))
+                    for n, value in stacked.state.items():
+                        for i, (begin, end) in zip(part, bounds):
+                            updated[i].state[n] = self.backend.slice(value, axes[n], begin, end)
+                    for n, value in stacked.counters.items():
+                        for i, piece in zip(part, np.split(value, offsets)):
+                            updated[i].counters[n] = piece.copy()
+                    for i, piece in zip(part, np.split(context, offsets, axis=returns_axis)):
+                        contexts[i] = piece
+            for stream, new, (_, batch, _) in zip(streams, updated, prepared):
+                stream._carried, stream.batch = new, batch
+                stream.chunks += 1
+        return [context[0] if unbatched else context for context, (_, _, unbatched) in zip(contexts, prepared)]
+
+    def _parts(self, members: list[int], rows: list[int]) -> list[list[int]]:
+        """Consecutive runs of `members` whose rows add up to at most max_batch each."""
+        parts: list[list[int]] = [[]]
+        total = 0
+        for member, count in zip(members, rows):
+            if parts[-1] and total + count > self.max_batch:
+                parts.append([])
+                total = 0
+            parts[-1].append(member)
+            total += count
+        return parts
 
     def split_clip(self, video: np.ndarray, audio: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Whole clip: video [N*F, 3, H, W], audio log-mel [n_mels, N*A] -> N (video, audio) chunks."""
@@ -163,40 +256,65 @@ class Pipeline:
 
 
 class Stream:
-    """One video stream's state. Not shared between threads; many streams share one Pipeline."""
+    """One video stream's state; many streams share one Pipeline.
+
+    Threads: every call runs whole graph steps under the stream's lock, so a stream may be used from several
+    threads (calls are serialised step by step). An unfinished `ask_iter` generator holds no lock between its
+    tokens and keeps its own question state: while it is suspended, any other call on the stream (push, ask,
+    another ask_iter, save) proceeds at once, and the generator can be resumed later (its answer is about the
+    chunks pushed before it was asked) or dropped.
+    """
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.batch: int | None = None
-        self.state: dict[str, np.ndarray] = {}
-        self.counters: dict[str, np.ndarray] = {}
         self.chunks = 0
+        self.dropped_chunks = 0  # chunks a live source captured but never pushed (see `skip`)
         self.timings = Timings()
+        self._carried = _Carried()  # stream-scope state and counters (a question's live with the question)
         self._lock = threading.Lock()
 
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The carried stream-scope tensors by name (read them; the stream replaces them at each step)."""
+        return self._carried.state
+
+    @property
+    def counters(self) -> dict[str, np.ndarray]:
+        return self._carried.counters
+
     # ---- state ----
-    def _init(self, scope: str, batch: int) -> None:
+    def _fresh(self, scope: str, batch: int, produced_by: _StepPlan | None = None) -> _Carried:
+        """The initial state and counters of `scope` ("stream" or "question") for `batch` rows (only those the
+        step `produced_by` produces, if given)."""
         p = self.pipeline
-        self._reset([s for s in p._state.values() if s.scope == scope],
-                    [c for c in p._counters.values() if c.scope == scope], batch)
+        graphs = p.bundle.graphs
+        carried = _Carried()
+        for spec in p._state.values():
+            if spec.scope == scope and (produced_by is None or spec in produced_by.state):
+                info = graphs[spec.graph].input(spec.input)
+                shape = [batch if d == "batch" else (0 if i == spec.axis and spec.init == "empty" else d)
+                         for i, d in enumerate(info.shape)]
+                if any(isinstance(d, str) for d in shape):
+                    raise BundleError(f"state {spec.name}: cannot size axes {info.shape} of {spec.graph}.{spec.input}")
+                carried.state[spec.name] = np.zeros(shape, dtype=info.dtype)
+        for counter in p._counters.values():
+            if counter.scope == scope and (produced_by is None or counter in produced_by.counters):
+                carried.counters[counter.name] = np.zeros(batch, dtype=np.int64)
+        return carried
 
-    def _reset(self, state: list[StateSpec], counters: list[CounterSpec], batch: int) -> None:
-        """Set these state tensors and counters to how they start (zeros, or empty along their axis)."""
-        graphs = self.pipeline.bundle.graphs
-        for spec in state:
-            info = graphs[spec.graph].input(spec.input)
-            shape = [batch if d == "batch" else (0 if i == spec.axis and spec.init == "empty" else d)
-                     for i, d in enumerate(info.shape)]
-            if any(isinstance(d, str) for d in shape):
-                raise BundleError(f"state {spec.name}: cannot size axes {info.shape} of {spec.graph}.{spec.input}")
-            self.state[spec.name] = np.zeros(shape, dtype=info.dtype)
-        for counter in counters:
-            self.counters[counter.name] = np.zeros(batch, dtype=np.int64)
-
-    def _run(self, step_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a step's graphs; state and counters change only once every graph has succeeded."""
+    def _run(self, step_name: str, inputs: Mapping[str, np.ndarray], batch: int, stream: _Carried,
+             question: _Carried | None = None) -> np.ndarray | None:
+        """Run a step's graphs (under the stream's lock); returns the step's returned output on the host (None for
+        a step that returns nothing). State and counters change only once every graph has succeeded and every output
+        that is carried, returned or fed to a later graph has the manifest's dtype and shape and holds no NaN or inf
+        (outputs the backend keeps on its device are checked for dtype and shape, and through what they lead to:
+        the returned output); otherwise nothing changes and the error names the graph and output."""
         plan = self.pipeline._plans[step_name]
-        produced: dict[str, np.ndarray] = {}
+        backend = self.pipeline.backend
+        scopes = {"stream": stream, "question": question}
+        produced: dict[str, Any] = {}
+        returned = None
         start = time.perf_counter()
         for session, feeds in plan.graphs:
             values = {}
@@ -206,57 +324,85 @@ class Stream:
                 elif feed.kind == "step":
                     values[feed.input] = produced[feed.key]
                 elif feed.kind == "state":
-                    values[feed.input] = self.state[feed.key]
+                    values[feed.input] = scopes[feed.scope].state[feed.key]  # type: ignore[union-attr]
                 else:
-                    values[feed.input] = self.counters[feed.key]
+                    values[feed.input] = scopes[feed.scope].counters[feed.key]  # type: ignore[union-attr]
+            keep = plan.keep[session.name]
             t0 = time.perf_counter()
-            outputs = session.run(values)
+            outputs = session.run(values, keep_on_device=keep) if keep else session.run(values)
             self.timings.add(self.timings.graph_seconds, session.name, time.perf_counter() - t0)
             self.timings.graph_calls[session.name] = self.timings.graph_calls.get(session.name, 0) + 1
+            if plan.returns in outputs:
+                returned = backend.to_host(outputs[plan.returns])
+            for checked in plan.checked[session.name]:
+                name = checked.info.name
+                _check_output(returned if name == plan.returns else outputs[name], checked, batch, step_name,
+                              InputError if step_name == "push" else BackendError)
             produced.update(outputs)
-        updates = {}
+        updates: list[tuple[dict[str, np.ndarray], str, np.ndarray]] = []
         for spec in plan.state:
+            table = scopes[spec.scope].state  # type: ignore[union-attr]
             value = produced[spec.output]
             try:
                 if spec.update == "append":
-                    value = np.concatenate([self.state[spec.name], value], axis=spec.axis)
+                    value = backend.concatenate([table[spec.name], value], spec.axis)  # type: ignore[arg-type]
                 if spec.window is not None and value.shape[spec.axis] > spec.window:
-                    index = [slice(None)] * value.ndim
-                    index[spec.axis] = slice(value.shape[spec.axis] - spec.window, None)
-                    value = np.ascontiguousarray(value[tuple(index)])
-            except ValueError:
+                    value = backend.slice(value, spec.axis, value.shape[spec.axis] - spec.window)  # type: ignore[arg-type]
+            except (ValueError, InputError):
                 raise BackendError(f"state {spec.name}: output {spec.source_graph}.{spec.output} of shape "
-                                   f"{value.shape} does not fit the carried {self.state[spec.name].shape}") from None
-            updates[spec.name] = value
+                                   f"{value.shape} does not fit the carried {table[spec.name].shape}") from None
+            updates.append((table, spec.name, value))
         for counter in plan.counters:
-            step = counter.step if counter.length_of is None else inputs[counter.length_of[0]].shape[counter.length_of[1]]
-            updates[counter.name] = self.counters[counter.name] + step
-        for name, value in updates.items():
-            (self.counters if name in self.counters else self.state)[name] = value
+            table = scopes[counter.scope].counters  # type: ignore[union-attr]
+            length_of = counter.length_of
+            step = counter.step if length_of is None else inputs[length_of[0]].shape[length_of[1]]
+            updates.append((table, counter.name, table[counter.name] + step))
+        for table, name, value in updates:
+            table[name] = value
         self.timings.add(self.timings.step_seconds, step_name, time.perf_counter() - start)
-        return produced
+        return returned
 
     # ---- streaming ----
     def push(self, video: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """Add one chunk: video [B, F, 3, H, W], audio log-mel [B, n_mels, A] (or both without the batch
-        axis, for batch 1). Returns the chunk's av_context [B, m, D] (no batch axis if none was given)."""
+        axis, for batch 1). Returns the chunk's av_context [B, m, D] (no batch axis if none was given).
+
+        A chunk whose graphs give NaN or inf (e.g. inputs of extreme magnitude) raises InputError naming the
+        graph and output, and the stream stays as it was."""
+        feeds, batch, unbatched = self._chunk_feeds(video, audio)
+        with self._lock:
+            carried = self._carried_for(batch)
+            context = self._run("push", feeds, batch, carried)
+            self._carried, self.batch = carried, batch
+            self.chunks += 1
+        return context[0] if unbatched else context  # type: ignore[index]
+
+    def _chunk_feeds(self, video: np.ndarray, audio: np.ndarray) -> tuple[dict[str, np.ndarray], int, bool]:
+        """The chunk as the push step's feeds with a batch axis, its batch size, and whether it came without one."""
         feeds = {"video": video, "audio": audio}
         for name, value in feeds.items():
             if not isinstance(value, np.ndarray):
                 raise InputError(f"{self.pipeline._chunk_where[name]}: expected a numpy array, "
                                  f"got {type(value).__name__}")
-        unbatched = video.ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
+        feeds = {name: np.asarray(value) for name, value in feeds.items()}  # a masked array's hidden values too
+        unbatched = feeds["video"].ndim == len(self.pipeline.chunk_inputs["video"].shape) - 1
         if unbatched:
             feeds = {name: value[None] for name, value in feeds.items()}
-        batch = self._check_chunk(feeds)
+        return feeds, self._check_chunk(feeds), unbatched
+
+    def _carried_for(self, batch: int) -> _Carried:
+        """The stream-scope state a push of `batch` rows starts from (under the lock): the stream's, or fresh."""
+        if self.batch is None:
+            return self._fresh("stream", batch)
+        if batch != self.batch:
+            raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch {batch}")
+        return self._carried
+
+    def skip(self, count: int = 1) -> None:
+        """Note `count` chunks of the source that were dropped, not pushed: the carried state only ever
+        sees the chunks pushed, in order; the gap is counted in `dropped_chunks`."""
         with self._lock:
-            if self.batch is None:
-                self._init("stream", batch)
-                self.batch = batch
-            produced = self._run("push", feeds)
-            self.chunks += 1
-        context = produced[self.pipeline._plans["push"].returns]  # type: ignore[index]
-        return context[0] if unbatched else context
+            self.dropped_chunks += count
 
     def _check_chunk(self, feeds: Mapping[str, Any]) -> int:
         """Refuse at the boundary what the graphs cannot take; returns the batch size."""
@@ -283,8 +429,6 @@ class Stream:
         if batch > self.pipeline.max_batch:
             raise InputError(f"push: batch {batch} is over the bundle's maximum {self.pipeline.max_batch} "
                              f"(re-export with --max-batch {batch})")
-        if self.batch is not None and batch != self.batch:
-            raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch {batch}")
         return batch  # type: ignore[return-value]
 
     # ---- questions ----
@@ -297,7 +441,10 @@ class Stream:
 
     def ask_iter(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """Yield the answer's text as it is generated (batch 1), whole UTF-8 characters at a time."""
+        """Yield the answer's text as it is generated (batch 1), whole UTF-8 characters at a time.
+
+        The generator holds no lock while suspended: other calls on the stream go ahead meanwhile (see the class
+        docstring), and an abandoned generator costs nothing but its own question state."""
         if (self.batch or 1) != 1:
             raise InputError(f"ask_iter: streams text for batch 1; this stream has batch {self.batch}")
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -323,9 +470,12 @@ class Stream:
 
     def _generate(self, question: str, max_new_tokens: int, sampler: Sampler, kv_cache: bool = True
                   ) -> Iterator[list[int | None]]:
-        """Per generated position, the token of each batch row (None once that row has ended)."""
+        """Per generated position, the token of each batch row (None once that row has ended). The question's
+        state lives here, not on the stream; the stream's lock is held for each graph step only."""
         tokenizer = self.pipeline.tokenizer
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str):
+            raise InputError(f"ask: the question must be a str, got {type(question).__name__}")
+        if not question.strip():
             raise InputError("ask: the question is empty")
         try:
             question.encode("utf-8")
@@ -336,59 +486,93 @@ class Stream:
         if room < 1:
             raise InputError(f"ask: the question is {len(prompt)} tokens with its markers; the text decoder's "
                              f"context holds {self.pipeline.max_text_len}")
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= room:
+        count = as_integer(max_new_tokens)
+        if count is None or not 1 <= count <= room:
             raise InputError(f"ask: max_new_tokens must be an int in [1, {room}] for this question "
                              f"(context {self.pipeline.max_text_len} - prompt {len(prompt)}), got {max_new_tokens!r}")
-        if self.chunks == 0:
-            raise InputError("ask: push at least one chunk before asking")
         with self._lock:
+            if self.chunks == 0:
+                raise InputError("ask: push at least one chunk before asking")
             batch = self.batch or 1
-            self._init("question", batch)
-            self._run("ask", {})
-            ids = sequence = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
-            generate = self.pipeline._plans["generate"]
-            alive = np.ones(batch, dtype=bool)
-            for _ in range(max_new_tokens):
-                if not kv_cache:  # the decoder's own state starts afresh and reads the whole sequence
-                    self._reset(generate.state, generate.counters, batch)
-                    ids = sequence
-                logits = self._run("generate", {"input_ids": ids})[generate.returns][:, -1]  # type: ignore[index]
-                tokens = sampler(logits)
-                ended = tokens == tokenizer.EOS
-                row_tokens: list[int | None] = [int(t) if a and not e else None
-                                                for t, a, e in zip(tokens, alive, ended)]
-                alive &= ~ended
-                if not alive.any():
-                    break
-                yield row_tokens
-                ids = tokens[:, None].astype(np.int64)
-                if not kv_cache:
-                    sequence = np.concatenate([sequence, ids], axis=1)
+            asked = self._fresh("question", batch)
+            self._run("ask", {}, batch, self._carried, asked)
+        ids = sequence = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
+        generate = self.pipeline._plans["generate"]
+        alive = np.ones(batch, dtype=bool)
+        for _ in range(count):
+            if not kv_cache:  # the decoder's own state starts afresh and reads the whole sequence
+                restart = self._fresh("question", batch, produced_by=generate)
+                asked.state.update(restart.state)
+                asked.counters.update(restart.counters)
+                ids = sequence
+            with self._lock:
+                logits = self._run("generate", {"input_ids": ids}, batch, self._carried, asked)[:, -1]  # type: ignore[index]
+            tokens = sampler(logits)
+            ended = tokens == tokenizer.EOS
+            row_tokens: list[int | None] = [int(t) if a and not e else None for t, a, e in zip(tokens, alive, ended)]
+            alive &= ~ended
+            if not alive.any():
+                break
+            yield row_tokens
+            ids = tokens[:, None].astype(np.int64)
+            if not kv_cache:
+                sequence = np.concatenate([sequence, ids], axis=1)
 
     # ---- persistence ----
     def save(self, path: str | Path) -> Path:
-        """Write the stream's state (numpy arrays + JSON header; no pickle) to `path` (.npz)."""
-        path = Path(path)
-        header = {"format": STATE_FORMAT, "version": STATE_VERSION, "bundle": self.pipeline.bundle.fingerprint,
-                  "batch": self.batch, "chunks": self.chunks}
-        arrays = {f"state/{k}": v for k, v in self.state.items() if self.pipeline._state[k].scope == "stream"}
-        arrays.update({f"counter/{k}": v for k, v in self.counters.items()
-                       if self.pipeline._counters[k].scope == "stream"})
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        """Write the stream's state (numpy arrays + JSON header; no pickle) to `path` (.npz), atomically.
+
+        An existing `path` is replaced only if it is a stream state file; when several streams save to one path,
+        the last complete save wins. A path that cannot be written raises OutputError (nothing is left behind).
+        """
+        check_output_file(path, is_state_file, "stream state file")
+        with self._lock:  # one consistent snapshot (carried arrays are replaced by each step, never changed)
+            header = {"format": STATE_FORMAT, "version": STATE_VERSION, "bundle": self.pipeline.bundle.fingerprint,
+                      "batch": self.batch, "chunks": self.chunks}
+            arrays = {f"state/{k}": v for k, v in self._carried.state.items()}
+            arrays.update({f"counter/{k}": v for k, v in self._carried.counters.items()})
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
-        tmp.replace(path)
-        return path
+        return Path(path)
 
     def _load(self, path: Path) -> None:
         """Read a state file through the bundle's bounded reader (no pickle, sizes checked first)."""
         header, arrays = self.pipeline.bundle.read_state(path, STATE_FORMAT, STATE_VERSION)
         batch = header["batch"]
         if batch is not None:
-            self._init("stream", batch)
-            for name in self.state:
-                self.state[name] = arrays[f"state/{name}"]
-            for name in self.counters:
-                self.counters[name] = arrays[f"counter/{name}"]
+            fresh = self._fresh("stream", batch)
+            self._carried = _Carried({name: arrays[f"state/{name}"] for name in fresh.state},
+                                     {name: arrays[f"counter/{name}"] for name in fresh.counters})
         self.batch = batch
         self.chunks = header["chunks"]
+
+
+def _finite_check(dtype: str) -> Callable[[np.ndarray], bool] | None:
+    """A function telling whether an array of `dtype` holds no NaN or inf (None for integer dtypes)."""
+    if dtype == "float16":  # through its bits: np.isfinite is ~20x slower on float16
+        return lambda value: value.size == 0 or int((value.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    if np.dtype(dtype).kind == "f":
+        return lambda value: bool(np.isfinite(value).all())
+    return None
+
+
+def is_state_file(path: Path) -> bool:
+    """Whether `path` is a stream state file (its header names the format); never raises."""
+    return state_file_format(path) == STATE_FORMAT
+
+
+def _check_output(value: Any, checked: _Checked, batch: int, step: str, error: type[Exception]) -> None:
+    """An output that is carried, returned or fed on: the manifest's dtype and shape (batch and fixed sizes), and
+    finite."""
+    info = checked.info
+    shape = getattr(value, "shape", ())
+    if (getattr(value, "dtype", None) != checked.dtype or len(shape) != len(info.shape)
+            or any((d == "batch" and n != batch) or (isinstance(d, int) and n != d)
+                   for n, d in zip(shape, info.shape))):
+        raise BackendError(f"{step}: graph {checked.graph!r} output {info.name!r} is {getattr(value, 'dtype', None)} "
+                           f"{list(shape)}, the manifest says {info.dtype} {list(info.shape)} (batch {batch}); "
+                           f"nothing was changed")
+    if checked.finite is not None and isinstance(value, np.ndarray) and not checked.finite(value):
+        hint = " (are the chunk's values of a sane magnitude?)" if error is InputError else ""
+        raise error(f"{step}: graph {checked.graph!r} output {info.name!r} holds NaN or inf{hint}; the stream was "
+                    f"not changed")

@@ -37,6 +37,15 @@ def format_validation(validation: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(format_rows(rows))
 
 
+def format_fp16(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """An fp16 bundle's report: per graph, the error of the conversion and the groups measurement kept in fp32."""
+    rows = [("graph", "rel error, groups in fp32", "as converted", "groups kept in fp32")]
+    for graph, report in reports.items():
+        kept = [name for name, decision in report["groups"].items() if decision["kept_fp32"]]
+        rows.append((graph, f"{report['baseline_error']:.2e}", f"{report['final_error']:.2e}", ", ".join(kept) or "-"))
+    return "fp16 conversion against the fp32 graphs:\n" + "\n".join(format_rows(rows))
+
+
 def format_quantization(report: Mapping[str, Any]) -> str:
     """An int8 bundle's report: per-graph and end-to-end agreement with the fp32 bundle, the sweep's choices."""
     data = report.get("data", {})

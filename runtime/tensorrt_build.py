@@ -36,6 +36,7 @@ by tests/test_tensorrt.py):
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import sys
 import threading
@@ -47,7 +48,8 @@ from typing import Any
 from .backends.tensorrt_env import (BUILD_COMMAND, SMALL_DEVICE_BYTES, gpu_info, has_precision_flags, import_tensorrt,
                                     trt_logger)
 from .bundle import sha256_file
-from .errors import BackendError, BundleError, MirasolError
+from .commandline import bounded, command_parser, run_command
+from .errors import BackendError, BundleError
 from .manifest import AxisRange, GraphEntry, Manifest
 from .precision import NAMES
 from .tensorrt_plan import (DEFAULT_WORKSPACE_MB, TYPINGS, BuildPlan, build_args, check_axis_overrides,
@@ -340,63 +342,52 @@ def _mb(nbytes: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `mirasol-build-engines` (click); returns the exit status when called with argv."""
-    try:
-        import click  # noqa: PLC0415
-    except ImportError:
-        print("mirasol-build-engines needs click: pip install click", file=sys.stderr)
-        return 2
+    """Entry point of `mirasol-build-engines`; returns the exit status."""
+    parser = command_parser(
+        BUILD_COMMAND, "Build TensorRT engines for the graphs of BUNDLE on this GPU and record them in its manifest.",
+        epilog="Examples:\n"
+               "  mirasol-build-engines bundles/demo --max-batch 1\n"
+               "  mirasol-build-engines bundles/demo --precision fp16 --max past_text=256 --workspace-mb 512\n"
+               "  mirasol-run bundles/demo --backend tensorrt --video clip.mp4 --question 'which colour appeared first?'",
+        quiet=True)
+    parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
+    parser.add_argument("--precision", choices=NAMES,
+                        help="engine precision (default: the bundle's; fp16 can be built from an fp32 bundle)")
+    parser.add_argument("--max-batch", type=bounded(int, 1), metavar="N", help="shorthand for --max batch=N")
+    parser.add_argument("--max", dest="axis_max", action="append", default=[], metavar="AXIS=N",
+                        help="lower an axis maximum of the optimization profile (repeatable), e.g. --max past_av=256")
+    parser.add_argument("--workspace-mb", type=bounded(int, 1), default=DEFAULT_WORKSPACE_MB, metavar="MB",
+                        help="builder workspace memory pool limit")
+    parser.add_argument("--graph", dest="graphs", action="append", metavar="NAME",
+                        help="build only this graph (repeatable; default: every graph)")
+    parser.add_argument("--typing", choices=TYPINGS, default="auto", help="strongly or weakly typed network")
+    int8 = parser.add_mutually_exclusive_group()
+    int8.add_argument("--int8-fp16", dest="int8_fp16", action="store_true", default=True,
+                      help="int8 engines: let unquantized layers run in fp16 (weak typing) (the default)")
+    int8.add_argument("--int8-fp32", dest="int8_fp16", action="store_false",
+                      help="int8 engines: keep unquantized layers in fp32")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                        help="allow TF32 in fp32 engines")
+    parser.add_argument("--opt-level", type=bounded(int, 0, 5), metavar="0-5",
+                        help="builder optimization level (default: TensorRT's)")
+    parser.add_argument("--timing-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"load and save BUNDLE/{TIMING_CACHE_FILE}")
+    parser.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
+    parser.add_argument("--device", type=bounded(int, 0), default=0, metavar="N", help="CUDA device ordinal")
+    parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    return run_command(parser, _build_command, argv)
 
-    @click.command(name=BUILD_COMMAND, context_settings={"help_option_names": ["-h", "--help"]})
-    @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-    @click.option("--precision", type=click.Choice(NAMES), default=None,
-                  help="Engine precision (default: the bundle's; fp16 can be built from an fp32 bundle).")
-    @click.option("--max-batch", type=click.IntRange(min=1), default=None, help="Shorthand for --max batch=N.")
-    @click.option("--max", "axis_max", multiple=True, metavar="AXIS=N",
-                  help="Lower an axis maximum of the optimization profile (repeatable), e.g. --max past_av=256.")
-    @click.option("--workspace-mb", type=click.IntRange(min=1), default=DEFAULT_WORKSPACE_MB, show_default=True,
-                  help="Builder workspace memory pool limit.")
-    @click.option("--graph", "graphs", multiple=True, help="Build only this graph (repeatable).")
-    @click.option("--typing", type=click.Choice(TYPINGS), default="auto", show_default=True,
-                  help="Strongly or weakly typed network.")
-    @click.option("--int8-fp16/--int8-fp32", default=True, show_default=True,
-                  help="int8 engines: let unquantized layers run in fp16 (weak typing).")
-    @click.option("--tf32/--no-tf32", default=False, show_default=True, help="Allow TF32 in fp32 engines.")
-    @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimization level.")
-    @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
-                  help=f"Load and save BUNDLE/{TIMING_CACHE_FILE}.")
-    @click.option("--force", is_flag=True, help="Rebuild engines that are up to date.")
-    @click.option("--device", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device ordinal.")
-    @click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
-    @click.option("--quiet", is_flag=True, help="No progress lines.")
-    def command(bundle: str, precision: str | None, max_batch: int | None, axis_max: tuple[str, ...],
-                workspace_mb: int, graphs: tuple[str, ...], typing: str, int8_fp16: bool, tf32: bool,
-                opt_level: int | None, timing_cache: bool, force: bool, device: int, verbose: bool,
-                quiet: bool) -> None:
-        """Build TensorRT engines for the graphs of BUNDLE on this GPU and record them in its manifest."""
-        try:
-            records = build_engines(
-                bundle, precision=precision, graphs=graphs or None, axis_max=_parse_axis_max(axis_max, max_batch),
-                workspace_mb=workspace_mb, typing=typing, int8_fp16=int8_fp16, tf32=tf32,
-                optimization_level=opt_level, timing_cache=timing_cache, force=force, device=device,
-                verbose=verbose, progress=None if quiet else (lambda line: click.echo(line, err=True)))
-        except MirasolError as error:
-            raise click.ClickException(str(error)) from None
-        for line in memory_report(records):
-            click.echo(line)
 
-    if argv is None:
-        command.main(prog_name=BUILD_COMMAND)  # exits
-        return 0
-    try:
-        command.main(args=list(argv), prog_name=BUILD_COMMAND, standalone_mode=False)
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
-    except click.exceptions.Abort:
-        return 1
-    return 0
+def _build_command(args: argparse.Namespace) -> None:
+    records = build_engines(
+        args.bundle, precision=args.precision, graphs=args.graphs,
+        axis_max=_parse_axis_max(args.axis_max, args.max_batch), workspace_mb=args.workspace_mb, typing=args.typing,
+        int8_fp16=args.int8_fp16, tf32=args.tf32, optimization_level=args.opt_level, timing_cache=args.timing_cache,
+        force=args.force, device=args.device, verbose=args.verbose,
+        progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
+    for line in memory_report(records):
+        print(line)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

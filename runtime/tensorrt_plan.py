@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from .backends.base import TensorInfo
 from .errors import BundleError, MirasolError
 from .manifest import MANIFEST_FILE, AxisRange, GraphEntry, Manifest, check_file_name
+from .output import atomic_file
 from .precision import get_precision
 
 ENGINE_SUFFIX = ".engine"
@@ -202,20 +202,9 @@ def record_engine(bundle_dir: str | os.PathLike[str], graph: str, record: Mappin
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file next to it and os.replace (nothing half-written)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write `data` to `path` through a temporary file next to it and a rename (nothing half-written)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _input_axes(entry: GraphEntry) -> list[str]:

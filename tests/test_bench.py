@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from mirasol.export.bench.cli import main
 from mirasol.export.bench.cuda import NO_CUDA
-from mirasol.export.bench.flops import chunk_step_flops
+from mirasol.export.bench.flops import chunk_step_flops, step_costs, token_step_flops
 from mirasol.export.bench.markdown import to_markdown
 from mirasol.export.bench.run import SECTIONS, jsonable, run_benchmark
 from mirasol.export.bench.stats import stats_ms
@@ -20,6 +19,15 @@ from mirasol.model import get_preset
 
 TARGET_KEYS = {"name", "value", "op", "threshold", "pass", "note"}
 STAT_KEYS = {"n", "median_ms", "p95_ms", "mean_ms", "min_ms"}
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)  # torch's table lacks the CPU kernel of scaled_dot_product_attention
+
+
+CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention}
 
 
 def carried_state_bytes(config: dict, chunks: int) -> int:
@@ -85,6 +93,12 @@ def check_report(report: dict) -> None:
     if ceiling["status"] == "ok":
         assert ceiling["gemm_flops_per_second"] > 0 and 0 < ceiling["fraction_of_gemm"]
 
+    costs = report["costs"]
+    assert {"tiny", "small", "base", "mirasol3b"} <= set(costs["presets"])
+    for entry in costs["presets"].values():
+        assert entry["fp16"]["chunk"]["io_device_bytes"] < entry["fp16"]["chunk"]["io_host_bytes"]
+        assert all(est["int8"]["chunk_ms"] <= est["fp16"]["chunk_ms"] for est in entry["jetson_estimate"].values())
+
     cuda = report["cuda"]
     assert isinstance(cuda["available"], bool)
     if not cuda["available"]:
@@ -121,20 +135,21 @@ def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
     assert "| fp32 | ok | 0.0 | given; validated against PyTorch: 4 of 4 graphs passed |" in markdown
 
 
-def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
+def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path], capsys) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = CliRunner().invoke(main, ["--quick", "--bundle", str(tiny_bundles["transformer"]), "--repeats", "2",
-                                       "--chunks", "2", "--flat-chunks", "8", "--new-tokens", "4", "--quiet",
-                                       "--json", str(out_json), "--markdown", str(out_md)])
-    assert result.exit_code == 0, result.output
+    code = main(["--quick", "--bundle", str(tiny_bundles["transformer"]), "--repeats", "2", "--chunks", "2",
+                 "--flat-chunks", "8", "--new-tokens", "4", "--quiet", "--json", str(out_json), "--markdown",
+                 str(out_md)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     report = json.loads(out_json.read_text())
     check_report(report)
-    assert out_md.read_text() in result.output
+    assert out_md.read_text() in out and err == ""
 
 
-def test_cli_refuses_preset_with_checkpoint(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["--preset", "tiny", "--checkpoint", str(tmp_path)])
-    assert result.exit_code != 0 and "not both" in result.output
+def test_cli_refuses_preset_with_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["--preset", "tiny", "--checkpoint", str(tmp_path)]) == 2
+    assert "mirasol-bench: error: give --preset or --checkpoint, not both" in capsys.readouterr().err
 
 
 def test_runtime_child_imports_nothing_heavy() -> None:
@@ -156,10 +171,7 @@ def test_stats_ms() -> None:
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_chunk_flops_match_torch_flop_counter(preset: str, combiner: str) -> None:
     """The FLOPs counted from the config equal what torch's FlopCounterMode sees in one steady-state step."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query, key, value)  # torch's table lacks the CPU kernel of scaled_dot_product_attention
+    from torch.utils.flop_counter import FlopCounterMode
 
     from mirasol.model import Mirasol
 
@@ -170,19 +182,43 @@ def test_chunk_flops_match_torch_flop_counter(preset: str, combiner: str) -> Non
     video = torch.rand(1, c.frames_per_chunk, 3, c.image_size, c.image_size)
     audio = torch.randn(1, c.n_mels, c.audio_frames_per_chunk)
     past = [(torch.randn(1, c.av_heads, c.av_cache_len, c.av_head_dim),) * 2 for _ in range(c.av_layers)]
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
         latents, _ = model.combiner_step(video, audio, model.initial_memory(1))
         model.av_step(latents, past)
     assert chunk_step_flops(config)["total"] == counter.get_total_flops()
+
+
+def test_cost_model_counts_what_the_graphs_hold_and_compute(tiny_bundles, tiny_models) -> None:
+    """Weights a step reads (the initializers of its graphs) and the FLOPs of one token (torch's flop counter)."""
+    import onnx
+    from onnx import numpy_helper
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mirasol.runtime.manifest import Manifest
+
+    model, path = tiny_models["ttm"], tiny_bundles["ttm"]
+    costs = step_costs(model.config, 4, 4, past_tokens=32)
+    manifest = Manifest.read(path)
+
+    def initializer_bytes(step: str) -> int:
+        return sum(numpy_helper.to_array(t).nbytes for g in manifest.steps[step].graphs
+                   for t in onnx.load(str(path / manifest.graphs[g].file)).graph.initializer)
+
+    for step, cost in (("push", costs["chunk"]), ("generate", costs["token"])):
+        assert abs(initializer_bytes(step) - cost["weight_bytes"]) <= 0.01 * cost["weight_bytes"], step
+    c = model.config
+    cross = model.text_cross_kv(torch.randn(1, c.text_memory_len, c.d_model))
+    past = [(torch.randn(1, c.text_heads, 32, c.text_head_dim),) * 2 for _ in range(c.text_layers)]
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+        model.text_step(torch.tensor([[5]]), torch.tensor([32]), cross, past)
+    assert costs["token"]["flops"] == token_step_flops(c, 32)["total"] == counter.get_total_flops()
 
 
 @pytest.mark.slow
 def test_small_preset_benchmark(tmp_path: Path) -> None:
     """The reference run: `mirasol-bench --preset small --json out.json` in under 10 minutes on 2 cores."""
     out = tmp_path / "out.json"
-    result = CliRunner().invoke(main, ["--preset", "small", "--json", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert main(["--preset", "small", "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
     check_report(report)
     assert report["meta"]["wall_seconds"] < 600

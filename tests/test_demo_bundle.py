@@ -7,7 +7,8 @@ import pytest
 
 from mirasol.export.bundle import export_bundle
 from mirasol.model import load_checkpoint
-from mirasol.model.demo_task import DEMO_CHECKPOINT, TEST_SEED, DemoTask, main as demo_main
+from mirasol.model.cli import demo as demo_main
+from mirasol.model.demo_task import DEMO_CHECKPOINT, TEST_SEED, DemoTask
 from mirasol.model.train import evaluate
 from mirasol.runtime.cli import main as run_main
 from mirasol.runtime.pipeline import Pipeline
@@ -16,13 +17,10 @@ HELD_OUT_START = 500  # clips of the test family beyond those train.py scored, n
 
 
 @pytest.fixture(scope="module")
-def demo_bundles(tmp_path_factory):
-    model = load_checkpoint(DEMO_CHECKPOINT)
-    root = tmp_path_factory.mktemp("demo")
-    paths = {precision: root / precision for precision in ("fp32", "fp16")}
-    for precision, path in paths.items():
-        export_bundle(model, path, precision=precision)
-    return paths
+def demo_bundles(tmp_path_factory, demo_fp32_bundle):
+    fp16 = tmp_path_factory.mktemp("demo") / "fp16"
+    export_bundle(load_checkpoint(DEMO_CHECKPOINT), fp16, precision="fp16")
+    return {"fp32": demo_fp32_bundle, "fp16": fp16}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -37,7 +35,7 @@ def test_shipped_model_answers_held_out_clips_through_the_bundle(demo_bundles, p
 def test_readme_main_job_answers_a_demo_file(demo_bundles, tmp_path, capsys) -> None:
     """mirasol-demo writes an mp4; mirasol-run --video answers about it from the bundle, correctly."""
     video = tmp_path / "clip.mp4"
-    demo_main([str(video), "--index", "3"])
+    assert demo_main([str(video), "--index", "3"]) == 0
     expected = {line.split("Q: ")[1].split(" A: ")[0].strip(): line.split(" A: ")[1].strip()
                 for line in capsys.readouterr().out.splitlines() if "Q: " in line}
     question = "which colour appeared first?"

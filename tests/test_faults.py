@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirasol.export.atomic import recover
+from mirasol.runtime.atomic import recover
 from mirasol.runtime.backends import GraphSession
 from mirasol.runtime.errors import BackendError
 from mirasol.runtime.pipeline import Pipeline
 
-from .test_reliability import (QUESTION, VENV_BIN, assert_same_stream_state, chunk, copy_bundle,  # noqa: F401
-                               shared_pipeline, snapshot, stream_snapshot, tiny_bundle)
+from .conftest import QUESTION, VENV_BIN, assert_same_stream_state, chunk, copy_bundle, snapshot, stream_snapshot
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ def test_killed_export_leaves_target_as_it_was_everywhere(tiny_bundle, tmp_path,
 ATOMIC_KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import mirasol.export.atomic as atomic
+    import mirasol.runtime.atomic as atomic
 
     target, point = Path(sys.argv[1]), sys.argv[2]
     def die():
@@ -181,7 +180,7 @@ def test_atomic_swap_killed_at_each_step(tiny_bundle, tmp_path, point) -> None:
 
 def test_stale_temporary_directory_of_a_reused_pid_is_removed(tmp_path) -> None:
     """Containers restart their processes at the same low pids: our own pid on a leftover means stale."""
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     target = tmp_path / "bundle"
     stale = tmp_path / f".bundle.tmp-{os.getpid()}-abc123"
@@ -193,18 +192,18 @@ def test_stale_temporary_directory_of_a_reused_pid_is_removed(tmp_path) -> None:
 
 
 def test_new_bundle_keeps_the_targets_permissions(tmp_path) -> None:
-    from mirasol.export.atomic import atomic_directory
+    from mirasol.runtime.atomic import atomic_directory
 
     target = tmp_path / "bundle"
     with atomic_directory(target) as work:
-        (work / "a").write_text("1")
+        (work / "manifest.json").write_text('{"format": "mirasol-bundle", "n": 1}')
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     target.chmod(0o750)
     with atomic_directory(target) as work:
-        (work / "a").write_text("2")
-    assert target.stat().st_mode & 0o777 == 0o750 and (target / "a").read_text() == "2"
+        (work / "manifest.json").write_text('{"format": "mirasol-bundle", "n": 2}')
+    assert target.stat().st_mode & 0o777 == 0o750 and '"n": 2' in (target / "manifest.json").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from mirasol.runtime.pipeline import Pipeline
 
-from .test_reliability import QUESTION, chunk, shared_pipeline, tiny_bundle  # noqa: F401
+from .conftest import QUESTION, chunk
 
 THREADS = 8
 STREAMS_PER_THREAD = 4

@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from mirasol.model import Mirasol, MirasolConfig, PRESETS, count_parameters, get_preset, load_checkpoint, save_checkpoint
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .conftest import make_model, random_clip
+from .conftest import make_model, random_clip, run_export_cli
 
 
 def step_through(model: Mirasol, video: torch.Tensor, audio: torch.Tensor) -> tuple[list[torch.Tensor], list]:
@@ -155,22 +154,18 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 
 
 def test_parameter_count_command() -> None:
-    from mirasol.export.cli import main
-
-    result = CliRunner().invoke(main, ["--preset", "mirasol3b", "--params-only"])
+    result = run_export_cli(["--preset", "mirasol3b", "--params-only"])
     assert result.exit_code == 0, result.output
     assert "av_autoregressor" in result.output and "total 30" in result.output
 
 
 def test_combiner_override_of_a_preset() -> None:
-    from mirasol.export.cli import main
-
     assert get_preset("small", "transformer").combiner == "transformer" and get_preset("small").combiner == "ttm"
     counts = {}
     for combiner in ("transformer", "ttm"):
-        result = CliRunner().invoke(main, ["--preset", "tiny", "--combiner", combiner, "--params-only"])
+        result = run_export_cli(["--preset", "tiny", "--combiner", combiner, "--params-only"])
         assert result.exit_code == 0, result.output
         counts[combiner] = result.output.split("combiner ")[1].split(",")[0]
     assert counts["transformer"] != counts["ttm"]
-    result = CliRunner().invoke(main, ["--checkpoint", ".", "--combiner", "ttm"])
+    result = run_export_cli(["--checkpoint", ".", "--combiner", "ttm"])
     assert result.exit_code == 2 and "--combiner changes a --preset" in result.output

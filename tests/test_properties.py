@@ -19,7 +19,7 @@ from mirasol.runtime.manifest import MANIFEST_FILE, Manifest
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .test_reliability import QUESTION, chunk, copy_bundle, read_manifest, shared_pipeline, tiny_bundle  # noqa: F401
+from .conftest import QUESTION, chunk, copy_bundle, read_manifest
 
 RUNTIME_EXAMPLES = int(os.environ.get("MIRASOL_RUNTIME_EXAMPLES", "60"))
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -29,6 +30,8 @@ from mirasol.runtime.errors import BackendError, BundleError, InputError  # noqa
 from mirasol.runtime.manifest import AxisRange, GraphEntry, Manifest  # noqa: E402
 from mirasol.runtime.pipeline import Pipeline  # noqa: E402
 
+from .conftest import QUESTION  # noqa: E402
+
 from . import fake_tensorrt  # noqa: E402
 
 
@@ -36,11 +39,15 @@ from . import fake_tensorrt  # noqa: E402
 # The backend without TensorRT, and on the strict fake (the tiny bundle's graphs)
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_backend_imports_without_tensorrt_and_refuses_clearly(tiny_bundles, tmp_path):
+def test_backend_imports_without_tensorrt_and_refuses_clearly(tiny_bundles, tmp_path, monkeypatch):
     ok, why = trt_backend.is_available()
     assert isinstance(ok, bool) and why
     copy = Path(shutil.copytree(tiny_bundles["ttm"], tmp_path / "b"))
     bundle = Bundle.load(copy)
+    if not ok:  # without TensorRT, that is what is said (not "build the engines")
+        with pytest.raises(BackendError, match=f"the tensorrt backend cannot run here: {re.escape(why)}"):
+            trt_backend.TensorRTBackend().load(bundle.graphs["combiner"], bundle)
+    monkeypatch.setattr(trt_backend, "is_available", lambda: (True, "TensorRT present (pretended)"))
     with pytest.raises(BundleError, match=r"mirasol-build-engines .*b --precision fp32"):
         trt_backend.TensorRTBackend().load(bundle.graphs["combiner"], bundle)
     tp.record_engine(copy, "combiner", {"file": "combiner.fp16.engine", "build_args": ["--precision", "fp16", "--max",
@@ -217,6 +224,41 @@ def test_contexts_per_graph_follow_device_memory(monkeypatch, tiny_bundles, tmp_
     assert session.memory()["contexts"] <= contexts
     session.close()
     assert fake.device.allocated == 0
+
+
+def test_pipeline_keeps_carried_state_on_the_device(engines):
+    """Through the Pipeline on TensorRT, per chunk only the caller's inputs go to the device and only the chunk's
+    av_context comes back (the KV window, the TTM memory and the AV memory stay there); per generated token only the
+    token and its position go, only the logits come back. Outputs equal ONNX Runtime's."""
+    rng = np.random.default_rng(7)
+    with Pipeline.load(engines.path) as reference, Pipeline.load(engines.path, backend="tensorrt") as pipe:
+        window = pipe.config["av_window_chunks"]
+        chunks = [(rng.random(pipe.chunk_inputs["video"].shape[1:], dtype=np.float32),
+                   rng.standard_normal(pipe.chunk_inputs["audio"].shape[1:]).astype(np.float32))
+                  for _ in range(window + 3)]  # past the KV window: the window is kept on the device too
+        want, stream = reference.stream(), pipe.stream()
+        for i, (video, audio) in enumerate(chunks):
+            before = cuda.TRANSFERS.snapshot()
+            context = stream.push(video, audio)
+            moved = {k: cuda.TRANSFERS.snapshot()[k] - before[k] for k in before}
+            memory = 0 if i else stream.state["ttm_memory"].nbytes  # the TTM memory's zeros, uploaded once
+            counters = 8 * len(stream.counters)  # int64 counters (if the bundle has any) come from the host
+            assert moved["host_to_device"] == video.nbytes + audio.nbytes + memory + counters, i
+            assert moved["device_to_host"] == context.nbytes, i
+            np.testing.assert_allclose(context, want.push(video, audio), atol=1e-6)
+        assert all(isinstance(v, cuda.DeviceArray) for v in stream.state.values())
+        before = cuda.TRANSFERS.snapshot()
+        tokens = stream.token_ids(QUESTION, 6)
+        moved = {k: cuda.TRANSFERS.snapshot()[k] - before[k] for k in before}
+        assert tokens == want.token_ids(QUESTION, 6)
+        prompt, vocab = len(pipe.tokenizer.prompt(QUESTION)), pipe.bundle.graphs["text_decoder"].outputs[0].shape[-1]
+        runs = len(tokens[0]) + (len(tokens[0]) < 6)  # decoder runs: one per token, plus the one that gave EOS
+        # in: the prompt, then one token per run, and each run's int64 position; out: each input position's logits
+        assert moved["host_to_device"] == 8 * (prompt + runs - 1) + 8 * runs
+        assert moved["device_to_host"] == 4 * vocab * (prompt + runs - 1)
+        restored = Path(engines.path.parent / "state.npz")
+        stream.save(restored)
+        assert pipe.restore(restored).state.keys() == stream.state.keys()
 
 
 def test_sessions_and_pipelines_close(engines, fake_tensorrt):

@@ -15,76 +15,85 @@ One process run measures, for a preset (random init), a checkpoint or a bundle:
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import click
-
+from mirasol.runtime.commandline import UsageError, bounded, command_parser, existing_dir, run_command
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 
-from .markdown import to_markdown
+PRESETS = ("tiny", "small", "base", "mirasol3b")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--preset", type=click.Choice(["tiny", "small", "base", "mirasol3b"]),
-              help="Model size with a seeded random init. Default: small (tiny with --quick).")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A checkpoint directory instead of a preset.")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Benchmark this bundle (no export of its precision). PyTorch baselines use --checkpoint "
-                   "if given, else a random init of the bundle's config.")
-@click.option("--chunks", type=int, help="Clip length in chunks (default: the config's clip).")
-@click.option("--repeats", type=int, help="Timed chunk steps per engine (default 30; 5 with --quick).")
-@click.option("--threads", type=int, help="Intra-op threads for ONNX Runtime and PyTorch (default: all CPUs).")
-@click.option("--precisions", default=None,
-              help="Comma-separated runtime precisions: fp32,fp16,int8 (default all; fp32 with --quick).")
-@click.option("--new-tokens", type=int, help="New tokens per answer (default 64; 16 with --quick).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random init and inputs.")
-@click.option("--flat-chunks", type=int, help="Length of the flatness streams (default 128; 32 with --quick).")
-@click.option("--calibration-data", default="synthetic", show_default=True, help="int8 calibration data.")
-@click.option("--calibration-clips", type=int, help="int8 calibration clips (default 8; 2 with --quick).")
-@click.option("--export-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the exported bundles here (default: a temporary directory).")
-@click.option("--quick", is_flag=True, help="Smoke run: tiny preset, fp32, few chunks and repeats (< 60 s).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the Markdown report (it is printed to stdout in any case).")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
-def main(preset: str | None, checkpoint: Path | None, bundle: Path | None, chunks: int | None,
-         repeats: int | None, threads: int | None, precisions: str | None, new_tokens: int | None, seed: int,
-         flat_chunks: int | None, calibration_data: str, calibration_clips: int | None,
-         export_dir: Path | None, quick: bool, json_path: Path | None, markdown_path: Path | None,
-         quiet: bool) -> None:
-    """Benchmark the runtime against PyTorch on this machine; every figure is a ratio against a baseline
-    measured in the same run.
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = command_parser(
+        "mirasol-bench",
+        "Benchmark the runtime against PyTorch on this machine; every figure is a ratio against a baseline measured "
+        "in the same run. Progress goes to stderr, the Markdown report to stdout.",
+        epilog="Examples:\n"
+               "  mirasol-bench --quick                          # smoke run, under a minute\n"
+               "  mirasol-bench --preset small --json bench.json --markdown bench.md   # the reference CPU benchmark\n"
+               "  mirasol-bench --bundle bundles/demo --precisions fp32",
+        quiet=True)
+    count = bounded(int, 1)
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="model size with a seeded random init (default: small; tiny with --quick)")
+    parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
+                        help="a checkpoint directory instead of a preset")
+    parser.add_argument("--bundle", type=existing_dir, metavar="DIR",
+                        help="benchmark this bundle (no export of its precision); PyTorch baselines use --checkpoint "
+                             "if given, else a random init of the bundle's config")
+    parser.add_argument("--chunks", type=count, metavar="N", help="clip length in chunks (default: the config's clip)")
+    parser.add_argument("--repeats", type=count, metavar="N",
+                        help="timed chunk steps per engine (default 30; 5 with --quick)")
+    parser.add_argument("--threads", type=count, metavar="N",
+                        help="intra-op threads for ONNX Runtime and PyTorch (default: all CPUs)")
+    parser.add_argument("--precisions", metavar="LIST",
+                        help="comma-separated runtime precisions: fp32,fp16,int8 (default: all; fp32 with --quick)")
+    parser.add_argument("--new-tokens", type=count, metavar="N",
+                        help="new tokens per answer (default 64; 16 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs")
+    parser.add_argument("--flat-chunks", type=count, metavar="N",
+                        help="length of the flatness streams (default 128; 32 with --quick)")
+    parser.add_argument("--calibration-data", default="synthetic", metavar="SOURCE", help="int8 calibration data")
+    parser.add_argument("--calibration-clips", type=count, metavar="N",
+                        help="int8 calibration clips (default 8; 2 with --quick)")
+    parser.add_argument("--export-dir", type=Path, metavar="DIR",
+                        help="keep the exported bundles here (default: a temporary directory)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny preset, fp32, few chunks and repeats (< 60 s)")
+    parser.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="write the JSON report")
+    parser.add_argument("--markdown", dest="markdown_path", type=Path, metavar="FILE",
+                        help="write the Markdown report (it is printed to stdout in any case)")
+    return run_command(parser, _bench, argv)
 
-    \b
-    Examples:
-      mirasol-bench --quick                          # smoke run, under a minute
-      mirasol-bench --preset small --json out.json   # the reference CPU benchmark
-      mirasol-bench --bundle bundles/demo-fp32 --precisions fp32
-    """
-    if preset and checkpoint:
-        raise click.UsageError("give --preset or --checkpoint, not both")
-    if preset and bundle:
-        raise click.UsageError("give --preset or --bundle, not both")
-    chosen = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.preset and args.checkpoint:
+        raise UsageError("give --preset or --checkpoint, not both")
+    if args.preset and args.bundle:
+        raise UsageError("give --preset or --bundle, not both")
+    chosen = tuple(p.strip() for p in args.precisions.split(",") if p.strip()) if args.precisions else None
     if chosen and set(chosen) - set(PRECISION_NAMES):
-        raise click.UsageError(f"--precisions: choose from {','.join(PRECISION_NAMES)}")
+        raise UsageError(f"--precisions: choose from {','.join(PRECISION_NAMES)}")
+    from .markdown import to_markdown
     from .run import jsonable, run_benchmark  # torch and the exporter load when a run starts (--help stays fast)
 
     report = run_benchmark(
-        preset=preset, checkpoint=checkpoint, bundle=bundle, chunks=chunks, repeats=repeats, threads=threads,
-        precisions=chosen, quick=quick, new_tokens=new_tokens, seed=seed, flat_chunks=flat_chunks,
-        export_dir=export_dir, calibration_data=calibration_data, calibration_clips=calibration_clips,
-        progress=None if quiet else (lambda line: click.echo(line, err=True)))
+        preset=args.preset, checkpoint=args.checkpoint, bundle=args.bundle, chunks=args.chunks, repeats=args.repeats,
+        threads=args.threads, precisions=chosen, quick=args.quick, new_tokens=args.new_tokens, seed=args.seed,
+        flat_chunks=args.flat_chunks, export_dir=args.export_dir, calibration_data=args.calibration_data,
+        calibration_clips=args.calibration_clips,
+        progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
     markdown = to_markdown(report)
-    if json_path:
-        json_path.write_text(json.dumps(jsonable(report), indent=2) + "\n")
-    if markdown_path:
-        markdown_path.write_text(markdown)
-    click.echo(markdown)
+    if args.json_path:
+        args.json_path.write_text(json.dumps(jsonable(report), indent=2) + "\n")
+    if args.markdown_path:
+        args.markdown_path.write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -51,3 +51,71 @@ def step_weight_bytes(path: Path) -> dict[str, int]:
     manifest = Manifest.read(path)
     return {"push": _graph_bytes(path, manifest, manifest.steps["push"].graphs),
             "token": _graph_bytes(path, manifest, manifest.steps["generate"].graphs)}
+
+
+def token_step_flops(config: Any, past: int) -> dict[str, int]:
+    """FLOPs of one generated token (batch 1) with `past` tokens in the decoder's cache, per part."""
+    c = config
+    d, r, s = c.d_model, c.mlp_ratio, c.text_memory_len
+    keys = past + 1
+    self_attention = c.text_layers * (4 * 2 * d * d + 2 * (2 * keys * d))
+    cross_attention = c.text_layers * (2 * 2 * d * d + 2 * (2 * s * d))  # q/out projections; K/V once per question
+    mlp = c.text_layers * 2 * (2 * d * d * r)
+    logits = 2 * d * c.vocab_size
+    return {"self_attention": self_attention, "cross_attention": cross_attention, "mlp": mlp, "logits": logits,
+            "total": self_attention + cross_attention + mlp + logits}
+
+
+def step_parameters(config: Any) -> dict[str, int]:
+    """Parameters a chunk step reads (encoders, combiner, AV autoregressor) and a token reads (the text decoder
+    without the cross-attention K/V projections, which run once per question), from a weightless model."""
+    import torch
+
+    from mirasol.model import Mirasol
+
+    with torch.device("meta"):
+        model = Mirasol(config)
+    chunk = sum(p.numel() for part in (model.video_encoder, model.audio_encoder, model.combiner,
+                                       model.av_autoregressor) for p in part.parameters())
+    chunk -= sum(p.numel() for p in model.av_autoregressor.next_chunk_head.parameters())  # training only
+    decoder = model.text_decoder
+    per_question = sum(p.numel() for block in decoder.blocks
+                       for proj in (block.cross_attn.k_proj, block.cross_attn.v_proj) for p in proj.parameters())
+    per_question += sum(p.numel() for p in decoder.memory_norm.parameters())
+    return {"chunk": chunk, "token": sum(p.numel() for p in decoder.parameters()) - per_question,
+            "question": per_question}
+
+
+def step_costs(config: Any, weight_bytes: int, state_bytes: int, past_tokens: int = 32) -> dict[str, Any]:
+    """What one chunk step and one generated token (`past_tokens` in the cache) cost at steady state (windows full),
+    with weights of `weight_bytes` and carried state of `state_bytes` per element: FLOPs, weight bytes read, carried
+    state read and written by the graphs, and the bytes crossing host<->device per step when the state stays on
+    the device ("io_device") and when it goes through the host every step ("io_host"). Inputs and returned outputs
+    are float32, token ids and positions int64."""
+    c = config
+    params = step_parameters(c)
+    m, d = c.latents_per_chunk, c.d_model
+    memory = c.memory_size * d if c.combiner == "ttm" else 0
+    av_past = 2 * c.av_layers * c.av_cache_len * d  # keys and values of every layer
+    av_present = 2 * c.av_layers * (c.av_cache_len + m) * d
+    chunk_in = 4 * (c.frames_per_chunk * 3 * c.image_size ** 2 + c.n_mels * c.audio_frames_per_chunk)
+    chunk_out = 4 * m * d  # av_context
+    chunk_state = state_bytes * (memory + av_past + c.text_memory_len * d)
+    text_past = 2 * c.text_layers * past_tokens * d
+    text_present = 2 * c.text_layers * (past_tokens + 1) * d
+    cross = 2 * c.text_layers * c.text_memory_len * d
+    token_in, token_out = 16, 4 * c.vocab_size  # the token id and its position; one position's logits
+    token_state = state_bytes * (text_past + cross)
+    return {
+        "weights_total_bytes": weight_bytes * (params["chunk"] + params["token"] + params["question"]),
+        "chunk": {"flops": chunk_step_flops(c)["total"], "weight_bytes": weight_bytes * params["chunk"],
+                  "state_read_bytes": state_bytes * (memory + av_past),
+                  "state_written_bytes": state_bytes * (memory + av_present + m * d),
+                  "io_device_bytes": chunk_in + chunk_out,
+                  "io_host_bytes": chunk_in + chunk_out + 2 * chunk_state},
+        "token": {"flops": token_step_flops(c, past_tokens)["total"], "weight_bytes": weight_bytes * params["token"],
+                  "state_read_bytes": state_bytes * (text_past + cross),
+                  "state_written_bytes": state_bytes * text_present,
+                  "io_device_bytes": token_in + token_out,
+                  "io_host_bytes": token_in + token_out + 2 * token_state},
+    }

@@ -174,6 +174,41 @@ def _ceiling(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _costs(report: dict[str, Any]) -> list[str]:
+    c = report["costs"]
+    mb = 2 ** 20
+    lines = ["", "## Costs per step (cost model) and Jetson estimates", "",
+             f"fp16 weights and state; one chunk at steady state, one token with {c['past_tokens']} tokens in the "
+             "cache. host<->device: with the carried state on the device (the TensorRT backend) / through the host.",
+             "",
+             "| preset | chunk GFLOP | chunk weights MB | chunk state read / written MB | chunk host<->device KB |"
+             " token MFLOP | token weights MB | token state read / written MB | token host<->device KB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in c["presets"].items():
+        k, t = entry["fp16"]["chunk"], entry["fp16"]["token"]
+        lines.append(f"| {name} | {_f(k['flops'] / 1e9, 3)} | {_f(k['weight_bytes'] / mb, 1)} | "
+                     f"{_f(k['state_read_bytes'] / mb, 2)} / {_f(k['state_written_bytes'] / mb, 2)} | "
+                     f"{_f(k['io_device_bytes'] / 1024, 0)} / {_f(k['io_host_bytes'] / 1024, 0)} | "
+                     f"{_f(t['flops'] / 1e6, 1)} | {_f(t['weight_bytes'] / mb, 1)} | "
+                     f"{_f(t['state_read_bytes'] / mb, 2)} / {_f(t['state_written_bytes'] / mb, 2)} | "
+                     f"{_f(t['io_device_bytes'] / 1024, 1)} / {_f(t['io_host_bytes'] / 1024, 0)} |")
+    lines += ["", f"{c['note']}.", "", "| device | preset | fp16 chunk ms | fp16 tokens/s | int8 chunk ms | "
+              "int8 tokens/s |", "|---|---|---:|---:|---:|---:|"]
+
+    def fit(est: dict[str, Any]) -> str:
+        return "" if est["weights_fit"] else " (does not fit)"
+    for name, entry in c["presets"].items():
+        for device, est in entry["jetson_estimate"].items():
+            f16, i8 = est["fp16"], est["int8"]
+            lines.append(f"| {device} | {name} | {_f(f16['chunk_ms'], 3)}{fit(f16)} | "
+                         f"{_f(f16['tokens_per_second'], 0)} | {_f(i8['chunk_ms'], 3)}{fit(i8)} | "
+                         f"{_f(i8['tokens_per_second'], 0)} |")
+    here = c["measured_here"]
+    lines.append(f"\nmeasured here ({here['engine']}, preset {c['this_run']}, this CPU): "
+                 f"{_f(here['chunk_ms'])} ms per chunk, {_f(here['tokens_per_second'], 1)} tokens/s")
+    return lines
+
+
 def _cuda(report: dict[str, Any]) -> list[str]:
     g = report["cuda"]
     if not g["available"]:
@@ -191,7 +226,7 @@ def _cuda(report: dict[str, Any]) -> list[str]:
 
 # the document's parts in order: a header, the targets, then one part per section
 RENDERERS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
-    _header, _targets, _export, _streaming, _flatness, _text, _overhead, _memory, _ceiling, _cuda)
+    _header, _targets, _export, _streaming, _flatness, _text, _overhead, _memory, _ceiling, _costs, _cuda)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -21,12 +21,14 @@ import onnxruntime
 import torch
 
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from mirasol.runtime.output import prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 from mirasol.runtime.tokenizer import ByteTokenizer
 
 from .ceiling import ceiling
 from .context import Run, chunk_pool
+from .costs import costs
 from .cuda import cuda
 from .memory import memory
 from .source import Progress, Source, build_source, export_bundles
@@ -42,7 +44,7 @@ SPIN_KEY = "session.intra_op.allow_spinning"
 # the measured sections in the order they run (a later one may read an earlier one's entry in run.report)
 MEASURES: dict[str, Callable[[Run], Any]] = {
     "streaming": streaming, "overhead": overhead, "flatness": flatness, "text": text, "memory": memory,
-    "ceiling": ceiling, "cuda": cuda, "targets": targets}
+    "ceiling": ceiling, "costs": costs, "cuda": cuda, "targets": targets}
 SECTIONS = ("export", *MEASURES)
 
 
@@ -88,8 +90,7 @@ def run_benchmark(preset: str | None = None, checkpoint: str | Path | None = Non
             if export_dir is None:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mirasol-bench-")))
             else:
-                workdir = Path(export_dir)
-                workdir.mkdir(parents=True, exist_ok=True)
+                workdir = prepare_output_dir(export_dir, "benchmark export directory")
             source = build_source(preset, checkpoint, bundle, seed, suppress_eos)
             config = source.model.config
             chunks = int(chunks or (max(2, config.av_window_chunks + 1) if quick else config.num_chunks))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,9 +50,29 @@ class GraphSession(ABC):
 
 
 class Backend(ABC):
-    """Turns a graph of a bundle into a GraphSession."""
+    """Turns a graph of a bundle into a GraphSession, and says how arrays live where its sessions compute.
+
+    A backend whose device is not the host (`keeps_on_device`) lets the stream carry its state there: its sessions
+    take `run(..., keep_on_device=names)` and return those outputs as device arrays, which the stream feeds back and
+    updates with `concatenate` / `slice` (device copies) and reads with `to_host` only where the caller asks.
+    """
 
     name: str
+    keeps_on_device: bool = False
+
+    def to_host(self, value: Any) -> np.ndarray:
+        """A host (numpy) array of a value this backend's sessions returned."""
+        return np.asarray(value)
+
+    def concatenate(self, values: Sequence[Any], axis: int) -> Any:
+        """`values` joined along `axis`, where this backend keeps arrays."""
+        return np.concatenate(values, axis=axis)
+
+    def slice(self, value: Any, axis: int, start: int, stop: int | None = None) -> Any:
+        """A contiguous copy of `value[..., start:stop, ...]` along `axis`, where this backend keeps arrays."""
+        index: list[slice] = [slice(None)] * value.ndim
+        index[axis] = slice(start, stop)
+        return np.ascontiguousarray(value[tuple(index)])
 
     @abstractmethod
     def load(self, entry: GraphEntry, bundle: Bundle) -> GraphSession:

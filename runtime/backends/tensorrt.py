@@ -348,6 +348,7 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    keeps_on_device = True
 
     def __init__(self, *, device: int = 0, max_contexts: int | None = None, keep_on_device: Collection[str] = (),
                  verbose: bool = False) -> None:
@@ -362,6 +363,9 @@ class TensorRTBackend(Backend):
 
     def load(self, entry: GraphEntry, bundle: Bundle) -> TensorRTSession:
         """The entry's engine, checked against its record, this machine and the manifest's IO."""
+        available, why = is_available()
+        if not available:  # said first: without TensorRT, building engines is not the fix
+            raise BackendError(f"the tensorrt backend cannot run here: {why}")
         record = entry.engine or {}
         command = rebuild_command(bundle.path, bundle.manifest.precision, record.get("build_args"))
         if not record.get("file"):
@@ -373,9 +377,6 @@ class TensorRTBackend(Backend):
             raise BundleError(f"graph {entry.name!r}: engine {bundle.path / engine_file} is missing; build it on this "
                               f"device with: {command}")
         engine_path = bundle.file(engine_file)
-        available, why = is_available()
-        if not available:
-            raise BackendError(f"the tensorrt backend cannot run here: {why}")
         trt = import_tensorrt()
         mismatch = engine_mismatch(record, gpu_info(self.device), str(trt.__version__))
         if mismatch:
@@ -409,6 +410,25 @@ class TensorRTBackend(Backend):
                               f"and {sorted(t.name for t in entry.outputs)}; rebuild with: {command} --force")
         return TensorRTSession(entry, engine, engine_path=engine_path, runtime=runtime, device=self.device,
                                max_contexts=self.max_contexts, keep_on_device=self.keep_on_device)
+
+    # -- carried state on the device (see Backend) --------------------------------------------------------------
+    def to_host(self, value: Any) -> np.ndarray:
+        return value.numpy() if isinstance(value, DeviceArray) else np.asarray(value)
+
+    def concatenate(self, values: Sequence[Any], axis: int) -> Any:
+        """On the device once any part is there (host parts are uploaded; empty parts cost nothing)."""
+        parts = [v for v in values if v.shape[axis]] or list(values[:1])
+        if all(isinstance(v, np.ndarray) for v in parts):
+            return np.concatenate(values, axis=axis)
+        if len(parts) == 1:
+            return parts[0]
+        on_device = [v if isinstance(v, DeviceArray) else DeviceArray.from_numpy(v, device=self.device) for v in parts]
+        return DeviceArray.concatenate(on_device, axis)
+
+    def slice(self, value: Any, axis: int, start: int, stop: int | None = None) -> Any:
+        if isinstance(value, DeviceArray):
+            return value.slice(axis, start, stop)
+        return super().slice(value, axis, start, stop)
 
 
 __all__ = ["DeviceArray", "SMALL_DEVICE_BYTES", "TensorRTBackend", "TensorRTSession", "is_available"]
