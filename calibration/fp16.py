@@ -56,8 +56,9 @@ def _drop_round_trips(converted: onnx.ModelProto, original: onnx.ModelProto) -> 
     """Undo the converter's fp32 -> fp16 -> fp32 detours between nodes kept in fp32.
 
     The converter casts every kept node's output to fp16 and back before the next kept node, and stores
-    their weights in fp16: rotary angles of a long stream lose whole radians that way. A Cast to fp32 of
-    (a Cast to fp16 of an fp32 value) or (an fp16 copy of an fp32 initializer) reads the fp32 value directly.
+    their weights in fp16: rotary angles at the text decoder's far positions (fp16 spacing 0.25 at 511) lose
+    precision that way. A Cast to fp32 of (a Cast to fp16 of an fp32 value) or (an fp16 copy of an fp32
+    initializer) reads the fp32 value directly.
     """
     graph = converted.graph
     fp32_initializers = {t.name: t for t in original.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}

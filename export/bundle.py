@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 import torch
 
-from mirasol.model import Mirasol
+from mirasol.model import Mirasol, release_weights
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.runtime.atomic import atomic_directory, pause_point
 from mirasol.runtime.backends.base import TensorInfo
@@ -37,7 +37,7 @@ from .onnx_export import DEFAULT_OPSET
 from .precisions import TRANSFORMS
 from .sources import ExportContext, GraphSource, PrecisionOptions
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
-from .validate import validate_graph
+from .validate import compare_graph, record_references
 
 Progress = Callable[[str], None]
 
@@ -84,15 +84,28 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
     check = validate and precision.tolerance is not None
     validation: dict[str, object] = {}
     graph_reports: dict[str, object] = {}
-    with atomic_directory(out) as work:
-        for spec in context.specs.values():
+    with atomic_directory(out) as work, tempfile.TemporaryDirectory(prefix="mirasol-references-") as references:
+        def write(spec: GraphSpec) -> None:
             start = time.perf_counter()
             graph_reports[spec.name] = source.write(context, spec, work / spec.file)
             progress(f"wrote {spec.file} ({precision.name}) in {time.perf_counter() - start:.1f}s")
             pause_point(f"{spec.name} written")
+
+        for spec in context.specs.values():  # first what needs the model: tracing, and PyTorch's side of validation
+            if source.needs_model:
+                write(spec)
             if check:
                 start = time.perf_counter()
-                validation[spec.name] = validate_graph(spec, model, work / spec.file, precision.name)
+                record_references(spec, model, Path(references))
+                progress(f"ran {spec.name} in PyTorch for validation in {time.perf_counter() - start:.1f}s")
+        if context.release_model:  # the caller handed the model over: ONNX Runtime gets its memory
+            release_weights(model)
+        for spec in context.specs.values():
+            if not source.needs_model:
+                write(spec)
+            if check:
+                start = time.perf_counter()
+                validation[spec.name] = compare_graph(spec, Path(references), work / spec.file, precision.name)
                 progress(f"validated {spec.name} against PyTorch ({validation[spec.name]['cases']} cases) "
                          f"in {time.perf_counter() - start:.1f}s")
         steps, state, counters = wiring(model.config)
@@ -110,9 +123,11 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
     return manifest
 
 
-def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec], validate: bool) -> Manifest:
+def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec], validate: bool,
+                    release_model: bool = False) -> Manifest:
     """An existing fp32 bundle to transform: it must be this model's (config, axes and, with `validate`, every
-    graph checked against PyTorch), not trusted."""
+    graph checked against PyTorch), not trusted. release_model: free the model's weights once PyTorch's side of
+    the check is done (the caller needs them no more)."""
     manifest = Manifest.read(directory)
     if manifest.precision != "fp32":
         raise ExportError(f"reference bundle {directory} is {manifest.precision}; the transforms start from fp32")
@@ -123,19 +138,27 @@ def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec]
         if entry is None or entry.axes != derived_axes(spec):
             raise ExportError(f"reference bundle {directory}: graph {name!r} is missing or has other axis ranges "
                               f"(another --max-batch?)")
-        if validate:
-            validate_graph(spec, model, directory / entry.file, "fp32")  # raises if the weights differ
+    with tempfile.TemporaryDirectory(prefix="mirasol-references-") as references:
+        for spec in specs.values() if validate else ():
+            record_references(spec, model, Path(references))
+        if release_model:
+            release_weights(model)
+        for name, spec in specs.items() if validate else ():  # raises if the weights differ
+            compare_graph(spec, Path(references), directory / manifest.graphs[name].file, "fp32")
     return manifest
 
 
 def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, opset: int = DEFAULT_OPSET,
                   validate: bool = True, max_batch: int = 4, reference: str | Path | None = None,
                   fp16_io: bool = False, calibration: CalibrationOptions | None = None,
-                  progress: Progress = lambda _: None) -> Manifest:
+                  release_model: bool = False, progress: Progress = lambda _: None) -> Manifest:
     """Export `model` as a bundle of `precision` at `out` (written atomically); returns its manifest.
 
     reference: an fp32 bundle of this model that fp16/int8 start from (checked against the model), instead of
-    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8).
+    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8);
+    release_model: the caller hands `model` over: once its graphs are written and run in PyTorch for validation,
+    its weights are freed (`release_weights`), so ONNX Runtime checks the graphs without the model beside them
+    (how mirasol3b validates in 24 GB); the model is unusable afterwards.
     """
     try:
         entry = get_precision(precision)
@@ -149,16 +172,18 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
     check_output_dir(out, "bundle")  # before any work: a target holding anything not ours is refused
     model = model.eval()
     context = ExportContext(model, graph_specs(model.config, max_batch=max_batch), opset, producer_versions(opset),
-                            progress)
+                            progress, release_model=release_model)
     source = TRANSFORMS[precision](context, PrecisionOptions(fp16_io=fp16_io, calibration=calibration))
+    # a precision without a PyTorch check of its own (int8) needs the weights no more once its fp32 bundle exists
+    free_early = release_model and entry.tolerance is None
     with contextlib.ExitStack() as stack:
         if precision != "fp32":
             if reference is not None:
-                check_reference(model, Path(reference), context.specs, validate)
+                check_reference(model, Path(reference), context.specs, validate, release_model=free_early)
                 progress(f"reference fp32 bundle {reference} matches the model")
             else:
                 reference = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mirasol-fp32-"))) / "fp32"
                 export_bundle(model, reference, "fp32", opset=opset, validate=validate, max_batch=max_batch,
-                              progress=progress)
+                              release_model=free_early, progress=progress)
             context = dataclasses.replace(context, fp32_bundle=Path(reference))
         return write_bundle(out, context, source, validate)

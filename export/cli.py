@@ -43,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
                         help="a checkpoint directory (config.json + model.safetensors) instead of a preset")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init (with --preset)")
+    parser.add_argument("--combiner", choices=["transformer", "ttm"],
+                        help="with --preset: this combiner instead of the preset's (tiny: transformer, the others: "
+                             "ttm)")
     parser.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                         help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated "
                              "Q/DQ")
@@ -85,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> None:
     if args.preset and args.checkpoint:
         raise UsageError("give --preset or --checkpoint, not both")
+    if args.combiner and not args.preset:
+        raise UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
     if args.precision == "int8" and args.calibration_data is None and not args.params_only:
         raise UsageError("--precision int8 needs --calibration-data (media dir, .npz dir or 'synthetic')")
     import torch
@@ -108,10 +113,10 @@ def _export(args: argparse.Namespace) -> None:
     if args.params_only:
         from mirasol.model import Mirasol, get_preset
         with torch.device("meta"):
-            model = Mirasol(get_preset(preset)) if preset else build_model(checkpoint=checkpoint)
+            model = Mirasol(get_preset(preset, args.combiner)) if preset else build_model(checkpoint=checkpoint)
     else:
         progress(f"building model {name} ({'checkpoint ' + str(checkpoint) if checkpoint else f'seed {args.seed}'})")
-        model = build_model(preset or "tiny", seed=args.seed, checkpoint=checkpoint)
+        model = build_model(preset or "tiny", seed=args.seed, checkpoint=checkpoint, combiner=args.combiner)
     counts = count_parameters(model)
     say("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     if args.params_only:
@@ -125,7 +130,7 @@ def _export(args: argparse.Namespace) -> None:
                                          flavour=args.int8_flavour, method=args.calibration_method)
     manifest = export_bundle(model, out, precision=args.precision, opset=args.opset, validate=args.validate,
                              max_batch=args.max_batch, reference=args.reference_bundle, fp16_io=args.fp16_io,
-                             calibration=calibration, progress=progress)
+                             calibration=calibration, release_model=True, progress=progress)
     say("\n" + format_graph_sizes(out, manifest))
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))

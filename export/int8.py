@@ -33,6 +33,7 @@ from .specs import GraphSpec
 
 class Int8Graphs:
     precision = "int8"
+    needs_model = False
 
     def __init__(self, context: ExportContext, options: PrecisionOptions) -> None:
         """Checks the options and loads the calibration clips; the fp32 bundle is recorded at the first write."""

@@ -54,6 +54,8 @@ def export_graph(spec: GraphSpec, model: Mirasol, path: Path, metadata: dict[str
     weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                        if v.const_value is not None)
     program.save(str(path), external_data=weight_bytes >= EXTERNAL_DATA_BYTES)
+    for value in program.model.graph.initializers.values():  # onnxscript's rewrite rules keep the last graph they
+        value.const_value = None  # matched (0.7.2): let it not keep the weights (and through them the model) alive
     return path
 
 

@@ -4,8 +4,9 @@ A source is made before any work starts (so bad options fail early); `write(cont
 `spec` to `path` and returns what the manifest should report of it (or None); `report(context, bundle,
 graph_reports)` returns the precision's report on the whole bundle once it is written (the manifest's
 `quantization` field). fp32 graphs are traced from the model; the others are transforms of a validated fp32
-bundle of the same model (`ExportContext.fp32_bundle`, set once that bundle exists). `precisions.py` maps every precision of
-the registry (`mirasol.runtime.precision`) to its source.
+bundle of the same model (`ExportContext.fp32_bundle`, set once that bundle exists); `needs_model` says which,
+so that a model handed over (`release_model`) is freed before the transforms run. `precisions.py` maps every
+precision of the registry (`mirasol.runtime.precision`) to its source.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class ExportContext:
     producer: dict[str, str]
     progress: Progress
     fp32_bundle: Path | None = None  # a validated fp32 bundle of `model`, which the transforms start from
+    release_model: bool = False  # the caller hands `model` over: its weights may go once the graphs are written
 
     def fp32_source(self) -> Path:
         if self.fp32_bundle is None:
@@ -53,6 +55,7 @@ class PrecisionOptions:
 
 class GraphSource(Protocol):
     precision: str
+    needs_model: bool  # write() reads the model's weights (tracing); the transforms read only the fp32 bundle
 
     def write(self, context: ExportContext, spec: GraphSpec, path: Path) -> dict[str, Any] | None: ...
 
@@ -73,6 +76,7 @@ class TracedGraphs:
     """fp32: each graph traced from the model with torch.export."""
 
     precision = "fp32"
+    needs_model = True
 
     def __init__(self, context: ExportContext, options: PrecisionOptions) -> None:
         self.metadata = graph_metadata(context.model, context.producer, self.precision)
@@ -88,6 +92,7 @@ class Fp16Graphs:
     """fp16: each fp32 graph converted, groups kept fp32 where measurement on the validation inputs says so."""
 
     precision = "fp16"
+    needs_model = False
 
     def __init__(self, context: ExportContext, options: PrecisionOptions) -> None:
         self.fp16_io = options.fp16_io

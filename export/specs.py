@@ -53,9 +53,8 @@ class GraphSpec:
             shape = tuple(sizes[d] if isinstance(d, str) else d for d in tensor.shape)
             if tensor.name == "input_ids":
                 feeds[tensor.name] = rng.integers(0, 256, shape, dtype=np.int64)
-            elif tensor.dtype == "int64":  # position follows the cache; chunk_index spans long streams
-                start = sizes.get("past_text", 0) if tensor.name == "position" else rng.integers(0, 10_000)
-                feeds[tensor.name] = np.full(shape, start, dtype=np.int64)
+            elif tensor.name == "position":  # the text decoder's: tokens already in its cache
+                feeds[tensor.name] = np.full(shape, sizes["past_text"], dtype=np.int64)
             else:
                 feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
         return feeds
@@ -89,9 +88,8 @@ class AVGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, chunk_latents: torch.Tensor, chunk_index: torch.Tensor, *past: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
-        context, present = self.model.av_step(chunk_latents, chunk_index, _pairs(past))
+    def forward(self, chunk_latents: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        context, present = self.model.av_step(chunk_latents, _pairs(past))
         return (context, *_flat(present))
 
 
@@ -136,8 +134,7 @@ def graph_specs(config: MirasolConfig, max_batch: int = 4) -> dict[str, GraphSpe
             axes={"batch": batch}, build=CombinerGraph),
         GraphSpec(
             "av_autoregressor",
-            inputs=(TensorInfo("chunk_latents", "float32", hidden), TensorInfo("chunk_index", "int64", ("batch",)),
-                    *_kv("past", length="past_av", **av_kv)),
+            inputs=(TensorInfo("chunk_latents", "float32", hidden), *_kv("past", length="past_av", **av_kv)),
             outputs=(TensorInfo("av_context", "float32", hidden), *_kv("present", length="present_av", **av_kv)),
             axes={"batch": batch, "past_av": AxisRange(0, c.av_cache_len, c.av_cache_len)},
             build=AVGraph),
@@ -197,6 +194,5 @@ def wiring(config: MirasolConfig) -> tuple[dict[str, StepSpec], tuple[StateSpec,
                                    f"cross_{kind}_{i}", init="empty", axis=2, scope="question"))
             state.append(StateSpec(f"text_{kind}_{i}", "text_decoder", f"past_{kind}_{i}", "text_decoder",
                                    f"present_{kind}_{i}", init="empty", axis=2, scope="question"))
-    counters = (CounterSpec("chunk_index", "av_autoregressor", "chunk_index", step=1),
-                CounterSpec("position", "text_decoder", "position", length_of=("input_ids", 1), scope="question"))
+    counters = (CounterSpec("position", "text_decoder", "position", length_of=("input_ids", 1), scope="question"),)
     return steps, tuple(state), counters

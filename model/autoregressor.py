@@ -1,7 +1,11 @@
 """AV autoregressor: a causal transformer over the sequence of chunk latents.
 
 Tokens of one chunk see each other (bidirectional) and the chunks before them, at most
-`av_window_chunks - 1` back; all m tokens of chunk t share the rotary position t.
+`av_window_chunks - 1` back. Rotary positions are chunk offsets counted from the oldest chunk the call
+sees: all m tokens of a chunk share one, the whole clip counts from its first chunk, and a streaming step
+from the oldest chunk in its cache, so a step's angles stay within [0, W) however long the stream runs.
+Rotary attention depends only on the offset between query and key, so both give the same output; the
+cache holds keys unrotated, and each step rotates them by their offset inside the current window.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class AVAutoregressor(nn.Module):
         self.config = config
         self.slot_embed = nn.Parameter(torch.randn(c.latents_per_chunk, c.d_model) * 0.02)
         self.blocks = nn.ModuleList(
-            DecoderBlock(c.d_model, c.av_heads, c.mlp_ratio, c.norm_eps, cross_attention=False)
+            DecoderBlock(c.d_model, c.av_heads, c.mlp_ratio, c.norm_eps, cross_attention=False, rotate_cached=False)
             for _ in range(c.av_layers))
         self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps)
         self.next_chunk_head = nn.Linear(c.d_model, c.d_model)  # training only: predicts chunk t+1's latents
@@ -39,12 +43,17 @@ class AVAutoregressor(nn.Module):
         empty = torch.zeros(batch, c.av_heads, 0, c.av_head_dim, device=device)
         return [(empty, empty) for _ in self.blocks]
 
-    def forward(self, latents: torch.Tensor, positions: torch.Tensor, past: KVCache,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, KVCache]:
-        """latents: [B, T, D] (T = chunks * m), positions: [B, T] chunk indices -> av_context [B, T, D]"""
+    def forward(self, latents: torch.Tensor, past: KVCache, mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, KVCache]:
+        """latents: [B, T, D] (T = chunks * m) after P cached tokens -> av_context [B, T, D], present (unrotated).
+
+        Cached token i and new token j sit at chunk offsets i // m and (P + j) // m.
+        """
         c = self.config
         x = latents + self.slot_embed.repeat(latents.shape[1] // c.latents_per_chunk, 1)
-        rotary = rotary_angles(positions, c.av_head_dim, c.rope_theta)
+        tokens = torch.arange(past[0][0].shape[2] + latents.shape[1], device=latents.device)
+        positions = torch.div(tokens, c.latents_per_chunk, rounding_mode="trunc")  # >= 0: trunc == floor, one Div
+        rotary = rotary_angles(positions[None], c.av_head_dim, c.rope_theta)  # [1, 1, P + T, hd/2]
         present = []
         for block, (past_key, past_value) in zip(self.blocks, past):
             x, key, value = block(x, past_key, past_value, rotary, mask)
@@ -54,16 +63,14 @@ class AVAutoregressor(nn.Module):
     def forward_clip(self, latents: torch.Tensor) -> torch.Tensor:
         """Whole clip at once: latents [B, N, m, D] -> av_context [B, N, m, D]."""
         b, n, m, d = latents.shape
-        positions = (torch.arange(n * m, device=latents.device) // m).expand(b, -1)
         mask = window_mask(n, m, self.config.av_window_chunks, latents.device)
-        context, _ = self(latents.reshape(b, n * m, d), positions, self.empty_cache(b, latents.device), mask)
+        context, _ = self(latents.reshape(b, n * m, d), self.empty_cache(b, latents.device), mask)
         return context.reshape(b, n, m, d)
 
-    def step(self, chunk_latents: torch.Tensor, chunk_index: torch.Tensor, past: KVCache
-             ) -> tuple[torch.Tensor, KVCache]:
-        """One chunk: chunk_latents [B, m, D], chunk_index [B] -> av_context [B, m, D], present.
+    def step(self, chunk_latents: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One chunk: chunk_latents [B, m, D] -> av_context [B, m, D], present.
 
-        The caller keeps `past` within the window (its last (W-1)*m tokens); every past token is visible.
+        The caller keeps `past` within the window (its last (W-1)*m tokens, whole chunks); every past token
+        is visible.
         """
-        positions = chunk_index[:, None].expand(-1, chunk_latents.shape[1])
-        return self(chunk_latents, positions, past, None)
+        return self(chunk_latents, past, None)

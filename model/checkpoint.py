@@ -42,10 +42,12 @@ def load_checkpoint(directory: str | Path) -> Mirasol:
     return model.eval()
 
 
-def build_model(preset: str = "tiny", seed: int = 0, checkpoint: str | Path | None = None) -> Mirasol:
-    """A model from a checkpoint directory, or a preset with a seeded random init; in eval mode."""
+def build_model(preset: str = "tiny", seed: int = 0, checkpoint: str | Path | None = None,
+                combiner: str | None = None) -> Mirasol:
+    """A model from a checkpoint directory, or a preset (its combiner replaced by `combiner` if given) with a
+    seeded random init; in eval mode."""
     if checkpoint is not None:
         return load_checkpoint(checkpoint)
     torch.manual_seed(seed)
-    return Mirasol(get_preset(preset)).eval()
+    return Mirasol(get_preset(preset, combiner)).eval()
 

@@ -164,8 +164,10 @@ PRESETS: dict[str, MirasolConfig] = {
 }
 
 
-def get_preset(name: str) -> MirasolConfig:
+def get_preset(name: str, combiner: str | None = None) -> MirasolConfig:
+    """A preset's config; `combiner` ("transformer" or "ttm") replaces its combiner."""
     try:
-        return PRESETS[name]
+        config = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    return config.replace(combiner=combiner) if combiner else config

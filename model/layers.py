@@ -11,7 +11,10 @@ from torch import nn
 
 
 def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of rotary embeddings. positions: [B, T] (int) -> cos, sin: [B, 1, T, head_dim / 2]."""
+    """cos/sin of rotary embeddings. positions: [B, T] (int) -> cos, sin: [B, 1, T, head_dim / 2].
+
+    Angles are positions * inv_freq in float32: exact only while positions stay small (their float32
+    spacing is 0.06 at 10^6), so callers keep them bounded (the AV window, the text context)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, hd/2]
     return angles.cos(), angles.sin()
@@ -97,10 +100,15 @@ class DecoderBlock(nn.Module):
     """Pre-norm block with cached self-attention (rotary) and optional cross-attention.
 
     Takes the layer's past keys/values and returns them with this call's appended (the "present").
+    rotate_cached: the cache holds keys rotated at their position (`rotary` covers this call's T tokens);
+    otherwise it holds them unrotated and every call rotates all P + T keys by `rotary`, which then covers
+    past + new (positions relative to the cache, recomputed at each call), the queries taking its last T.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, eps: float, cross_attention: bool) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, eps: float, cross_attention: bool,
+                 rotate_cached: bool = True) -> None:
         super().__init__()
+        self.rotate_cached = rotate_cached
         self.norm_self = nn.LayerNorm(dim, eps=eps)
         self.self_attn = Attention(dim, heads)
         if cross_attention:
@@ -116,9 +124,14 @@ class DecoderBlock(nn.Module):
         """x: [B, T, D]; past_*: [B, heads, P, head_dim] -> x, present_* [B, heads, P + T, head_dim]"""
         h = self.norm_self(x)
         key, value = self.self_attn.keys_values(h)
-        key = torch.cat([past_key, apply_rotary(key, *rotary)], dim=2)
         value = torch.cat([past_value, value], dim=2)
+        if self.rotate_cached:
+            key = present_key = torch.cat([past_key, apply_rotary(key, *rotary)], dim=2)
+        else:
+            present_key = torch.cat([past_key, key], dim=2)
+            key = apply_rotary(present_key, *rotary)
+            rotary = (rotary[0][:, :, past_key.shape[2]:], rotary[1][:, :, past_key.shape[2]:])
         x = x + self.self_attn.attend(h, key, value, mask, rotary)
         if cross_key is not None:
             x = x + self.cross_attn.attend(self.norm_cross(x), cross_key, cross_value)
-        return x + self.mlp(self.norm_mlp(x)), key, value
+        return x + self.mlp(self.norm_mlp(x)), present_key, value

@@ -40,9 +40,9 @@ class Mirasol(nn.Module):
         """video [B, F, 3, H, W], audio [B, n_mels, A], memory [B, M, D] -> chunk_latents [B, m, D], memory"""
         return self.combiner(self.video_encoder(video), self.audio_encoder(audio), memory)
 
-    def av_step(self, chunk_latents: torch.Tensor, chunk_index: torch.Tensor, past: KVCache
-                ) -> tuple[torch.Tensor, KVCache]:
-        return self.av_autoregressor.step(chunk_latents, chunk_index, past)
+    def av_step(self, chunk_latents: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """chunk_latents [B, m, D], past keys/values (the window, keys unrotated) -> av_context [B, m, D], present"""
+        return self.av_autoregressor.step(chunk_latents, past)
 
     def text_cross_kv(self, av_memory: torch.Tensor) -> KVCache:
         return self.text_decoder.cross_kv(av_memory)
@@ -118,6 +118,14 @@ class Mirasol(nn.Module):
             answer.append(token)
             ids = torch.tensor([[token]], device=av_context.device)
         return answer
+
+
+def release_weights(model: nn.Module) -> None:
+    """Free the storage of every parameter and buffer, in place: whoever else holds the same Parameter objects
+    (an exporter's graph) sees the empty tensors too, so the memory really returns. The model is unusable after."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
 def count_parameters(model: Mirasol) -> dict[str, int]:

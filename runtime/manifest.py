@@ -8,7 +8,7 @@ A bundle is a directory holding the graphs and `manifest.json`. The manifest say
 - the state wiring: each carried tensor, which graph output feeds which graph input at the next step,
   how it starts (zeros, or empty along an axis), how it is updated (replaced or appended) and bounded
   (a window along that axis), and whether it lives for the whole stream or one question;
-- counters: integer inputs (chunk_index, position) that count steps.
+- counters: integer inputs that count steps (the text decoder's position).
 Inside one step, a graph input that is none of these is fed by the earlier graph's output of the same name.
 """
 from __future__ import annotations

@@ -121,6 +121,7 @@ def quick_report(tiny_bundles: dict[str, Path]) -> dict:
 def test_quick_report_has_every_section(quick_report: dict) -> None:
     check_report(quick_report)
     assert quick_report["export"]["fp32"]["source"] == "given"
+    assert quick_report["export"]["fp32"]["checks"] == "validated against PyTorch: 4 of 4 graphs passed"
     json.dumps(jsonable(quick_report), allow_nan=False)  # strict JSON
 
 
@@ -131,6 +132,7 @@ def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
         assert heading in markdown
     rows = [line for line in markdown.splitlines() if line.endswith(("| PASS |", "| FAIL |", "| n/a |"))]
     assert len(rows) == 7
+    assert "| fp32 | ok | 0.0 | given; validated against PyTorch: 4 of 4 graphs passed |" in markdown
 
 
 def test_cli_writes_json_and_markdown(tmp_path: Path, tiny_bundles: dict[str, Path], capsys) -> None:
@@ -182,7 +184,7 @@ def test_chunk_flops_match_torch_flop_counter(preset: str, combiner: str) -> Non
     past = [(torch.randn(1, c.av_heads, c.av_cache_len, c.av_head_dim),) * 2 for _ in range(c.av_layers)]
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
         latents, _ = model.combiner_step(video, audio, model.initial_memory(1))
-        model.av_step(latents, torch.full((1,), 5), past)
+        model.av_step(latents, past)
     assert chunk_step_flops(config)["total"] == counter.get_total_flops()
 
 
@@ -229,6 +231,7 @@ def test_quick_preset_run_exports_its_own_bundle() -> None:
     report = run_benchmark(quick=True)
     check_report(report)
     assert report["export"]["fp32"]["source"] == "exported"
+    assert report["export"]["fp32"]["checks"].startswith("validated against PyTorch")
     assert report["meta"]["wall_seconds"] < 60
 
 

@@ -126,7 +126,7 @@ def test_soak_5000_chunks_memory_and_time_flat(tiny_bundle) -> None:
           f"medians {ratio:.2f} wall, {cpu_ratio:.2f} CPU; medians per 500 chunks (ms): "
           + ", ".join(f"{np.median(wall[k:k + 500]) * 1e3:.2f}" for k in range(0, total, 500)))
     print("soak RSS (MB) every 250 chunks: " + ", ".join(f"{v / 2**20:.1f}" for v in rss.values()))
-    assert stream.chunks == total and int(stream.counters["chunk_index"][0]) == total
+    assert stream.chunks == total
     window = next(s.window for s in pipe.bundle.manifest.state if s.name == "av_memory")
     assert stream.state["av_memory"].shape[1] == window
     assert growth < 5 * 2**20, f"resident memory grew {growth / 2**20:.1f} MB after warm-up"

@@ -22,7 +22,7 @@ def step_through(model: Mirasol, video: torch.Tensor, audio: torch.Tensor) -> tu
         latents, memory = model.combiner_step(video[:, t * c.frames_per_chunk:(t + 1) * c.frames_per_chunk],
                                               audio[:, :, t * c.audio_frames_per_chunk:(t + 1) * c.audio_frames_per_chunk],
                                               memory)
-        context, past = model.av_step(latents, torch.full((video.shape[0],), t), past)
+        context, past = model.av_step(latents, past)
         keep = c.av_cache_len
         past = [(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]) for k, v in past]
         contexts.append(context)
@@ -157,3 +157,15 @@ def test_parameter_count_command() -> None:
     result = run_export_cli(["--preset", "mirasol3b", "--params-only"])
     assert result.exit_code == 0, result.output
     assert "av_autoregressor" in result.output and "total 30" in result.output
+
+
+def test_combiner_override_of_a_preset() -> None:
+    assert get_preset("small", "transformer").combiner == "transformer" and get_preset("small").combiner == "ttm"
+    counts = {}
+    for combiner in ("transformer", "ttm"):
+        result = run_export_cli(["--preset", "tiny", "--combiner", combiner, "--params-only"])
+        assert result.exit_code == 0, result.output
+        counts[combiner] = result.output.split("combiner ")[1].split(",")[0]
+    assert counts["transformer"] != counts["ttm"]
+    result = run_export_cli(["--checkpoint", ".", "--combiner", "ttm"])
+    assert result.exit_code == 2 and "--combiner changes a --preset" in result.output

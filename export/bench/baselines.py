@@ -33,19 +33,16 @@ class TorchStepper:
         self.keep_contexts = c.text_memory_chunks
         self.memory = model.initial_memory(1, self.device)
         self.past = model.av_autoregressor.empty_cache(1, self.device)
-        self.index = 0
         self.contexts: list[torch.Tensor] = []
 
     def push(self, video: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """video [F, 3, H, W], audio [n_mels, A] -> av_context [1, m, D] of this chunk."""
         with torch.inference_mode():
             latents, self.memory = self.model.combiner_step(video[None], audio[None], self.memory)
-            index = torch.full((1,), self.index, dtype=torch.long, device=self.device)
-            context, past = self.model.av_step(latents, index, self.past)
+            context, past = self.model.av_step(latents, self.past)
             self.past = [(k[:, :, k.shape[2] - self.keep:], v[:, :, v.shape[2] - self.keep:]) for k, v in past]
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self.index += 1
         self.contexts = [*self.contexts, context][-self.keep_contexts:]
         return context
 

@@ -51,7 +51,7 @@ def _export(report: dict[str, Any]) -> list[str]:
     lines = ["", "## Export", "", "| precision | status | seconds | detail |", "|---|---|---:|---|"]
     for precision, entry in report["export"].items():
         lines.append(f"| {precision} | {entry['status']} | {_f(entry.get('seconds'), 1)} | "
-                     f"{entry.get('reason', entry.get('source', ''))} |")
+                     f"{entry.get('reason') or entry['source'] + '; ' + entry['checks']} |")
     return lines
 
 

@@ -56,6 +56,16 @@ def build_source(preset: str, checkpoint: str | Path | None, bundle: str | Path 
                   "random init" + (", EOS logit held at 0" if suppress_eos else ""))
 
 
+def checks(manifest: Manifest) -> str:
+    """In words, how a bundle was checked: against PyTorch (its validation results), or int8 against fp32."""
+    if manifest.validation:
+        passed = sum(bool(result.get("passed")) for result in manifest.validation.values())
+        return f"validated against PyTorch: {passed} of {len(manifest.validation)} graphs passed"
+    if manifest.quantization.get("accuracy"):
+        return "int8: compared with its validated fp32 bundle on held-out clips"
+    return "NOT validated: its manifest holds no validation results (exported with --no-validate?)"
+
+
 def export_bundles(source: Source, bundle: str | Path | None, precisions: Sequence[str], workdir: Path,
                    calibration_data: str, calibration_clips: int, progress: Progress
                    ) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -64,9 +74,10 @@ def export_bundles(source: Source, bundle: str | Path | None, precisions: Sequen
     paths: dict[str, Path] = {}
     report: dict[str, Any] = {}
     if bundle is not None:
-        precision = Manifest.read(bundle).precision
-        paths[precision] = Path(bundle)
-        report[precision] = {"status": "ok", "source": "given", "path": str(bundle), "seconds": 0.0}
+        manifest = Manifest.read(bundle)
+        paths[manifest.precision] = Path(bundle)
+        report[manifest.precision] = {"status": "ok", "source": "given", "path": str(bundle), "seconds": 0.0,
+                                      "checks": checks(manifest)}
     can_export = bundle is None or not source.spec.get("config")
     ours: Path | None = None  # an fp32 bundle exported here from source.model
     for precision in sorted(precisions, key=PRECISION_NAMES.index):
@@ -82,8 +93,8 @@ def export_bundles(source: Source, bundle: str | Path | None, precisions: Sequen
             # fp16 and int8 start from the fp32 bundle exported above (its graphs are traced once); the int8
             # accuracy report is not what this tool measures: one held-out clip
             calibration = CalibrationOptions(calibration_data, clips=calibration_clips, held_out=1)
-            export_bundle(source.model, out, precision, reference=ours, progress=progress,
-                          calibration=calibration if get_precision(precision).needs_calibration else None)
+            manifest = export_bundle(source.model, out, precision, reference=ours, progress=progress,
+                                     calibration=calibration if get_precision(precision).needs_calibration else None)
             if precision == "fp32":
                 ours = out
         except Exception as failure:  # noqa: BLE001 - a failed precision is reported, the others still run
@@ -92,6 +103,7 @@ def export_bundles(source: Source, bundle: str | Path | None, precisions: Sequen
             continue
         seconds = time.perf_counter() - start
         paths[precision] = out
-        report[precision] = {"status": "ok", "source": "exported", "path": str(out), "seconds": seconds}
+        report[precision] = {"status": "ok", "source": "exported", "path": str(out), "seconds": seconds,
+                             "checks": checks(manifest)}
         progress(f"exported {precision} bundle in {seconds:.1f}s")
     return paths, report
