@@ -33,7 +33,7 @@ from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import get_precision
 from mirasol.runtime.tokenizer import ByteTokenizer
 
-from .onnx_export import DEFAULT_OPSET
+from . import DEFAULT_OPSET
 from .precisions import TRANSFORMS
 from .sources import ExportContext, GraphSource, PrecisionOptions
 from .specs import GraphSpec, derived_axes, graph_specs, wiring

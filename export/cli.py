@@ -16,6 +16,8 @@ from mirasol.runtime.commandline import UsageError, bounded, command_parser, exi
 from mirasol.runtime.output import check_output_dir
 from mirasol.runtime.precision import NAMES as PRECISION_NAMES
 
+from . import DEFAULT_OPSET
+
 PRESETS = ("tiny", "small", "base", "mirasol3b")
 
 
@@ -52,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="bundle directory to write (replaced atomically; an existing one must be a bundle or "
                              "empty) (default: bundles/<model>-<precision>)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph against PyTorch at several sizes of each dynamic axis")
     parser.add_argument("--max-batch", type=bounded(int, 1), default=4, metavar="N",

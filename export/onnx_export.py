@@ -15,10 +15,10 @@ from torch.export import Dim
 
 from mirasol.model import Mirasol
 
+from . import DEFAULT_OPSET
 from .specs import GraphSpec
 
 EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit: larger graphs keep their weights beside them
-DEFAULT_OPSET = 18
 
 
 class _FlatInputs(nn.Module):

@@ -160,11 +160,12 @@ def graph_specs(config: MirasolConfig, max_batch: int = 4) -> dict[str, GraphSpe
 
 
 def derived_axes(spec: GraphSpec) -> dict[str, AxisRange]:
-    """Ranges of output-only axes (present_* = past_* + new), so every symbolic name has a range."""
+    """Ranges of output-only axes (present_text = past_text + new; present_av: past_av + m, within the window),
+    so every symbolic name has a range."""
     axes = dict(spec.axes)
     if "past_av" in axes:
         past, m = axes["past_av"], spec.inputs[0].shape[1]
-        axes["present_av"] = AxisRange(past.min + m, past.opt + m, past.max + m)
+        axes["present_av"] = AxisRange(*(min(size + m, past.max) for size in (past.min, past.opt, past.max)))
     if "past_text" in axes:
         past, new = axes["past_text"], axes["text_len"]
         axes["present_text"] = AxisRange(past.min + new.min, past.opt + new.opt, past.max + new.max)

@@ -68,9 +68,11 @@ class AVAutoregressor(nn.Module):
         return context.reshape(b, n, m, d)
 
     def step(self, chunk_latents: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """One chunk: chunk_latents [B, m, D] -> av_context [B, m, D], present.
+        """One chunk: chunk_latents [B, m, D], past within the window -> av_context [B, m, D], present.
 
-        The caller keeps `past` within the window (its last (W-1)*m tokens, whole chunks); every past token
-        is visible.
+        Every past token is visible. present is already the next step's window: the last (W-1)*m tokens (whole
+        chunks) of past + this chunk, so a caller carries it as it is, with no copy of its own.
         """
-        return self(chunk_latents, past, None)
+        context, present = self(chunk_latents, past, None)
+        start = torch.sym_max(present[0][0].shape[2] - self.config.av_cache_len, 0)
+        return context, [(key[:, :, start:], value[:, :, start:]) for key, value in present]

@@ -22,9 +22,7 @@ def step_through(model: Mirasol, video: torch.Tensor, audio: torch.Tensor) -> tu
         latents, memory = model.combiner_step(video[:, t * c.frames_per_chunk:(t + 1) * c.frames_per_chunk],
                                               audio[:, :, t * c.audio_frames_per_chunk:(t + 1) * c.audio_frames_per_chunk],
                                               memory)
-        context, past = model.av_step(latents, past)
-        keep = c.av_cache_len
-        past = [(k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]) for k, v in past]
+        context, past = model.av_step(latents, past)  # present: already the next step's window
         contexts.append(context)
         memories.append(memory)
     return contexts, memories

@@ -82,7 +82,6 @@ def test_pytorch_steps_repeat_with_the_input_period(sharp_model) -> None:
         contexts = []
         for t in range(TORCH_CHUNKS):
             context, past = model.av_step(latents[t % PERIOD], past)
-            past = [(k[:, :, -c.av_cache_len:], v[:, :, -c.av_cache_len:]) for k, v in past]
             contexts.append(context.numpy())
     assert_periodic(contexts, receptive_field(c))
 

@@ -22,14 +22,13 @@ def pytorch_model(spec: dict[str, Any]) -> Mirasol:
 
 
 class TorchStepper:
-    """PyTorch eager streaming: combiner_step + av_step with the carried state, KV cache trimmed to the window."""
+    """PyTorch eager streaming: combiner_step + av_step with the carried state (the KV window, as av_step returns it)."""
 
     def __init__(self, model: Mirasol, device: str = "cpu") -> None:
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         c = model.config
-        self.keep = c.av_cache_len
         self.keep_contexts = c.text_memory_chunks
         self.memory = model.initial_memory(1, self.device)
         self.past = model.av_autoregressor.empty_cache(1, self.device)
@@ -39,8 +38,7 @@ class TorchStepper:
         """video [F, 3, H, W], audio [n_mels, A] -> av_context [1, m, D] of this chunk."""
         with torch.inference_mode():
             latents, self.memory = self.model.combiner_step(video[None], audio[None], self.memory)
-            context, past = self.model.av_step(latents, self.past)
-            self.past = [(k[:, :, k.shape[2] - self.keep:], v[:, :, v.shape[2] - self.keep:]) for k, v in past]
+            context, self.past = self.model.av_step(latents, self.past)  # present: the next step's window
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.contexts = [*self.contexts, context][-self.keep_contexts:]

@@ -96,11 +96,10 @@ def step_costs(config: Any, weight_bytes: int, state_bytes: int, past_tokens: in
     params = step_parameters(c)
     m, d = c.latents_per_chunk, c.d_model
     memory = c.memory_size * d if c.combiner == "ttm" else 0
-    av_past = 2 * c.av_layers * c.av_cache_len * d  # keys and values of every layer
-    av_present = 2 * c.av_layers * (c.av_cache_len + m) * d
+    av_window = 2 * c.av_layers * c.av_cache_len * d  # keys and values of every layer, read and written back
     chunk_in = 4 * (c.frames_per_chunk * 3 * c.image_size ** 2 + c.n_mels * c.audio_frames_per_chunk)
     chunk_out = 4 * m * d  # av_context
-    chunk_state = state_bytes * (memory + av_past + c.text_memory_len * d)
+    chunk_state = state_bytes * (memory + av_window + c.text_memory_len * d)
     text_past = 2 * c.text_layers * past_tokens * d
     text_present = 2 * c.text_layers * (past_tokens + 1) * d
     cross = 2 * c.text_layers * c.text_memory_len * d
@@ -109,8 +108,8 @@ def step_costs(config: Any, weight_bytes: int, state_bytes: int, past_tokens: in
     return {
         "weights_total_bytes": weight_bytes * (params["chunk"] + params["token"] + params["question"]),
         "chunk": {"flops": chunk_step_flops(c)["total"], "weight_bytes": weight_bytes * params["chunk"],
-                  "state_read_bytes": state_bytes * (memory + av_past),
-                  "state_written_bytes": state_bytes * (memory + av_present + m * d),
+                  "state_read_bytes": state_bytes * (memory + av_window),
+                  "state_written_bytes": state_bytes * (memory + av_window + m * d),
                   "io_device_bytes": chunk_in + chunk_out,
                   "io_host_bytes": chunk_in + chunk_out + 2 * chunk_state},
         "token": {"flops": token_step_flops(c, past_tokens)["total"], "weight_bytes": weight_bytes * params["token"],
