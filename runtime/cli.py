@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="onnxruntime execution provider (repeatable, in order; default: CPUExecutionProvider)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="onnxruntime intra-op threads (default: ONNX Runtime's choice, one per core)")
+    parser.add_argument("--graph-threads", type=_graph_threads, action="append", metavar="GRAPH=N",
+                        help="onnxruntime intra-op threads of one graph (repeatable), e.g. text_decoder=1: "
+                             "mirasol-bench's text section says whether decoding is faster on one thread")
     parser.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
     parser.add_argument("--json", action="store_true",
                         help="print the answer, tokens and timings as JSON; with --live, one JSON object per line "
@@ -324,6 +327,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--ask-every needs --question")
 
 
+def _graph_threads(text: str) -> tuple[str, int]:
+    """GRAPH=N of --graph-threads."""
+    graph, _, count = text.partition("=")
+    if not graph or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected GRAPH=N with N a positive integer, got {text!r}")
+    return graph, int(count)
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     if args.info or (args.video is not None and args.question is None):  # describe, or decode into --save-chunks
@@ -335,7 +346,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     options = {}
     if args.backend == "onnxruntime":
-        options = {"providers": args.provider, "threads": args.threads}
+        options = {"providers": args.provider, "threads": args.threads,
+                   "graph_threads": dict(args.graph_threads or [])}
     start = time.perf_counter()
     pipe = Pipeline.load(args.bundle, backend=args.backend, verify=not args.no_verify, **options)
     load_seconds = time.perf_counter() - start

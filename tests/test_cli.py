@@ -153,6 +153,8 @@ def test_a_file_that_is_not_media_is_said_in_words(tiny_bundle: Path, tmp_path: 
     ("mirasol-run", ["BUNDLE"], "one of the arguments --video --chunks --live --info is required"),
     ("mirasol-run", ["BUNDLE", "--chunks", "c.npz"], "--question is required with --chunks"),
     ("mirasol-run", ["BUNDLE", "--info", "--save-chunks", "c.npz"], "--save-chunks goes with --video"),
+    ("mirasol-run", ["BUNDLE", "--info", "--graph-threads", "text_decoder"],
+     "argument --graph-threads: expected GRAPH=N with N a positive integer, got 'text_decoder'"),
     ("mirasol-train", ["--steps", "0"], "argument --steps: 0 is not >= 1"),
     ("mirasol-bench", ["--preset", "tiny", "--bundle", "BUNDLE"], "give --preset or --bundle, not both"),
     ("mirasol-build-engines", ["BUNDLE", "--opt-level", "9"], "argument --opt-level: 9 is not in [0, 5]"),

@@ -134,7 +134,7 @@ def test_training_steps_lower_the_loss() -> None:
         optimizer.zero_grad()
         loss["loss"].backward()
         optimizer.step()
-        losses.append(float(loss["loss"]))
+        losses.append(loss["loss"].item())
         assert float(loss["latent"]) > 0
     assert losses[-1] < 0.8 * losses[0], losses
 

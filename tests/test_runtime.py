@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from mirasol.runtime.errors import BundleError, InputError
+from mirasol.runtime.errors import BackendError, BundleError, InputError
 from mirasol.runtime.pipeline import Pipeline
 
-from .conftest import random_clip
+from .conftest import chunk, random_clip
 
 QUESTION = "what is the man holding?"
 
@@ -178,3 +178,20 @@ def test_bad_questions_and_batch_are_refused(tiny_bundles, tiny_models) -> None:
     with pytest.raises(InputError, match="max_new_tokens"):
         stream.ask(QUESTION, max_new_tokens=0)
     assert len(stream.ask(QUESTION, max_new_tokens=4)) == 2  # batch 2: one answer per row
+
+
+def test_graph_threads_give_one_graph_its_own_thread_count(tiny_bundle, shared_pipeline) -> None:
+    from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    pipe = Pipeline.load(tiny_bundle, threads=2, graph_threads={"text_decoder": 1})
+    threads = {name: session.session.get_session_options().intra_op_num_threads
+               for name, session in pipe.sessions.items()}
+    assert threads["text_decoder"] == 1 and {t for g, t in threads.items() if g != "text_decoder"} == {2}
+    expected, answered = shared_pipeline.stream(), pipe.stream()
+    for stream in (expected, answered):
+        stream.push(*chunk(pipe, seed=3))
+    assert answered.token_ids(QUESTION, 6) == expected.token_ids(QUESTION, 6)
+    with pytest.raises(BackendError, match=r"graph_threads names \['text_decoderr'\], not graphs of this bundle"):
+        Pipeline.load(tiny_bundle, graph_threads={"text_decoderr": 1})
+    with pytest.raises(BackendError, match=r"graph_threads\['text_decoder'\] must be a positive int, got 0"):
+        OnnxRuntimeBackend(graph_threads={"text_decoder": 0})

@@ -54,13 +54,16 @@ class OnnxRuntimeBackend(Backend):
     `spinning=False` (the default) stops idle intra-op threads from busy-waiting: measured by mirasol-bench on a
     2-core machine with other work running, spinning made the fp32 runtime 3.5x slower per chunk; on a device
     the app shares the CPU too. Pass `spinning=True` for a dedicated, quiet CPU.
+
+    `graph_threads` gives some graphs their own intra-op thread count, e.g. {"text_decoder": 1}: a small graph
+    run once per token can be faster on one thread than on several (mirasol-bench's text section measures both).
     """
 
     name = "onnxruntime"
 
     def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,
                  inter_op_threads: int | None = None, optimization: str = "all", profile_dir: str | None = None,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, graph_threads: Mapping[str, int] | None = None) -> None:
         available = ort.get_available_providers()
         self.providers = list(providers or ["CPUExecutionProvider"])
         for provider in self.providers:
@@ -70,22 +73,40 @@ class OnnxRuntimeBackend(Backend):
                                    f"(available: {available}); install onnxruntime-gpu for CUDA/TensorRT")
         if optimization not in OPTIMIZATION_LEVELS:
             raise BackendError(f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}")
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.graph_threads = dict(graph_threads or {})
+        for graph, count in self.graph_threads.items():
+            if not isinstance(count, int) or count < 1:
+                raise BackendError(f"graph_threads[{graph!r}] must be a positive int, got {count!r}")
+        self.options = self._session_options(threads, inter_op_threads, optimization, profile_dir, spinning)
+        self._graph_options = {
+            graph: self._session_options(count, inter_op_threads, optimization, profile_dir, spinning)
+            for graph, count in self.graph_threads.items()}
+
+    @staticmethod
+    def _session_options(threads: int | None, inter_op_threads: int | None, optimization: str,
+                         profile_dir: str | None, spinning: bool) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if threads:
-            self.options.intra_op_num_threads = threads
+            options.intra_op_num_threads = threads
         if inter_op_threads:
-            self.options.inter_op_num_threads = inter_op_threads
+            options.inter_op_num_threads = inter_op_threads
         if profile_dir:
-            self.options.enable_profiling = True
-            self.options.profile_file_prefix = profile_dir.rstrip("/") + "/ort"
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_dir.rstrip("/") + "/ort"
+        return options
 
     def load(self, entry: GraphEntry, bundle: Bundle) -> GraphSession:
         """An InferenceSession of the entry's ONNX file, whose IO must be the entry's (names, dtypes, ranks)."""
         path = bundle.file(entry.file)
+        unknown = set(self.graph_threads) - set(bundle.manifest.graphs)
+        if unknown:
+            raise BackendError(f"graph_threads names {sorted(unknown)}, not graphs of this bundle "
+                               f"({sorted(bundle.manifest.graphs)})")
+        options = self._graph_options.get(entry.name, self.options)
         try:
-            session = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as failure:
             raise BackendError(f"onnxruntime could not load graph {entry.name!r} from {path}: {failure}") from failure
         declared = {t.name: t for t in (*entry.inputs, *entry.outputs)}
