@@ -260,9 +260,9 @@ class _Checker:
                         self.add("error", "", f"axis {symbol!r} range {rng} is not 0 <= min <= opt <= max", "bad-range")
                     elif dim.HasField("dim_value") and (rng[0], rng[2]) != (dim.dim_value, dim.dim_value):
                         self.add("error", "", f"input {info.name!r} dimension {i} is fixed to {dim.dim_value} in the "
-                                 f"ONNX file, but axis {symbol!r} ranges {rng[0]}..{rng[2]}: TensorRT's builder refuses "
-                                 f"a profile that varies a fixed dimension; export the dimension as dynamic, or give "
-                                 f"the axis the range {dim.dim_value}..{dim.dim_value}", "fixed-dim")
+                                 f"ONNX file, but axis {symbol!r} ranges {rng[0]}..{rng[2]}: TensorRT's builder "
+                                 f"refuses a profile that varies a fixed dimension; export the dimension as dynamic, "
+                                 f"or give the axis the range {dim.dim_value}..{dim.dim_value}", "fixed-dim")
                 elif isinstance(symbol, int) and dim.HasField("dim_value") and dim.dim_value != symbol:
                     self.add("error", "", f"input {info.name!r} dimension {i} is {dim.dim_value} in the ONNX file and "
                              f"{symbol} in the manifest", "rank-mismatch")

@@ -157,8 +157,8 @@ class DemoTask:
     def describe(self) -> dict[str, Any]:
         """The task's parameters (saved next to a trained checkpoint)."""
         return {"version": TASK_VERSION, "num_chunks": self.num_chunks, "render_size": self.render_size,
-                "render_fps": self.render_fps, "audio_rate": self.audio_rate, "container": self.container, "video_codec": self.video_codec,
-                "audio_codec": self.audio_codec, "chunk_seconds": self.chunk_seconds,
+                "render_fps": self.render_fps, "audio_rate": self.audio_rate, "container": self.container,
+                "video_codec": self.video_codec, "audio_codec": self.audio_codec, "chunk_seconds": self.chunk_seconds,
                 "colours": list(COLOURS), "shapes": list(SHAPES), "pitches": list(PITCHES)}
 
     # ------------------------------------------------------------ content

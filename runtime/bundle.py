@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import BundleError
 from .graph_files import GraphFileError, external_data_locations
-from .manifest import GraphEntry, Manifest, check_file_name, parse_json
+from .manifest import GraphEntry, Manifest, check_file_name
+from .strict_json import parse_json
 from .tokenizer import ByteTokenizer
 
 MAX_STATE_FILE_BYTES = 1 << 31  # 2 GiB: a stream state file, on disk and decompressed

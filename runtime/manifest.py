@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,12 @@ from typing import Any
 
 from .backends.base import TensorInfo
 from .errors import BundleError
+from .strict_json import JsonReader, parse_json, short
 
 FORMAT_NAME = "mirasol-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-MAX_DIM = 2**31 - 1  # any size or axis bound in a manifest
 MAX_RANK = 8
 MAX_STATE_ELEMENTS = 1 << 28  # a zeros-initialised state tensor, per batch row
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
@@ -166,14 +165,14 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> "Manifest":
         """Build and check a manifest from parsed JSON; anything malformed raises BundleError naming the key."""
-        r = _Reader(where)
+        r = JsonReader(where)
         r.mapping(data, "the manifest")
         if data.get("format") != FORMAT_NAME:
-            raise BundleError(f"{where}: not a mirasol bundle manifest (format {_short(data.get('format'))}, "
+            raise BundleError(f"{where}: not a mirasol bundle manifest (format {short(data.get('format'))}, "
                               f"expected {FORMAT_NAME!r})")
         version = data.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
-            raise BundleError(f"{where}: format_version: expected an integer, got {_short(version)}")
+            raise BundleError(f"{where}: format_version: expected an integer, got {short(version)}")
         if version > FORMAT_VERSION:
             raise BundleError(
                 f"{where}: bundle format version {version} is newer than this runtime reads "
@@ -268,6 +267,11 @@ class Manifest:
                     if not 0 <= spec.length_of[1] < len(length_input.shape):
                         raise BundleError(f"{where}: counter {spec.name}: axis {spec.length_of[1]} is outside "
                                           f"{spec.length_of[0]!r} of rank {len(length_input.shape)}")
+                    fed_by_state = [n for n, step in self.steps.items()
+                                    if spec.graph in step.graphs and spec.length_of[0] not in step.inputs]
+                    if fed_by_state:
+                        raise BundleError(f"{where}: counter {spec.name}: length_of names {spec.length_of[0]!r}, "
+                                          f"which step {fed_by_state[0]!r} does not take from the caller")
         for spec in self.state:
             if spec.init not in ("zeros", "empty") or spec.update not in ("replace", "append"):
                 raise BundleError(f"{where}: state {spec.name}: unknown init {spec.init!r} or update {spec.update!r}")
@@ -363,7 +367,7 @@ def _check_config(config: Mapping[str, Any], where: str) -> None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (kind is int and not isinstance(value, int)) or not low <= value <= high:
             raise BundleError(f"{where}: config.{key}: expected {'an integer' if kind is int else 'a number'} in "
-                              f"[{low:g}, {high:g}], got {_short(value)}")
+                              f"[{low:g}, {high:g}], got {short(value)}")
     if all(k in config for k in ("sample_rate", "frames_per_chunk", "fps", "hop_length")):
         samples = config["sample_rate"] * config["frames_per_chunk"] / config["fps"]
         if not config["hop_length"] <= samples <= MAX_CHUNK_SAMPLES:
@@ -383,118 +387,31 @@ def check_file_name(name: Any, where: str) -> None:
     """Manifest file names are plain names inside the bundle: no separators, no '..', not absolute."""
     if (not isinstance(name, str) or not name or name in (".", "..") or os.sep in name or "/" in name
             or "\\" in name or (os.altsep and os.altsep in name) or "\x00" in name or ":" in name):
-        raise BundleError(f"{where}: file name {_short(name)} is not a plain file name inside the bundle")
+        raise BundleError(f"{where}: file name {short(name)} is not a plain file name inside the bundle")
 
 
-def parse_json(raw: bytes | str, where: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, bounded nesting; errors are BundleErrors. (NaN and Infinity, which
-    json.dumps writes for such floats in validation reports, are read as floats.)"""
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        data = dict(pairs)
-        if len(data) != len(pairs):
-            seen: set[str] = set()
-            twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-            raise _Refused(f"key {twice!r} appears twice in one object")
-        return data
-
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, object_pairs_hook=no_duplicates)  # NaN/Infinity (a report's errors) are read
-    except _Refused as bad:
-        raise BundleError(f"{where} is not valid JSON: {bad}") from None
-    except RecursionError:
-        raise BundleError(f"{where} is not valid JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as bad:  # JSONDecodeError, over-long integers
-        raise BundleError(f"{where} is not valid JSON: {bad}") from None
+def _tensor(r: JsonReader, data: Any, path: str) -> TensorInfo:
+    data = r.fields(data, path, ("name", "dtype", "shape"))
+    shape = r.array(data["shape"], f"{path}.shape")
+    if len(shape) > MAX_RANK:
+        raise r.fail(f"{path}.shape", f"at most {MAX_RANK} axes", shape)
+    dims: list[int | str] = []
+    for i, d in enumerate(shape):
+        dims.append(r.name(d, f"{path}.shape[{i}]") if isinstance(d, str)
+                    else r.integer(d, f"{path}.shape[{i}]"))
+    return TensorInfo(r.name(data["name"], f"{path}.name"),
+                      r.choice(data["dtype"], f"{path}.dtype", DTYPES), tuple(dims))
 
 
-class _Refused(ValueError):
-    pass
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class _Reader:
-    """Typed access to parsed JSON; every failure names the manifest and the key path."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def fail(self, path: str, expected: str, got: Any) -> BundleError:
-        return BundleError(f"{self.where}: {path}: expected {expected}, got {_short(got)}")
-
-    def key(self, data: Mapping[str, Any], key: str, path: str) -> Any:
-        if key not in data:
-            raise BundleError(f"{self.where}: missing key {path + '.' if path else ''}{key}")
-        return data[key]
-
-    def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            raise self.fail(path, "a JSON object", value)
-        return value
-
-    def array(self, value: Any, path: str) -> list[Any] | tuple[Any, ...]:
-        if not isinstance(value, (list, tuple)):
-            raise self.fail(path, "a JSON list", value)
-        return value
-
-    def string(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, "a non-empty string", value)
-        return value
-
-    def name(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not value or len(value) > 1000 or not value.isprintable():
-            raise self.fail(path, "a non-empty printable name", value)
-        return value
-
-    def integer(self, value: Any, path: str, low: int = 0, high: int = MAX_DIM) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise self.fail(path, f"an integer in [{low}, {high}]", value)
-        return value
-
-    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
-        if value not in choices or not isinstance(value, str):
-            raise self.fail(path, f"one of {choices}", value)
-        return value
-
-    def fields(self, data: Any, path: str, required: tuple[str, ...], optional: tuple[str, ...] | None = ()
-               ) -> Mapping[str, Any]:
-        """An object with these keys; unknown keys are refused unless `optional` is None (then ignored)."""
-        data = self.mapping(data, path)
-        for key in required:
-            self.key(data, key, path)
-        unknown = [] if optional is None else sorted(set(data) - set(required) - set(optional))
-        if unknown:
-            raise BundleError(f"{self.where}: {path}: unknown keys {unknown}")
-        return data
-
-    def tensor(self, data: Any, path: str) -> TensorInfo:
-        data = self.fields(data, path, ("name", "dtype", "shape"))
-        shape = self.array(data["shape"], f"{path}.shape")
-        if len(shape) > MAX_RANK:
-            raise self.fail(f"{path}.shape", f"at most {MAX_RANK} axes", shape)
-        dims: list[int | str] = []
-        for i, d in enumerate(shape):
-            dims.append(self.name(d, f"{path}.shape[{i}]") if isinstance(d, str)
-                        else self.integer(d, f"{path}.shape[{i}]"))
-        return TensorInfo(self.name(data["name"], f"{path}.name"),
-                          self.choice(data["dtype"], f"{path}.dtype", DTYPES), tuple(dims))
-
-
-def _graph_from_dict(r: _Reader, name: Any, data: Any) -> GraphEntry:
+def _graph_from_dict(r: JsonReader, name: Any, data: Any) -> GraphEntry:
     path = f"graphs.{name}"
     r.name(name, "graphs (a graph name)")
     # Unknown keys of a graph entry are ignored (as this format has always done), the known ones checked.
     data = r.fields(data, path, ("file", "sha256", "inputs", "outputs", "axes"), None)
-    sha = _sha256(r, data["sha256"], f"{path}.sha256")
-    external_sha = {r.string(f, f"{path}.external_sha256 (a file name)"): _sha256(r, h, f"{path}.external_sha256.{f}")
+    sha = r.sha256(data["sha256"], f"{path}.sha256")
+    external_sha = {r.string(f, f"{path}.external_sha256 (a file name)"): r.sha256(h, f"{path}.external_sha256.{f}")
                     for f, h in r.mapping(data.get("external_sha256", {}), f"{path}.external_sha256").items()}
     axes: dict[str, AxisRange] = {}
     for axis, ranges in r.mapping(data["axes"], f"{path}.axes").items():
@@ -510,9 +427,9 @@ def _graph_from_dict(r: _Reader, name: Any, data: Any) -> GraphEntry:
         r.mapping(engine, f"{path}.engine")
     return GraphEntry(
         name=name, file=r.string(data["file"], f"{path}.file"), sha256=sha,
-        inputs=tuple(r.tensor(t, f"{path}.inputs[{i}]")
+        inputs=tuple(_tensor(r, t, f"{path}.inputs[{i}]")
                      for i, t in enumerate(r.array(data["inputs"], f"{path}.inputs"))),
-        outputs=tuple(r.tensor(t, f"{path}.outputs[{i}]")
+        outputs=tuple(_tensor(r, t, f"{path}.outputs[{i}]")
                       for i, t in enumerate(r.array(data["outputs"], f"{path}.outputs"))),
         axes=axes,
         external_data=tuple(r.string(f, f"{path}.external_data[{i}]")
@@ -520,13 +437,7 @@ def _graph_from_dict(r: _Reader, name: Any, data: Any) -> GraphEntry:
         engine=dict(engine) if engine is not None else None, external_sha256=external_sha)
 
 
-def _sha256(r: _Reader, value: Any, path: str) -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise r.fail(path, "a sha256 (64 lowercase hex digits)", value)
-    return value
-
-
-def _step_from_dict(r: _Reader, name: str, data: Any) -> StepSpec:
+def _step_from_dict(r: JsonReader, name: str, data: Any) -> StepSpec:
     path = f"steps.{name}"
     data = r.fields(data, path, ("graphs",), ("inputs", "returns"))
     returns = data.get("returns")
@@ -537,11 +448,11 @@ def _step_from_dict(r: _Reader, name: str, data: Any) -> StepSpec:
         None if returns is None else r.name(returns, f"{path}.returns"))
 
 
-def _optional_int(r: _Reader, value: Any, path: str, low: int) -> int | None:
+def _optional_int(r: JsonReader, value: Any, path: str, low: int) -> int | None:
     return None if value is None else r.integer(value, path, low)
 
 
-def _state_from_dict(r: _Reader, index: int, data: Any) -> StateSpec:
+def _state_from_dict(r: JsonReader, index: int, data: Any) -> StateSpec:
     path = f"state[{index}]"
     data = r.fields(data, path, ("name", "graph", "input", "source_graph", "output", "init"),
                     ("update", "axis", "window", "scope"))
@@ -556,7 +467,7 @@ def _state_from_dict(r: _Reader, index: int, data: Any) -> StateSpec:
         scope=r.choice(data.get("scope", "stream"), f"{path}.scope", SCOPES))
 
 
-def _counter_from_dict(r: _Reader, index: int, data: Any) -> CounterSpec:
+def _counter_from_dict(r: JsonReader, index: int, data: Any) -> CounterSpec:
     path = f"counters[{index}]"
     data = r.fields(data, path, ("name", "graph", "input"), ("step", "length_of", "scope"))
     length_of = data.get("length_of")

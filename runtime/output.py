@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MirasolError, OutputError
-from .manifest import FORMAT_NAME, MANIFEST_FILE, parse_json
+from .manifest import FORMAT_NAME, MANIFEST_FILE
+from .strict_json import parse_json
 from .precision import NAMES as PRECISIONS
 
 MARKER_FILE = ".mirasol-output"

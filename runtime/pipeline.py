@@ -12,64 +12,22 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends import Backend, GraphSession, get_backend
-from .backends.base import TensorInfo
+from .backends import Backend, get_backend
 from .bundle import Bundle, state_file_format
 from .errors import BackendError, BundleError, InputError
-from .manifest import CounterSpec, StateSpec
 from .output import atomic_file, check_output_file
 from .sampling import Sampler, as_integer
+from .step_plan import Carried, StepPlan, check_output, plan_step
 
 STATE_FORMAT = "mirasol-stream-state"
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class _Feed:
-    """Where one graph input comes from in a step: 'input' (the caller), 'step' (an earlier graph), 'state'
-    or 'counter' (by name, of the stream or of the question: `scope`)."""
-
-    input: str
-    kind: str
-    key: str
-    scope: str = ""
-
-
-@dataclass(frozen=True)
-class _Checked:
-    """A graph output that is carried, returned or fed to a later graph: checked before the step commits. Its
-    dtype and shape always; its values (`finite`) where they are returned, fed on or carried for the stream (a
-    question's own state is never saved, and what it would spoil shows in the logits, which are checked)."""
-
-    graph: str
-    info: TensorInfo
-    dtype: np.dtype
-    finite: Callable[[np.ndarray], bool] | None  # how its values are checked (None: they are not)
-
-
-@dataclass
-class _StepPlan:
-    graphs: list[tuple[GraphSession, list[_Feed]]]
-    state: list[StateSpec]  # carried tensors this step produces
-    counters: list[CounterSpec]  # counters this step advances
-    returns: str | None
-    checked: dict[str, list[_Checked]]  # per graph: its outputs that are carried, returned or fed to a later graph
-    keep: dict[str, frozenset[str]]  # per graph: outputs that stay where the backend computes (carried or fed on)
-
-
-@dataclass
-class _Carried:
-    """State tensors and counters of one scope: the stream's, or one question's."""
-
-    state: dict[str, np.ndarray] = field(default_factory=dict)
-    counters: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,7 +58,8 @@ class Pipeline:
         self.sessions = {name: backend.load(g, bundle) for name, g in manifest.graphs.items()}
         self._state = {s.name: s for s in manifest.state}
         self._counters = {c.name: c for c in manifest.counters}
-        self._plans = {name: self._plan(name) for name in manifest.steps}
+        self._plans = {name: plan_step(manifest, self.sessions, name, backend.keeps_on_device)
+                       for name in manifest.steps}
         located = {name: manifest.step_tensor("push", name) for name in manifest.steps["push"].inputs}
         self.chunk_inputs = {name: info for name, (_, info) in located.items()}
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
@@ -123,36 +82,6 @@ class Pipeline:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-    def _plan(self, step_name: str) -> _StepPlan:
-        manifest = self.bundle.manifest
-        step = manifest.steps[step_name]
-        produced: set[str] = set()
-        graphs = []
-        for graph_name in step.graphs:
-            feeds = []
-            for tensor in manifest.graphs[graph_name].inputs:
-                binding = manifest.binding(graph_name, tensor.name)
-                if tensor.name in step.inputs:
-                    feeds.append(_Feed(tensor.name, "input", tensor.name))
-                elif tensor.name in produced:
-                    feeds.append(_Feed(tensor.name, "step", tensor.name))
-                elif isinstance(binding, StateSpec):
-                    feeds.append(_Feed(tensor.name, "state", binding.name, binding.scope))
-                else:
-                    feeds.append(_Feed(tensor.name, "counter", binding.name, binding.scope))  # type: ignore[union-attr]
-            produced.update(t.name for t in manifest.graphs[graph_name].outputs)
-            graphs.append((self.sessions[graph_name], feeds))
-        state = [s for s in manifest.state if s.source_graph in step.graphs]
-        passed_on = {step.returns} | {f.key for _, feeds in graphs for f in feeds if f.kind == "step"}
-        finite = passed_on | {s.output for s in state if s.scope == "stream"}
-        used = passed_on | {s.output for s in state}
-        checked = {g: [_Checked(g, t, np.dtype(t.dtype), _finite_check(t.dtype) if t.name in finite else None)
-                       for t in manifest.graphs[g].outputs if t.name in used] for g in step.graphs}
-        kept = (used - {step.returns}) | {s.output for s in state} if self.backend.keeps_on_device else set()
-        keep = {g: frozenset(t.name for t in manifest.graphs[g].outputs if t.name in kept) for g in step.graphs}
-        return _StepPlan(graphs, state, [c for c in manifest.counters if c.graph in step.graphs], step.returns,
-                         checked, keep)
 
     def stream(self) -> "Stream":
         """A fresh stream: TTM memory zeros, empty caches, counters at 0."""
@@ -194,13 +123,13 @@ class Pipeline:
             for i, values in enumerate(carried):
                 key = tuple(v.shape[:axes[n]] + v.shape[axes[n] + 1:] for n, v in values.state.items())
                 groups.setdefault(key, []).append(i)
-            updated = [_Carried() for _ in streams]
+            updated = [Carried() for _ in streams]
             contexts: list[np.ndarray] = [np.empty(0)] * len(streams)
             runner = Stream(self)  # runs the stacked step; its own state stays unused
             for members in groups.values():
                 for part in self._parts(members, [prepared[i][1] for i in members]):
                     rows = [prepared[i][1] for i in part]
-                    stacked = _Carried(
+                    stacked = Carried(
                         {n: self.backend.concatenate([carried[i].state[n] for i in part], axes[n]) for n in axes},
                         {n: np.concatenate([carried[i].counters[n] for i in part]) for n in carried[part[0]].counters})
                     feeds = {n: np.concatenate([prepared[i][0][n] for i in part]) for n in self.chunk_inputs}
@@ -271,7 +200,7 @@ class Stream:
         self.chunks = 0
         self.dropped_chunks = 0  # chunks a live source captured but never pushed (see `skip`)
         self.timings = Timings()
-        self._carried = _Carried()  # stream-scope state and counters (a question's live with the question)
+        self._carried = Carried()  # stream-scope state and counters (a question's live with the question)
         self._lock = threading.Lock()
 
     @property
@@ -284,12 +213,12 @@ class Stream:
         return self._carried.counters
 
     # ---- state ----
-    def _fresh(self, scope: str, batch: int, produced_by: _StepPlan | None = None) -> _Carried:
+    def _fresh(self, scope: str, batch: int, produced_by: StepPlan | None = None) -> Carried:
         """The initial state and counters of `scope` ("stream" or "question") for `batch` rows (only those the
         step `produced_by` produces, if given)."""
         p = self.pipeline
         graphs = p.bundle.graphs
-        carried = _Carried()
+        carried = Carried()
         for spec in p._state.values():
             if spec.scope == scope and (produced_by is None or spec in produced_by.state):
                 info = graphs[spec.graph].input(spec.input)
@@ -303,8 +232,8 @@ class Stream:
                 carried.counters[counter.name] = np.zeros(batch, dtype=np.int64)
         return carried
 
-    def _run(self, step_name: str, inputs: Mapping[str, np.ndarray], batch: int, stream: _Carried,
-             question: _Carried | None = None) -> np.ndarray | None:
+    def _run(self, step_name: str, inputs: Mapping[str, np.ndarray], batch: int, stream: Carried,
+             question: Carried | None = None) -> np.ndarray | None:
         """Run a step's graphs (under the stream's lock); returns the step's returned output on the host (None for
         a step that returns nothing). State and counters change only once every graph has succeeded and every output
         that is carried, returned or fed to a later graph has the manifest's dtype and shape and holds no NaN or inf
@@ -336,7 +265,7 @@ class Stream:
                 returned = backend.to_host(outputs[plan.returns])
             for checked in plan.checked[session.name]:
                 name = checked.info.name
-                _check_output(returned if name == plan.returns else outputs[name], checked, batch, step_name,
+                check_output(returned if name == plan.returns else outputs[name], checked, batch, step_name,
                               InputError if step_name == "push" else BackendError)
             produced.update(outputs)
         updates: list[tuple[dict[str, np.ndarray], str, np.ndarray]] = []
@@ -390,7 +319,7 @@ class Stream:
             feeds = {name: value[None] for name, value in feeds.items()}
         return feeds, self._check_chunk(feeds), unbatched
 
-    def _carried_for(self, batch: int) -> _Carried:
+    def _carried_for(self, batch: int) -> Carried:
         """The stream-scope state a push of `batch` rows starts from (under the lock): the stream's, or fresh."""
         if self.batch is None:
             return self._fresh("stream", batch)
@@ -541,38 +470,12 @@ class Stream:
         batch = header["batch"]
         if batch is not None:
             fresh = self._fresh("stream", batch)
-            self._carried = _Carried({name: arrays[f"state/{name}"] for name in fresh.state},
+            self._carried = Carried({name: arrays[f"state/{name}"] for name in fresh.state},
                                      {name: arrays[f"counter/{name}"] for name in fresh.counters})
         self.batch = batch
         self.chunks = header["chunks"]
 
 
-def _finite_check(dtype: str) -> Callable[[np.ndarray], bool] | None:
-    """A function telling whether an array of `dtype` holds no NaN or inf (None for integer dtypes)."""
-    if dtype == "float16":  # through its bits: np.isfinite is ~20x slower on float16
-        return lambda value: value.size == 0 or int((value.view(np.uint16) & 0x7FFF).max()) < 0x7C00
-    if np.dtype(dtype).kind == "f":
-        return lambda value: bool(np.isfinite(value).all())
-    return None
-
-
 def is_state_file(path: Path) -> bool:
     """Whether `path` is a stream state file (its header names the format); never raises."""
     return state_file_format(path) == STATE_FORMAT
-
-
-def _check_output(value: Any, checked: _Checked, batch: int, step: str, error: type[Exception]) -> None:
-    """An output that is carried, returned or fed on: the manifest's dtype and shape (batch and fixed sizes), and
-    finite."""
-    info = checked.info
-    shape = getattr(value, "shape", ())
-    if (getattr(value, "dtype", None) != checked.dtype or len(shape) != len(info.shape)
-            or any((d == "batch" and n != batch) or (isinstance(d, int) and n != d)
-                   for n, d in zip(shape, info.shape))):
-        raise BackendError(f"{step}: graph {checked.graph!r} output {info.name!r} is {getattr(value, 'dtype', None)} "
-                           f"{list(shape)}, the manifest says {info.dtype} {list(info.shape)} (batch {batch}); "
-                           f"nothing was changed")
-    if checked.finite is not None and isinstance(value, np.ndarray) and not checked.finite(value):
-        hint = " (are the chunk's values of a sane magnitude?)" if error is InputError else ""
-        raise error(f"{step}: graph {checked.graph!r} output {info.name!r} holds NaN or inf{hint}; the stream was "
-                    f"not changed")

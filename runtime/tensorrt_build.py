@@ -348,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Examples:\n"
                "  mirasol-build-engines bundles/demo --max-batch 1\n"
                "  mirasol-build-engines bundles/demo --precision fp16 --max past_text=256 --workspace-mb 512\n"
-               "  mirasol-run bundles/demo --backend tensorrt --video clip.mp4 --question 'which colour appeared first?'",
+               "  mirasol-run bundles/demo --backend tensorrt --video clip.mp4 "
+               "--question 'which colour appeared first?'",
         quiet=True)
     parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
     parser.add_argument("--precision", choices=NAMES,

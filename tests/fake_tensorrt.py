@@ -241,7 +241,8 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
                 if shapes is None:
                     return refuse(f"input {tensor.name!r} has no optimization profile shape")
                 if any(len(s) != len(tensor.shape) for s in shapes):
-                    return refuse(f"input {tensor.name!r}: the profile's rank differs from the network's {tensor.shape}")
+                    return refuse(f"input {tensor.name!r}: the profile's rank differs from the network's "
+                                  f"{tensor.shape}")
                 for i, fixed in enumerate(tensor.shape):
                     if fixed >= 0 and {s[i] for s in shapes} != {fixed}:
                         return refuse(f"input {tensor.name!r} dimension {i} is fixed to {fixed}, profile {shapes}")

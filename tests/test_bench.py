@@ -104,7 +104,7 @@ def check_report(report: dict) -> None:
     if not cuda["available"]:
         assert cuda["note"] == NO_CUDA
 
-    assert len(report["targets"]) == 7
+    assert len(report["targets"]) == 10
     for target in report["targets"]:
         assert TARGET_KEYS <= set(target)
         assert target["pass"] in (True, False, None)
@@ -131,7 +131,7 @@ def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
                     "## Ceiling", "## CUDA"):
         assert heading in markdown
     rows = [line for line in markdown.splitlines() if line.endswith(("| PASS |", "| FAIL |", "| n/a |"))]
-    assert len(rows) == 7
+    assert len(rows) == 10
     assert "| fp32 | ok | 0.0 | given; validated against PyTorch: 4 of 4 graphs passed |" in markdown
 
 

@@ -68,3 +68,10 @@ def test_runtime_never_imports_torch() -> None:
             if any(m.split(".")[0] == "torch" for m in modules):
                 hits.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not hits, f"runtime/ imports torch at {hits}"
+
+
+def test_every_module_is_under_500_lines() -> None:
+    folders = ("model", "export", "calibration", "runtime", "tests")
+    sizes = {str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+             for folder in folders for path in (ROOT / folder).rglob("*.py")}
+    assert {path: lines for path, lines in sizes.items() if lines >= 500} == {}

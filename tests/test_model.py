@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from mirasol.model import Mirasol, MirasolConfig, PRESETS, count_parameters, get_preset, load_checkpoint, save_checkpoint
+from mirasol.model import (PRESETS, Mirasol, MirasolConfig, count_parameters, get_preset, load_checkpoint,
+                           save_checkpoint)
 from mirasol.runtime.tokenizer import ByteTokenizer
 
 from .conftest import make_model, random_clip, run_export_cli
@@ -18,10 +19,9 @@ def step_through(model: Mirasol, video: torch.Tensor, audio: torch.Tensor) -> tu
     memory = model.initial_memory(video.shape[0])
     past = model.av_autoregressor.empty_cache(video.shape[0])
     contexts, memories = [], []
-    for t in range(video.shape[1] // c.frames_per_chunk):
-        latents, memory = model.combiner_step(video[:, t * c.frames_per_chunk:(t + 1) * c.frames_per_chunk],
-                                              audio[:, :, t * c.audio_frames_per_chunk:(t + 1) * c.audio_frames_per_chunk],
-                                              memory)
+    f, a = c.frames_per_chunk, c.audio_frames_per_chunk
+    for t in range(video.shape[1] // f):
+        latents, memory = model.combiner_step(video[:, t * f:(t + 1) * f], audio[:, :, t * a:(t + 1) * a], memory)
         context, past = model.av_step(latents, past)  # present: already the next step's window
         contexts.append(context)
         memories.append(memory)
@@ -135,7 +135,7 @@ def test_training_steps_lower_the_loss() -> None:
         loss["loss"].backward()
         optimizer.step()
         losses.append(loss["loss"].item())
-        assert float(loss["latent"]) > 0
+        assert loss["latent"].item() > 0
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -13,7 +13,8 @@ import torch
 from mirasol.runtime.errors import BackendError, BundleError, InputError
 from mirasol.runtime.pipeline import Pipeline
 
-from .conftest import chunk, random_clip
+from .conftest import chunk as make_chunk
+from .conftest import random_clip
 
 QUESTION = "what is the man holding?"
 
@@ -90,7 +91,8 @@ import numpy as np
 pipe = Pipeline.load({str(tiny_bundles['ttm'])!r})
 clip = np.load({str(tmp_path / 'clip.npz')!r})
 print(pipe.answer(clip["video"], clip["audio"], "what?", max_new_tokens=4) is not None)
-assert cli.main([{str(tiny_bundles['ttm'])!r}, "--chunks", {str(tmp_path / 'clip.npz')!r}, "--question", "what?", "--json"]) == 0
+assert cli.main([{str(tiny_bundles['ttm'])!r}, "--chunks", {str(tmp_path / 'clip.npz')!r},
+                 "--question", "what?", "--json"]) == 0
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -189,7 +191,7 @@ def test_graph_threads_give_one_graph_its_own_thread_count(tiny_bundle, shared_p
     assert threads["text_decoder"] == 1 and {t for g, t in threads.items() if g != "text_decoder"} == {2}
     expected, answered = shared_pipeline.stream(), pipe.stream()
     for stream in (expected, answered):
-        stream.push(*chunk(pipe, seed=3))
+        stream.push(*make_chunk(pipe, seed=3))
     assert answered.token_ids(QUESTION, 6) == expected.token_ids(QUESTION, 6)
     with pytest.raises(BackendError, match=r"graph_threads names \['text_decoderr'\], not graphs of this bundle"):
         Pipeline.load(tiny_bundle, graph_threads={"text_decoderr": 1})

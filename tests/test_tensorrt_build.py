@@ -149,7 +149,8 @@ def test_fake_tensorrt_names_are_in_the_real_bindings(version):
     table = _tensorrt_table()
     names = fake_tensorrt.surface(fake_tensorrt.make_tensorrt(fake_cuda.Device(1 << 20), version))
     unlisted = sorted(names - set(table))
-    assert not unlisted, f"not in tests/tensorrt_api/tensorrt_names.tsv: {unlisted} (python -m tests.tensorrt_api.extract)"
+    assert not unlisted, (f"not in tests/tensorrt_api/tensorrt_names.tsv: {unlisted} "
+                          f"(python -m tests.tensorrt_api.extract)")
     absent = sorted(n for n in names if table[n][version] == "absent")
     assert not absent, f"the fake TensorRT {version} defines names the real one lacks: {absent}"
 

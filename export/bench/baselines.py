@@ -22,7 +22,7 @@ def pytorch_model(spec: dict[str, Any]) -> Mirasol:
 
 
 class TorchStepper:
-    """PyTorch eager streaming: combiner_step + av_step with the carried state (the KV window, as av_step returns it)."""
+    """PyTorch eager streaming: combiner_step + av_step with the carried state (the KV window av_step returns)."""
 
     def __init__(self, model: Mirasol, device: str = "cpu") -> None:
         self.model = model

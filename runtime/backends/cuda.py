@@ -141,8 +141,8 @@ def to_device(dst: int, host: np.ndarray, stream: Any, counter: Transfers, what:
     """Queue a copy of a C-contiguous host array to device address `dst` on `stream`."""
     if host.nbytes:
         runtime = cudart()
-        check(runtime.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes,
-                                      runtime.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), f"cudaMemcpyAsync H2D {what}")
+        check(runtime.cudaMemcpyAsync(dst, host.ctypes.data, host.nbytes, runtime.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                      stream), f"cudaMemcpyAsync H2D {what}")
         counter.add(True, host.nbytes)
 
 
@@ -150,8 +150,8 @@ def to_host(host: np.ndarray, src: int, stream: Any, counter: Transfers, what: s
     """Queue a copy from device address `src` into a C-contiguous host array on `stream`."""
     if host.nbytes:
         runtime = cudart()
-        check(runtime.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes,
-                                      runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), f"cudaMemcpyAsync D2H {what}")
+        check(runtime.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes, runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                      stream), f"cudaMemcpyAsync D2H {what}")
         counter.add(False, host.nbytes)
 
 
