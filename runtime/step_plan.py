@@ -35,6 +35,13 @@ class CheckedOutput:
     info: TensorInfo
     dtype: np.dtype
     finite: Callable[[np.ndarray], bool] | None  # how its values are checked (None: they are not)
+    fixed: tuple[tuple[int, int | None], ...] = ()  # (axis, size) the manifest fixes; size None: the batch
+
+    @classmethod
+    def of(cls, graph: str, info: TensorInfo, finite: bool) -> "CheckedOutput":
+        fixed = tuple((axis, None if size == "batch" else size) for axis, size in enumerate(info.shape)
+                      if size == "batch" or isinstance(size, int))
+        return cls(graph, info, np.dtype(info.dtype), finite_check(info.dtype) if finite else None, fixed)
 
 
 @dataclass
@@ -80,8 +87,8 @@ def plan_step(manifest: Manifest, sessions: Mapping[str, GraphSession], step_nam
     passed_on = {step.returns} | {f.key for _, feeds in graphs for f in feeds if f.kind == "step"}
     finite = passed_on | {s.output for s in state if s.scope == "stream"}
     used = passed_on | {s.output for s in state}
-    checked = {g: [CheckedOutput(g, t, np.dtype(t.dtype), finite_check(t.dtype) if t.name in finite else None)
-                   for t in manifest.graphs[g].outputs if t.name in used] for g in step.graphs}
+    checked = {g: [CheckedOutput.of(g, t, t.name in finite) for t in manifest.graphs[g].outputs if t.name in used]
+               for g in step.graphs}
     kept = (used - {step.returns}) | {s.output for s in state} if keeps_on_device else set()
     keep = {g: frozenset(t.name for t in manifest.graphs[g].outputs if t.name in kept) for g in step.graphs}
     return StepPlan(graphs, state, [c for c in manifest.counters if c.graph in step.graphs], step.returns,
@@ -102,9 +109,13 @@ def check_output(value: Any, checked: CheckedOutput, batch: int, step: str, erro
     finite."""
     info = checked.info
     shape = getattr(value, "shape", ())
-    if (getattr(value, "dtype", None) != checked.dtype or len(shape) != len(info.shape)
-            or any((d == "batch" and n != batch) or (isinstance(d, int) and n != d)
-                   for n, d in zip(shape, info.shape))):
+    fits = getattr(value, "dtype", None) == checked.dtype and len(shape) == len(info.shape)
+    if fits:
+        for axis, size in checked.fixed:
+            if shape[axis] != (batch if size is None else size):
+                fits = False
+                break
+    if not fits:
         raise BackendError(f"{step}: graph {checked.graph!r} output {info.name!r} is {getattr(value, 'dtype', None)} "
                            f"{list(shape)}, the manifest says {info.dtype} {list(info.shape)} (batch {batch}); "
                            f"nothing was changed")

@@ -93,6 +93,14 @@ def check_report(report: dict) -> None:
     if ceiling["status"] == "ok":
         assert ceiling["gemm_flops_per_second"] > 0 and 0 < ceiling["fraction_of_gemm"]
 
+    floors = report["floors"]
+    if floors["status"] == "ok":
+        for graph in ("av_autoregressor", "text_decoder"):
+            entry = floors["graphs"][graph]
+            assert entry["matmuls"] > 0 and entry["weight_bytes"] > 0 and entry["floor_ms"] > 0
+            if entry["graph_ms"]:
+                assert 0 < entry["floor_share_of_graph"]
+
     costs = report["costs"]
     assert {"tiny", "small", "base", "mirasol3b"} <= set(costs["presets"])
     for entry in costs["presets"].values():

@@ -1,6 +1,8 @@
-"""Child: this machine's fp32 GEMM rate and memory bandwidth (GEMV over a matrix larger than the caches), numpy.
+"""Child: this machine's fp32 GEMM rate and memory bandwidth (GEMV over a matrix larger than the caches), with
+numpy's BLAS and with ONNX Runtime's own MatMul kernels (what the runtime's graphs run on); the ceiling takes the
+faster, so an engine is never compared with a slow library's rate.
 
-    python -m mirasol.export.bench.child_gemm N REPEATS BIG    # N x N GEMM, BIG x BIG GEMV
+    python -m mirasol.export.bench.child_gemm N REPEATS BIG THREADS    # N x N GEMM, BIG x BIG GEMV
 """
 from __future__ import annotations
 
@@ -23,17 +25,42 @@ def seconds_per_call(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def main(n: int, repeats: int, big: int) -> None:
+def onnxruntime_matmul(weight: np.ndarray, rows: int, threads: int) -> Callable[[np.ndarray], object]:
+    """x -> x @ weight in an ONNX Runtime session (weight an initializer, as in the exported graphs)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    onnx.checker.check_model(model)
+    return lambda x: session.run(None, {"x": x})
+
+
+def main(n: int, repeats: int, big: int, threads: int) -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    gemm = seconds_per_call(lambda: a @ b, repeats)
+    gemm = {"numpy": seconds_per_call(lambda: a @ b, repeats)}
+    ort_gemm = onnxruntime_matmul(b, n, threads)
+    gemm["onnxruntime"] = seconds_per_call(lambda: ort_gemm(a), repeats)
     # memory bandwidth as a batch-1 layer sees it: matrix-vector products over a matrix larger than the caches
     w = rng.standard_normal((big, big), dtype=np.float32)
-    x = rng.standard_normal(big, dtype=np.float32)
-    gemv = seconds_per_call(lambda: w @ x, repeats)
+    x = rng.standard_normal((1, big), dtype=np.float32)
+    gemv = {"numpy": seconds_per_call(lambda: x @ w, repeats)}
+    ort_gemv = onnxruntime_matmul(w, 1, threads)
+    gemv["onnxruntime"] = seconds_per_call(lambda: ort_gemv(x), repeats)
     print(json.dumps({"n": n, "seconds": gemm, "gemv_bytes": w.nbytes, "gemv_seconds": gemv}))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

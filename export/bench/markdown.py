@@ -158,7 +158,8 @@ def _ceiling(report: dict[str, Any]) -> list[str]:
     if c.get("status") != "ok":
         lines[-1] += f"; GEMM measurement failed: {c.get('reason')}"
         return lines
-    lines[-1] += (f"; fp32 GEMM ({c['gemm_size']}^2, best on {c['gemm_threads']} thread(s)): "
+    lines[-1] += (f"; fp32 GEMM ({c['gemm_size']}^2, the fastest of numpy and ONNX Runtime at 1 and "
+                  f"{report['meta']['threads']} threads: {c['gemm_library']} on {c['gemm_threads']}): "
                   f"{_f(c['gemm_flops_per_second'] / 1e9, 1)} GFLOP/s; memory bandwidth (fp32 GEMV over "
                   f"{_f(c['gemv_matrix_mb'], 0)} MB): {_f(c['gemv_bytes_per_second'] / 1e9, 1)} GB/s")
     lines += ["", "| engine | GFLOP/s | fraction of GEMM | floor ms (roofline) | fraction of floor |",
@@ -171,6 +172,22 @@ def _ceiling(report: dict[str, Any]) -> list[str]:
                  f"token -> at most {_f(d['bandwidth_bound_tokens_per_second'], 0)} tokens/s at the measured "
                  f"bandwidth; {d['engine']} decodes {_f(d['runtime_decode_tokens_per_second'], 1)} tokens/s "
                  f"({_f(d['fraction_of_bound'], 3)} of that)")
+    return lines
+
+
+def _floors(report: dict[str, Any]) -> list[str]:
+    f = report["floors"]
+    lines = ["", "## Floors (each graph's weight MatMuls alone, ONNX Runtime, batch 1)", ""]
+    if f.get("status") != "ok":
+        return lines + [f"{f.get('status')}: {f.get('reason')}"]
+    lines += ["| graph | MatMuls | rows | weights MB | floor ms | floor GFLOP/s | of GEMM rate | of bandwidth | "
+              "step ms (this run) | floor / step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, g in f["graphs"].items():
+        lines.append(f"| {name} | {g['matmuls']} | {g['rows']} | {_f(g['weight_bytes'] / 2 ** 20, 1)} | "
+                     f"{_f(g['floor_ms'], 3)} ({g['floor_threads']} thread(s)) | "
+                     f"{_f(g['flops'] / (g['floor_ms'] / 1e3) / 1e9, 1)} | {_f(g['floor_fraction_of_gemm'], 3)} | "
+                     f"{_f(g['floor_fraction_of_bandwidth'], 3)} | {_f(g['graph_ms'], 3)} | "
+                     f"{_f(g['floor_share_of_graph'], 3)} |")
     return lines
 
 
@@ -226,7 +243,8 @@ def _cuda(report: dict[str, Any]) -> list[str]:
 
 # the document's parts in order: a header, the targets, then one part per section
 RENDERERS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
-    _header, _targets, _export, _streaming, _flatness, _text, _overhead, _memory, _ceiling, _costs, _cuda)
+    _header, _targets, _export, _streaming, _flatness, _text, _overhead, _memory, _ceiling, _floors, _costs,
+    _cuda)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

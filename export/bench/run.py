@@ -30,6 +30,7 @@ from .ceiling import ceiling
 from .context import Run, chunk_pool
 from .costs import costs
 from .cuda import cuda
+from .floors import floors
 from .memory import memory
 from .source import Progress, Source, build_source, export_bundles
 from .stats import stats_ms, timed
@@ -44,7 +45,7 @@ SPIN_KEY = "session.intra_op.allow_spinning"
 # the measured sections in the order they run (a later one may read an earlier one's entry in run.report)
 MEASURES: dict[str, Callable[[Run], Any]] = {
     "streaming": streaming, "overhead": overhead, "flatness": flatness, "text": text, "memory": memory,
-    "ceiling": ceiling, "costs": costs, "cuda": cuda, "targets": targets}
+    "ceiling": ceiling, "floors": floors, "costs": costs, "cuda": cuda, "targets": targets}
 SECTIONS = ("export", *MEASURES)
 
 
