@@ -267,11 +267,11 @@ class Manifest:
                     if not 0 <= spec.length_of[1] < len(length_input.shape):
                         raise BundleError(f"{where}: counter {spec.name}: axis {spec.length_of[1]} is outside "
                                           f"{spec.length_of[0]!r} of rank {len(length_input.shape)}")
-                    fed_by_state = [n for n, step in self.steps.items()
+                    not_given = [n for n, step in self.steps.items()
                                     if spec.graph in step.graphs and spec.length_of[0] not in step.inputs]
-                    if fed_by_state:
+                    if not_given:
                         raise BundleError(f"{where}: counter {spec.name}: length_of names {spec.length_of[0]!r}, "
-                                          f"which step {fed_by_state[0]!r} does not take from the caller")
+                                          f"which step {not_given[0]!r} does not take from the caller")
         for spec in self.state:
             if spec.init not in ("zeros", "empty") or spec.update not in ("replace", "append"):
                 raise BundleError(f"{where}: state {spec.name}: unknown init {spec.init!r} or update {spec.update!r}")

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from mirasol.runtime.manifest import Manifest
 
+from .child_gemm import matmuls_session
 from .context import Run
 from .stats import ratio, stats_ms, timed
 
@@ -26,24 +26,6 @@ def weight_matrices(path: Path) -> list[np.ndarray]:
                     if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims})
     return [numpy_helper.to_array(weights[n.input[1]]) for n in model.graph.node
             if n.op_type == "MatMul" and n.input[1] in weights and len(weights[n.input[1]].dims) == 2]
-
-
-def floor_session(matrices: list[np.ndarray], rows: int, threads: int) -> tuple[ort.InferenceSession, dict]:
-    """A session running every x [rows, K] @ W, with its feeds (one x per distinct K)."""
-    sizes = sorted({w.shape[0] for w in matrices})
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", [f"x{w.shape[0]}", f"w{i}"], [f"y{i}"]) for i, w in enumerate(matrices)],
-        "matmul_floor", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]) for k in sizes],
-        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [rows, w.shape[1]]) for i, w in enumerate(matrices)],
-        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(matrices)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    rng = np.random.default_rng(0)
-    feeds = {f"x{k}": rng.standard_normal((rows, k), dtype=np.float32) for k in sizes}
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), feeds
 
 
 def floors(run: Run) -> dict[str, Any]:
@@ -65,10 +47,10 @@ def floors(run: Run) -> dict[str, Any]:
         matrices = weight_matrices(bundle / manifest.graphs[name].file)
         by_threads = {}
         for threads in sorted({1, run.threads}):
-            session, feeds = floor_session(matrices, rows, threads)
+            call = matmuls_session(matrices, rows, threads)
             for _ in range(5):
-                session.run(None, feeds)
-            by_threads[threads] = stats_ms([timed(lambda: session.run(None, feeds))[0] for _ in range(calls)])
+                call()
+            by_threads[threads] = stats_ms([timed(call)[0] for _ in range(calls)])
         best = min(by_threads, key=lambda t: by_threads[t]["median_ms"])
         floor_s = by_threads[best]["median_ms"] / 1e3
         flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in matrices)
