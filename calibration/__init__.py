@@ -2,8 +2,9 @@
 
 fp16.py (fp16 conversion with measured fp32 groups), data.py (calibration sources), record.py (recording
 backend), quantize.py (int8 calibration primitives, `CalibrationOptions`), groups.py (sensitivity-sweep groups),
-flavours.py (cpu / cpu-dynamic / tensorrt, and the measurements behind them), report.py (the int8 accuracy report),
-bench.py (`python -m mirasol.calibration.bench`). An int8 bundle is written by the exporter:
+int8_targets.py (cpu / cpu-dynamic / tensorrt, and the measurements behind them), report.py (the int8 accuracy
+report); the measurements themselves: `python -m mirasol.export.bench.int8_options`. An int8 bundle is written by
+the exporter:
 
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.export.bundle import export_bundle

@@ -3,7 +3,7 @@
 Three sources, one shape of result (`ClipSet`: calibration clips + held-out clips, never the same ones):
 - a directory of `.npz` chunk files, each `video` [N*F, 3, H, W] float32 in [0, 1] and `audio` log-mel
   [n_mels, N*A] (what `mirasol-run --chunks` reads);
-- a directory of media files (mp4, mkv, webm, avi, mov, ...) decoded with `mirasol.runtime.media.load_clip`
+- a directory of media files (mp4, mkv, webm, avi, mov, ...) decoded with `mirasol.runtime.media.video_files.load_clip`
   (imported lazily: without it, or without PyAV, media files are skipped with a message, and a directory
   of nothing but media files is an error);
 - `synthetic`: generated clips, labelled as such in the accuracy report. The demo task's clips
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mirasol.runtime.errors import ExportError, InputError
-from mirasol.runtime.features import config_value
+from mirasol.runtime.media.spectrogram import config_value
 
 SYNTHETIC = "synthetic"
 NPZ_SUFFIXES = (".npz",)
@@ -110,7 +110,7 @@ def _directory(directory: Path, config: Any, clips: int, held_out: int, max_chun
     load_media = _media_loader()
     if media and load_media is None:
         message = (f"{len(media)} media files in {directory} skipped: media decoding "
-                   f"(mirasol.runtime.media with PyAV) is not available here")
+                   f"(mirasol.runtime.media.video_files with PyAV) is not available here")
         if not npz:
             raise ExportError(message + "; convert them to .npz chunk files or install the media extra")
         notes.append(message)
@@ -142,15 +142,15 @@ def _directory(directory: Path, config: Any, clips: int, held_out: int, max_chun
 
 
 def _file_digest(path: Path) -> str:
-    from mirasol.runtime.bundle import sha256_file
+    from mirasol.runtime.bundle.reader import sha256_file
     return sha256_file(path)
 
 
 def _media_loader() -> Callable[..., tuple[np.ndarray, np.ndarray]] | None:
-    """`mirasol.runtime.media.load_clip` when it and PyAV are importable, else None."""
+    """`mirasol.runtime.media.video_files.load_clip` when it and PyAV are importable, else None."""
     try:
-        from mirasol.runtime.media import load_clip
-        from mirasol.runtime import media
+        from mirasol.runtime.media.video_files import load_clip
+        from mirasol.runtime.media import video_files as media
         getattr(media, "_import_av", lambda: None)()
     except ImportError:
         return None
@@ -182,7 +182,7 @@ def _check_clip(video: np.ndarray, audio: np.ndarray, config: Any, where: str, m
 
 
 def _mel_frames_per_chunk(config: Any) -> int:
-    from mirasol.runtime.features import audio_params
+    from mirasol.runtime.media.spectrogram import audio_params
     return audio_params(config).audio_frames_per_chunk
 
 

@@ -2,7 +2,7 @@
 
 The groups are `fp16.candidate_groups` (rotary angles, layer norms, softmax, logits head)
 plus `attention_scores` (the activation x activation MatMuls of Q.K^T). Only MatMul/Gemm/Conv are quantized
-(see `flavours.py`), so a group's int8 is what the quantizer does at its edges: a group "in int8" has its
+(see `int8_targets.py`), so a group's int8 is what the quantizer does at its edges: a group "in int8" has its
 own quantizable nodes quantized and its outputs quantized where a quantized MatMul reads them (through
 shape-only ops). Keeping a group fp32 excludes those nodes; a group that reaches no quantized node (the rotary
 angles, which only feed Cos/Sin and elementwise rotations) is already fp32 and is reported as such.

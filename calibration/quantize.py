@@ -33,11 +33,11 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, load_tensors_data, save_tensors_data
 
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from mirasol.runtime.output import atomic_file, prepare_output_dir
+from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 
 from .data import ClipSet, iter_loaded
-from .flavours import Flavour
+from .int8_targets import Flavour
 from .groups import sweep_groups
 from .record import FeedRecorder, RecordingBackend
 
@@ -58,7 +58,7 @@ class CalibrationOptions:
     """How an int8 bundle is calibrated.
 
     data: 'synthetic' or a directory of .npz / media clips; clips / held_out: calibration and held-out clips (the
-    held-out ones feed the accuracy report); flavour: "cpu", "cpu-dynamic" or "tensorrt" (`flavours.py`); method:
+    held-out ones feed the accuracy report); flavour: "cpu", "cpu-dynamic" or "tensorrt" (`int8_targets.py`); method:
     "minmax", "entropy" or "percentile"; max_chunks: chunks per clip (default the config's clip length);
     max_samples: recorded calls per graph to calibrate on; cache_dir / use_cache: the calibration cache.
     """

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mirasol.runtime.backends.base import Backend, GraphSession
-from mirasol.runtime.bundle import Bundle
-from mirasol.runtime.manifest import GraphEntry
+from mirasol.runtime.bundle.reader import Bundle
+from mirasol.runtime.bundle.manifest import GraphEntry
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Write bundles: one writer for every precision (`write_bundle`), and `export_bundle`, which feeds it.
 
-`write_bundle` takes a graph source (`sources.py`: the graphs of one precision, written one at a time) and
-writes, atomically (`atomic.py`): the graphs, each checked against its PyTorch module where the precision has a
-tolerance (`mirasol.runtime.precision`), then the manifest (config, IO, axes, wiring, producer versions,
+`write_bundle` takes a graph source (`graph_sources.py`: the graphs of one precision, written one at a time) and
+writes, atomically (`runtime/files/atomic.py`): the graphs, each checked against its PyTorch module where the precision has a
+tolerance (`mirasol.runtime.bundle.precisions`), then the manifest (config, IO, axes, wiring, producer versions,
 validation, the precision's report), checked by `Manifest.check` and onnx.checker. A format change is made here
 once. fp32 graphs are traced from the model; every other precision transforms a validated fp32 bundle of the same
 model: exported first into a temporary directory, or an existing one given as `reference`.
@@ -24,18 +24,18 @@ import torch
 
 from mirasol.model import Mirasol, release_weights
 from mirasol.calibration.quantize import CalibrationOptions
-from mirasol.runtime.atomic import atomic_directory, pause_point
-from mirasol.runtime.backends.base import TensorInfo
-from mirasol.runtime.bundle import sha256_file
+from mirasol.runtime.files.atomic import atomic_directory, pause_point
+from mirasol.runtime.bundle.tensors import TensorInfo
+from mirasol.runtime.bundle.reader import sha256_file
 from mirasol.runtime.errors import ExportError, MirasolError
-from mirasol.runtime.manifest import GraphEntry, Manifest
-from mirasol.runtime.output import check_output_dir
-from mirasol.runtime.precision import get_precision
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.manifest import GraphEntry, Manifest
+from mirasol.runtime.files.ownership import check_output_dir
+from mirasol.runtime.bundle.precisions import get_precision
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from . import DEFAULT_OPSET
-from .precisions import TRANSFORMS
-from .sources import ExportContext, GraphSource, PrecisionOptions
+from .precision_transforms import TRANSFORMS
+from .graph_sources import ExportContext, GraphSource, PrecisionOptions
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
 from .validate import compare_graph, record_references
 

@@ -11,10 +11,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirasol.runtime.bundle_info import format_graph_sizes
-from mirasol.runtime.commandline import UsageError, bounded, command_parser, existing_dir, run_command
-from mirasol.runtime.output import check_output_dir
-from mirasol.runtime.precision import NAMES as PRECISION_NAMES
+from mirasol.runtime.cli.bundle_info import format_graph_sizes
+from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
+from mirasol.runtime.files.ownership import check_output_dir
+from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 
 from . import DEFAULT_OPSET
 
@@ -98,7 +98,7 @@ def _export(args: argparse.Namespace) -> None:
 
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.model import build_model, count_parameters
-    from mirasol.runtime.reports import format_validation
+    from mirasol.runtime.bundle.reports import format_validation
 
     from .bundle import export_bundle
 
@@ -124,7 +124,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.params_only:
         return
     if args.triton_dir is not None:
-        from mirasol.runtime.triton_repo import KIND
+        from mirasol.runtime.triton.repository import KIND
         check_output_dir(args.triton_dir, KIND)  # before the export, not after it
     calibration = None
     if args.precision == "int8":
@@ -137,17 +137,17 @@ def _export(args: argparse.Namespace) -> None:
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))
     if args.precision != "int8" or args.int8_flavour == "tensorrt":
-        from mirasol.export.tensorrt_readiness import check_bundle
+        from mirasol.export.tensorrt.readiness import check_bundle
         readiness = check_bundle(out)
         say("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings else "\n" + readiness.format()))
         if args.engine:
-            from mirasol.runtime.tensorrt_build import build_engines
+            from mirasol.runtime.tensorrt.build import build_engines
             build_engines(out, precision=None if args.precision == "int8" else args.precision,
                           axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
     else:
         say("\nTensorRT readiness: skipped (the int8 cpu flavours are for ONNX Runtime; use --int8-flavour tensorrt)")
     if args.triton_dir is not None:
-        from mirasol.runtime.triton_repo import write_repository
+        from mirasol.runtime.triton.repository import write_repository
         served = write_repository(out, args.triton_dir)
         say(f"\nwrote Triton model repository {args.triton_dir} (model {served.name!r}; see mirasol-triton -h)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

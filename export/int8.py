@@ -2,7 +2,7 @@
 
 The calibration clips stream through the fp32 bundle (`mirasol.calibration.quantize.record_feeds`); per graph the
 ranges are calibrated, the sensitivity sweep decides which groups stay fp32, and the flavour quantizes it
-(`cpu`, `cpu-dynamic` or `tensorrt`, `mirasol.calibration.flavours`). Ranges and sweep decisions are cached.
+(`cpu`, `cpu-dynamic` or `tensorrt`, `mirasol.calibration.int8_targets`). Ranges and sweep decisions are cached.
 Once the bundle is written, its report compares it with the fp32 bundle on held-out clips.
 """
 from __future__ import annotations
@@ -17,17 +17,17 @@ import onnxruntime as ort
 from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
 from mirasol.calibration.data import load_clips
-from mirasol.calibration.flavours import get_flavour
+from mirasol.calibration.int8_targets import get_flavour
 from mirasol.calibration.quantize import (CACHE_VERSION, KEEP_FACTOR, MAX_KEEP_WEIGHT_SHARE, METHODS, QUESTION_TOKENS,
                                           SWEEP_SAMPLES, CalibrationCache, cache_key, calibrate_ranges,
                                           default_cache_dir, record_feeds, sensitivity_sweep)
 from mirasol.calibration.record import FeedRecorder
 from mirasol.calibration.report import evaluate
 from mirasol.runtime.errors import ExportError
-from mirasol.runtime.manifest import Manifest
-from mirasol.runtime.reports import format_quantization
+from mirasol.runtime.bundle.manifest import Manifest
+from mirasol.runtime.bundle.reports import format_quantization
 
-from .sources import ExportContext, PrecisionOptions, save_graph
+from .graph_sources import ExportContext, PrecisionOptions, save_graph
 from .specs import GraphSpec
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from mirasol.model import Mirasol, MirasolConfig
-from mirasol.runtime.backends.base import TensorInfo
-from mirasol.runtime.manifest import AxisRange, CounterSpec, StateSpec, StepSpec
+from mirasol.runtime.bundle.tensors import TensorInfo
+from mirasol.runtime.bundle.manifest import AxisRange, CounterSpec, StateSpec, StepSpec
 
 KV_PAIR = ("key", "value")
 

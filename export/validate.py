@@ -16,7 +16,7 @@ import torch
 
 from mirasol.model import Mirasol
 from mirasol.runtime.errors import ExportError
-from mirasol.runtime.precision import get_precision
+from mirasol.runtime.bundle.precisions import get_precision
 
 from .specs import GraphSpec
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mirasol.runtime.output import atomic_file, prepare_output_dir
+from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
 
 from .config import MirasolConfig, get_preset
 from .mirasol import Mirasol

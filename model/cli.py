@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirasol.runtime.commandline import bounded, command_parser, run_command
+from mirasol.runtime.cli.commandline import bounded, command_parser, run_command
 
 from .demo_task import DEMO_CHECKPOINT, TEST_SEED, TRAIN_OUTPUT
 
@@ -35,7 +35,7 @@ def demo(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mirasol.runtime.output import atomic_file, check_output_file
+    from mirasol.runtime.files.ownership import atomic_file, check_output_file
 
     from .demo_task import DemoTask, is_demo_clip
 

@@ -18,7 +18,7 @@ Answers are one word. Everything is drawn from `numpy.random.default_rng([seed, 
 of a seed is the same on every machine, independent of how many clips are made.
 
 Training data goes through the same path as any user's file: the clip is rendered in numpy, encoded
-with PyAV into a real file (mp4: H.264 + AAC by default) and decoded back with `mirasol.runtime.media`,
+with PyAV into a real file (mp4: H.264 + AAC by default) and decoded back with `mirasol.runtime.media.video_files`,
 so the model is trained on exactly the arrays the runtime will give it (codec artefacts, the frame
 sampling of a file whose frame rate is twice the model's, resizing from a larger picture, audio
 resampling from 22.05 kHz). Rendering straight to arrays would be faster but would train on pictures
@@ -41,8 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from mirasol.runtime.media import MediaParams, load_clip
-from mirasol.runtime.output import atomic_file, prepare_output_dir
+from mirasol.runtime.media.chunking import MediaParams
+from mirasol.runtime.media.video_files import load_clip
+from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .autoregressor import AVAutoregressor, KVCache
 from .combiner import build_combiner

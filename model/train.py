@@ -47,8 +47,8 @@ from torch import nn
 
 import mirasol
 from mirasol.runtime.errors import OutputError
-from mirasol.runtime.output import atomic_file, check_output_dir
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.files.ownership import atomic_file, check_output_dir
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .checkpoint import save_checkpoint
 from .config import MirasolConfig, get_preset

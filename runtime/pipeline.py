@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
-from .bundle import Bundle, state_file_format
+from .bundle.reader import Bundle, state_file_format
 from .errors import BackendError, BundleError, InputError
-from .output import atomic_file, check_output_file
+from .files.ownership import atomic_file, check_output_file
 from .sampling import Sampler, as_integer
 from .step_plan import Carried, StepPlan, check_output, plan_step
 

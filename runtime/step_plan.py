@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from .backends import GraphSession
-from .backends.base import TensorInfo
+from .bundle.manifest import CounterSpec, Manifest, StateSpec
+from .bundle.tensors import TensorInfo
 from .errors import BackendError, InputError
-from .manifest import CounterSpec, Manifest, StateSpec
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from mirasol.model import Mirasol, get_preset
-from mirasol.runtime.bundle import sha256_file
-from mirasol.runtime.manifest import MANIFEST_FILE
+from mirasol.runtime.bundle.reader import sha256_file
+from mirasol.runtime.bundle.manifest import MANIFEST_FILE
 from mirasol.runtime.pipeline import Pipeline
 
 VENV_BIN = Path(sys.executable).parent

@@ -445,7 +445,8 @@ def install(monkeypatch: Any, version: str = "10.3.0", total_memory: int = 8 << 
     (the cuda-python module, memory-pool support, utility streams, TensorRT loggers, the GPU's identity)."""
     import sys  # noqa: PLC0415
 
-    from mirasol.runtime.backends import cuda, tensorrt_env  # noqa: PLC0415
+    from mirasol.runtime.tensorrt import cuda
+    from mirasol.runtime.tensorrt import env as tensorrt_env  # noqa: PLC0415
 
     fake = FakeGPU(version, total_memory)
     bindings = types.ModuleType("cuda.bindings")

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from mirasol.runtime.backends import Backend, GraphSession, get_backend
-from mirasol.runtime.bundle import Bundle
-from mirasol.runtime.manifest import GraphEntry
+from mirasol.runtime.bundle.reader import Bundle
+from mirasol.runtime.bundle.manifest import GraphEntry
 
 LOOPBACK = "127.0.0.1"
 
@@ -114,9 +114,9 @@ def write_demo_clip(path: str | Path, chunks: int, config=None, index: int = 0) 
 def slowed_run(bundle: str, chunks: int, delay: float, policy: str | None, latency_bound: float,
                queue_size: int | None, on_event=None) -> dict:
     """A demo clip of `chunks` chunks at real pace through a bundle whose combiner sleeps `delay` s a call."""
-    from mirasol.runtime.live import LiveRun
+    from mirasol.runtime.media.live import LiveRun
     from mirasol.runtime.pipeline import Pipeline
-    from mirasol.runtime.sources import FileSource
+    from mirasol.runtime.media.live_sources import FileSource
 
     pipe = Pipeline.load(bundle, backend=SlowBackend("onnxruntime", {"combiner": delay}))
     with tempfile.TemporaryDirectory(prefix="mirasol-live-") as folder:

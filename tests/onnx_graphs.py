@@ -10,8 +10,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from mirasol.runtime.backends.base import TensorInfo
-from mirasol.runtime.manifest import AxisRange, GraphEntry, Manifest, StepSpec
+from mirasol.runtime.bundle.tensors import TensorInfo
+from mirasol.runtime.bundle.manifest import AxisRange, GraphEntry, Manifest, StepSpec
 
 AXES = {"batch": (1, 1, 4), "seq": (1, 8, 16)}
 

@@ -202,7 +202,7 @@ def test_cost_model_counts_what_the_graphs_hold_and_compute(tiny_bundles, tiny_m
     from onnx import numpy_helper
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mirasol.runtime.manifest import Manifest
+    from mirasol.runtime.bundle.manifest import Manifest
 
     model, path = tiny_models["ttm"], tiny_bundles["ttm"]
     costs = step_costs(model.config, 4, 4, past_tokens=32)

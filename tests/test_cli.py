@@ -16,8 +16,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from mirasol.runtime.bundle import Bundle
-from mirasol.runtime.bundle_info import describe_bundle, text_limits
+from mirasol.runtime.bundle.reader import Bundle
+from mirasol.runtime.cli.bundle_info import describe_bundle, text_limits
 from mirasol.runtime.errors import InputError
 from mirasol.runtime.pipeline import Pipeline
 
@@ -195,7 +195,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- what a bundle is; the chunks file
 def test_info_describes_the_bundle_and_its_limits_hold(shared_pipeline: Pipeline, tiny_bundle: Path, capsys) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     assert main([str(tiny_bundle), "--info"]) == 0
     info = capsys.readouterr().out
@@ -222,8 +222,8 @@ def test_save_chunks_then_stream_them(demo_fp32_bundle: Path, tmp_path: Path, ca
     """--video X --save-chunks Y decodes once; --chunks Y answers as --video X does; only our file is replaced."""
     pytest.importorskip("av")
     from mirasol.model.cli import demo
-    from mirasol.runtime.chunks_file import load_chunks
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.media.chunks_file import load_chunks
+    from mirasol.runtime.cli.run import main
 
     clip, npz = tmp_path / "clip.mp4", tmp_path / "clip.npz"
     assert demo([str(clip), "--index", "5"]) == 0
@@ -275,7 +275,7 @@ def test_a_blank_answer_says_why(tmp_path: Path, capsys) -> None:
     """A random-init preset answers whitespace; mirasol-run prints it, and one warning line saying why."""
     from mirasol.export.bundle import export_bundle
     from mirasol.model import build_model
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     bundle = tmp_path / "tiny"
     export_bundle(build_model("tiny", seed=0), bundle, precision="fp32", validate=False)

@@ -27,7 +27,7 @@ def _npz_clip(pipe: Pipeline, path: Path, chunks: int = 2) -> Path:
 
 
 def test_run_cli_missing_bundle_one_line(tmp_path, capsys) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     missing = tmp_path / "no-bundle"
     assert main([str(missing), "--chunks", str(tmp_path / "c.npz"), "--question", "q"]) == 1
@@ -52,7 +52,7 @@ def test_run_cli_subprocess_exit_code_and_single_line(tmp_path) -> None:
     (["--chunks", "c.npz", "--question", "q", "--backend", "tpu"], ["--backend", "invalid choice: 'tpu'"]),
 ])
 def test_run_cli_bad_argument(tiny_bundle, capsys, args, words) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     assert main([str(tiny_bundle), *args]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -67,7 +67,7 @@ def test_run_cli_bad_argument(tiny_bundle, capsys, args, words) -> None:
     (["--chunks-missing"], ["does not exist"]),
 ])
 def test_run_cli_bad_value_one_line(shared_pipeline, tiny_bundle, tmp_path, capsys, extra, words) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     clip = _npz_clip(shared_pipeline, tmp_path / "clip.npz")
     if extra == ["--chunks-missing"]:
@@ -80,7 +80,7 @@ def test_run_cli_bad_value_one_line(shared_pipeline, tiny_bundle, tmp_path, caps
 
 
 def test_run_cli_works(shared_pipeline, tiny_bundle, tmp_path, capsys) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     clip = _npz_clip(shared_pipeline, tmp_path / "clip.npz")
     assert main([str(tiny_bundle), "--chunks", str(clip), "--question", QUESTION, "--max-new-tokens", "4",
@@ -103,7 +103,7 @@ def test_export_cli_bad_argument(args, words) -> None:
 
 
 def test_export_out_is_a_file(tmp_path) -> None:
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     target = tmp_path / "not-a-dir"
     target.write_text("keep me")

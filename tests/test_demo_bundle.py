@@ -10,7 +10,7 @@ from mirasol.model import load_checkpoint
 from mirasol.model.cli import demo as demo_main
 from mirasol.model.demo_task import DEMO_CHECKPOINT, TEST_SEED, DemoTask
 from mirasol.model.train import evaluate
-from mirasol.runtime.cli import main as run_main
+from mirasol.runtime.cli.run import main as run_main
 from mirasol.runtime.pipeline import Pipeline
 
 HELD_OUT_START = 500  # clips of the test family beyond those train.py scored, never seen in training

@@ -13,7 +13,7 @@ from mirasol.model.demo_task import ANSWERS, COLOURS, PITCHES, SHAPES, DemoTask,
 from mirasol.model.train import (DEMO_CHECKPOINT, DEMO_CONFIG, collate_text, encode_example, evaluate,
                                  evaluate_detailed, qa_loss, teacher_forced_accuracy,
                                  train_model)
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 pytest.importorskip("av")
 

@@ -13,8 +13,8 @@ from mirasol.export.bundle import export_bundle
 from mirasol.export.specs import graph_specs
 from mirasol.model import Mirasol, MirasolConfig, get_preset
 from mirasol.export.validate import torch_reference
-from mirasol.runtime.precision import get_precision
-from mirasol.runtime.bundle import Bundle, sha256_file
+from mirasol.runtime.bundle.precisions import get_precision
+from mirasol.runtime.bundle.reader import Bundle, sha256_file
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.pipeline import Pipeline
 
@@ -151,7 +151,7 @@ def test_unknown_precision_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["transformer", "ttm", "ttm-fp16"])
 def test_bundles_are_tensorrt_ready(tiny_bundles, name) -> None:
     """Every op, dtype, dynamic axis (and Q/DQ placement) of the real graphs is one TensorRT's parser takes."""
-    from mirasol.export.tensorrt_readiness import check_bundle
+    from mirasol.export.tensorrt.readiness import check_bundle
 
     report = check_bundle(tiny_bundles[name])
     assert report.ok and not report.errors, report.format()
@@ -160,7 +160,7 @@ def test_bundles_are_tensorrt_ready(tiny_bundles, name) -> None:
 
 def test_int8_tensorrt_flavour_is_tensorrt_ready(tiny_int8_trt_bundle) -> None:
     """The int8 graphs meant for TensorRT: symmetric Q/DQ that its parser fuses, every op supported."""
-    from mirasol.export.tensorrt_readiness import check_bundle
+    from mirasol.export.tensorrt.readiness import check_bundle
 
     out = tiny_int8_trt_bundle
     report = check_bundle(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirasol.runtime.atomic import recover
+from mirasol.runtime.files.atomic import recover
 from mirasol.runtime.backends import GraphSession
 from mirasol.runtime.errors import BackendError
 from mirasol.runtime.pipeline import Pipeline
@@ -91,7 +91,7 @@ def test_killed_export_leaves_target_as_it_was_everywhere(tiny_bundle, tmp_path,
 ATOMIC_KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import mirasol.runtime.atomic as atomic
+    import mirasol.runtime.files.atomic as atomic
 
     target, point = Path(sys.argv[1]), sys.argv[2]
     def die():
@@ -180,7 +180,7 @@ def test_atomic_swap_killed_at_each_step(tiny_bundle, tmp_path, point) -> None:
 
 def test_stale_temporary_directory_of_a_reused_pid_is_removed(tmp_path) -> None:
     """Containers restart their processes at the same low pids: our own pid on a leftover means stale."""
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     target = tmp_path / "bundle"
     stale = tmp_path / f".bundle.tmp-{os.getpid()}-abc123"
@@ -192,7 +192,7 @@ def test_stale_temporary_directory_of_a_reused_pid_is_removed(tmp_path) -> None:
 
 
 def test_new_bundle_keeps_the_targets_permissions(tmp_path) -> None:
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     target = tmp_path / "bundle"
     with atomic_directory(target) as work:

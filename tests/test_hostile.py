@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mirasol.runtime.backends.base import GraphSession
-from mirasol.runtime.bundle import Bundle, sha256_file
+from mirasol.runtime.bundle.reader import Bundle, sha256_file
 from mirasol.runtime.errors import BackendError, BundleError, InputError
 from mirasol.runtime.pipeline import Pipeline
 
@@ -128,7 +128,7 @@ def test_external_data_locations_are_found_everywhere(tmp_path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from mirasol.runtime.graph_files import external_data_locations
+    from mirasol.runtime.bundle.graph_files import external_data_locations
 
     def external(name: str, location: str) -> TensorProto:
         tensor = numpy_helper.from_array(np.ones(1, np.float32), name)
@@ -337,7 +337,7 @@ def _npz_clip(pipe: Pipeline, path: Path) -> Path:
     ("a FIFO", "is not a regular file (a FIFO, socket or device)"),
 ])
 def test_run_cli_chunks_probes(shared_pipeline, tiny_bundle, tmp_path, capsys, kind, words) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     path = tmp_path / "clip.npz"
     if kind == "bad deflate data":
@@ -369,7 +369,7 @@ def test_restore_path_probes(shared_pipeline, tmp_path, kind, words) -> None:
 
 
 def test_unreadable_graph_file(tiny_bundle, tmp_path, monkeypatch) -> None:
-    import mirasol.runtime.bundle as bundle_module
+    import mirasol.runtime.bundle.reader as bundle_module
 
     bundle = copy_bundle(tiny_bundle, tmp_path)
     graph = bundle / "text_decoder.onnx"
@@ -410,7 +410,7 @@ def test_graph_file_that_is_not_a_regular_file(tiny_bundle, tmp_path) -> None:
 
 def test_media_path_probes(shared_pipeline, tmp_path) -> None:
     pytest.importorskip("av")
-    from mirasol.runtime.media import load_clip
+    from mirasol.runtime.media.video_files import load_clip
 
     with pytest.raises(InputError, match="a media path must be a str or an os.PathLike, got bytes"):
         load_clip(b"clip.mp4", shared_pipeline.config)
@@ -453,7 +453,7 @@ def test_question_given_as_bytes(shared_pipeline) -> None:
 
 
 def test_tensorrt_backend_without_tensorrt_says_so(tiny_bundle) -> None:
-    from mirasol.runtime.backends.tensorrt import is_available
+    from mirasol.runtime.tensorrt.backend import is_available
 
     available, why = is_available()
     if available:

@@ -12,7 +12,7 @@ from mirasol.calibration.data import load_clips
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.export.bundle import export_bundle
 from mirasol.runtime.errors import ExportError
-from mirasol.runtime.manifest import Manifest
+from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.pipeline import Pipeline
 
 from .conftest import make_model

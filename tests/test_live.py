@@ -1,4 +1,4 @@
-"""Live sources in real time (runtime/live.py, runtime/sources.py, mirasol-run --live), with real media.
+"""Live sources in real time (runtime/media/live.py, runtime/media/live_sources.py, mirasol-run --live), with real media.
 
 Sources on loopback only: a helper process (tests/live_tools.py) remuxes a demo mp4 into MPEG-TS at
 real-time pace to a UDP port or a named pipe. The slowed-backend tests play a clip at its real pace
@@ -25,9 +25,9 @@ import torch
 from mirasol.model import Mirasol, get_preset
 from mirasol.model.demo_task import DEMO_CHECKPOINT, TEST_SEED, DemoTask
 from mirasol.runtime.errors import InputError
-from mirasol.runtime.live import ChunkQueue, LiveRun, Quantiles
+from mirasol.runtime.media.live import ChunkQueue, LiveRun, Quantiles
 from mirasol.runtime.pipeline import Pipeline
-from mirasol.runtime.sources import FileSource, Source, StreamSource, TimedChunk, open_source
+from mirasol.runtime.media.live_sources import FileSource, Source, StreamSource, TimedChunk, open_source
 
 from .live_tools import SlowBackend
 
@@ -107,7 +107,7 @@ class Lines:
 
 
 def mirasol_run(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mirasol.runtime.cli", *args], cwd=REPO, text=True,
+    return subprocess.Popen([sys.executable, "-m", "mirasol.runtime.cli.run", *args], cwd=REPO, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -127,7 +127,7 @@ def events(lines: list[str], kind: str) -> list[dict]:
 
 
 def file_answers(bundle: Path, clip: Path, questions: list[str]) -> list[str]:
-    from mirasol.runtime.media import load_clip
+    from mirasol.runtime.media.video_files import load_clip
 
     pipe = Pipeline.load(bundle)
     stream = pipe.stream()
@@ -384,7 +384,7 @@ def test_open_source_refuses_what_it_cannot_play(bundles, short_clips, tmp_path)
 
 
 def test_cli_live_arguments(bundles, capsys) -> None:
-    from mirasol.runtime.cli import main
+    from mirasol.runtime.cli.run import main
 
     for args, words in ((["--ask-every", "2"], "--ask-every needs --question"),
                         (["--drop-policy", "newest"], "invalid choice: 'newest'")):

@@ -1,4 +1,4 @@
-"""Media decoding (runtime/media.py) and the numpy log-mel (runtime/features.py)."""
+"""Media decoding (runtime/media/video_files.py) and the numpy log-mel (runtime/media/spectrogram.py)."""
 from __future__ import annotations
 
 import tracemalloc
@@ -12,9 +12,11 @@ from mirasol.model import clip_log_mel as torch_clip_log_mel
 from mirasol.model import get_preset
 from mirasol.model import log_mel as torch_log_mel
 from mirasol.model.demo_task import COLOURS, PITCHES, DemoTask
-from mirasol.runtime import features
+from mirasol.runtime.media import spectrogram as features
 from mirasol.runtime.errors import InputError
-from mirasol.runtime.media import iter_chunks, iter_live, load_clip, resize_frame
+from mirasol.runtime.media.video_files import iter_chunks, load_clip
+from mirasol.runtime.media.chunking import iter_live
+from mirasol.runtime.media.frames import resize_frame
 
 av = pytest.importorskip("av")
 
@@ -78,7 +80,7 @@ def tone_waves(config, chunks: int = 3) -> np.ndarray:
 
 
 def float64_recipe(waves: np.ndarray, config) -> np.ndarray:
-    """model/features.py's recipe step by step in torch, in float64 (the exact value of the recipe)."""
+    """model/spectrogram.py's recipe step by step in torch, in float64 (the exact value of the recipe)."""
     c = config
     x = torch.from_numpy(waves).double().unflatten(-1, (-1, c.samples_per_chunk))
     frames = torch.nn.functional.pad(x, (0, c.n_fft - c.hop_length)).unfold(-1, c.n_fft, c.hop_length)
@@ -111,7 +113,7 @@ def test_numpy_log_mel_equals_torch(preset):
     np.testing.assert_allclose(one, torch_log_mel(torch.from_numpy(waves[:, :config.samples_per_chunk]),
                                                   config).numpy(), atol=1e-4, rtol=0)
     # the filterbanks agree
-    from mirasol.model.features import mel_filterbank
+    from mirasol.model.spectrogram import mel_filterbank
     np.testing.assert_allclose(features.mel_filterbank(config.sample_rate, config.n_fft, config.n_mels),
                                mel_filterbank(config).numpy(), atol=1e-6)
 

@@ -8,7 +8,7 @@ import torch
 
 from mirasol.model import (PRESETS, Mirasol, MirasolConfig, count_parameters, get_preset, load_checkpoint,
                            save_checkpoint)
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .conftest import make_model, random_clip, run_export_cli
 

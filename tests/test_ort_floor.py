@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirasol.runtime.manifest import Manifest
+from mirasol.runtime.bundle.manifest import Manifest
 
 from .conftest import QUESTION
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mirasol.runtime.errors import ExportError, MirasolError, OutputError
-from mirasol.runtime.output import MARKER_FILE, atomic_file, check_output_dir, prepare_output_dir
+from mirasol.runtime.files.ownership import MARKER_FILE, atomic_file, check_output_dir, prepare_output_dir
 
 from .conftest import QUESTION, chunk, copy_bundle, run_export_cli as _export_cli, snapshot
 
@@ -84,7 +84,7 @@ def test_export_refuses_root_and_mount_points(tmp_path) -> None:
 
 
 def test_a_bundle_holding_a_user_file_is_not_replaced(tiny_bundle, tmp_path) -> None:
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     bundle = copy_bundle(tiny_bundle, tmp_path)
     (bundle / "README.txt").write_text("what I learned about this bundle")
@@ -97,7 +97,7 @@ def test_a_bundle_holding_a_user_file_is_not_replaced(tiny_bundle, tmp_path) -> 
 
 
 def test_a_bundle_and_an_empty_directory_are_written(tiny_bundle, tmp_path) -> None:
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     bundle = copy_bundle(tiny_bundle, tmp_path)
     (bundle / "combiner.fp16.engine").write_bytes(b"an engine built earlier, no longer recorded")
@@ -111,7 +111,7 @@ def test_a_bundle_and_an_empty_directory_are_written(tiny_bundle, tmp_path) -> N
 
 
 def test_user_files_moved_in_during_an_export_are_kept(tmp_path) -> None:
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     target = tmp_path / "out"
     with pytest.raises(OutputError, match="notes.txt"):
@@ -237,7 +237,7 @@ SAME_PID_WRITER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     os.getpid = lambda: int(sys.argv[2])  # a second container: the same PID as the other writer
-    import mirasol.runtime.atomic as atomic
+    import mirasol.runtime.files.atomic as atomic
 
     with atomic.atomic_directory(Path(sys.argv[1])) as work:
         (work / "manifest.json").write_text('{"format": "mirasol-bundle", "writer": "other"}')
@@ -249,7 +249,7 @@ SAME_PID_WRITER = textwrap.dedent("""
 
 
 def test_two_writers_with_the_same_pid_keep_each_others_work(tmp_path) -> None:
-    from mirasol.runtime.atomic import atomic_directory
+    from mirasol.runtime.files.atomic import atomic_directory
 
     target = tmp_path / "bundle"
     other = subprocess.Popen([sys.executable, "-c", SAME_PID_WRITER, str(target), str(os.getpid())],

@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 
-from mirasol.runtime.bundle import sha256_file
+from mirasol.runtime.bundle.reader import sha256_file
 from mirasol.runtime.errors import BundleError
 from mirasol.runtime.pipeline import STATE_FORMAT, STATE_VERSION, Pipeline
 

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirasol.runtime.backends import get_backend
-from mirasol.runtime.bundle import Bundle
+from mirasol.runtime.bundle.reader import Bundle
 from mirasol.runtime.errors import BundleError, InputError, MirasolError
-from mirasol.runtime.manifest import MANIFEST_FILE, Manifest
+from mirasol.runtime.bundle.manifest import MANIFEST_FILE, Manifest
 from mirasol.runtime.pipeline import Pipeline
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .conftest import QUESTION, chunk, copy_bundle, read_manifest
 

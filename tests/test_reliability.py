@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mirasol.runtime.bundle import Bundle
+from mirasol.runtime.bundle.reader import Bundle
 from mirasol.runtime.errors import BackendError, BundleError, ExportError, InputError, MirasolError, OutputError
-from mirasol.runtime.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
+from mirasol.runtime.bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
 from mirasol.runtime.pipeline import Pipeline
 
 from .conftest import (QUESTION, assert_same_stream_state, chunk, copy_bundle, read_manifest,
@@ -371,10 +371,10 @@ def test_graph_whose_io_does_not_match_its_manifest_entry(tiny_bundle, tmp_path)
 
 def _media():
     try:
-        from mirasol.runtime import media
+        from mirasol.runtime.media import video_files as media
         import av  # noqa: F401
     except ImportError as missing:
-        pytest.skip(f"runtime/media.py or PyAV is not available here: {missing}")
+        pytest.skip(f"runtime/media/video_files.py or PyAV is not available here: {missing}")
     return media
 
 

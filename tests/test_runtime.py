@@ -86,7 +86,7 @@ class NoTorch:
             raise ImportError("torch is forbidden in the runtime")
 sys.meta_path.insert(0, NoTorch())
 from mirasol.runtime.pipeline import Pipeline
-from mirasol.runtime import cli
+from mirasol.runtime.cli import run as cli
 import numpy as np
 pipe = Pipeline.load({str(tiny_bundles['ttm'])!r})
 clip = np.load({str(tmp_path / 'clip.npz')!r})

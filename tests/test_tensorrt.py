@@ -18,11 +18,11 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from mirasol.runtime import tensorrt_build as tb  # noqa: E402
-from mirasol.runtime import tensorrt_plan as tp  # noqa: E402
-from mirasol.runtime.backends import cuda  # noqa: E402
-from mirasol.runtime.backends import tensorrt as trt_backend  # noqa: E402
-from mirasol.runtime.bundle import Bundle  # noqa: E402
+from mirasol.runtime.tensorrt import build as tb  # noqa: E402
+from mirasol.runtime.tensorrt import plan as tp  # noqa: E402
+from mirasol.runtime.tensorrt import cuda  # noqa: E402
+from mirasol.runtime.tensorrt import backend as trt_backend  # noqa: E402
+from mirasol.runtime.bundle.reader import Bundle  # noqa: E402
 from mirasol.runtime.errors import BackendError, BundleError, InputError  # noqa: E402
 from mirasol.runtime.pipeline import Pipeline  # noqa: E402
 

@@ -15,14 +15,17 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from mirasol.runtime import tensorrt_build as tb  # noqa: E402
-from mirasol.runtime import tensorrt_plan as tp  # noqa: E402
-from mirasol.runtime.backends import tensorrt_env  # noqa: E402
-from mirasol.runtime.backends.base import TensorInfo  # noqa: E402
+from mirasol.runtime.bundle.manifest import AxisRange, GraphEntry, Manifest  # noqa: E402
+from mirasol.runtime.bundle.tensors import TensorInfo  # noqa: E402
 from mirasol.runtime.errors import BackendError, BundleError  # noqa: E402
-from mirasol.runtime.manifest import AxisRange, GraphEntry, Manifest  # noqa: E402
+from mirasol.runtime.tensorrt import build as tb  # noqa: E402
+from mirasol.runtime.tensorrt import env as tensorrt_env  # noqa: E402
+from mirasol.runtime.tensorrt import plan as tp  # noqa: E402
 
-from . import fake_cuda, fake_tensorrt  # noqa: E402
+from . import (
+    fake_cuda,
+    fake_tensorrt,  # noqa: E402
+)
 from .onnx_graphs import supported_model, write_bundle  # noqa: E402
 from .tensorrt_api import extract  # noqa: E402
 
@@ -182,12 +185,12 @@ def test_code_uses_only_names_the_fakes_define():
     have real names; the methods the code calls are exercised on the fakes by the tests below."""
     device = fake_cuda.Device(1 << 20)
     trt_names = fake_tensorrt.surface(fake_tensorrt.make_tensorrt(device))
-    files = ["runtime/tensorrt_build.py", "runtime/backends/tensorrt.py", "runtime/backends/tensorrt_env.py"]
+    files = ["runtime/tensorrt/build.py", "runtime/tensorrt/backend.py", "runtime/tensorrt/env.py"]
     used = _code_names(r"\btrt\.([A-Za-z_]\w*(?:\.[A-Z_][A-Za-z_0-9]*)?)", files)
     used = {name for name in used if not name.startswith("IProgressMonitor.__")}
     assert used and used <= trt_names, sorted(used - trt_names)
     cuda_names = fake_tensorrt.surface(fake_cuda.make_cudart(device))
-    files = ["runtime/backends/cuda.py", "runtime/backends/tensorrt.py"]
+    files = ["runtime/tensorrt/cuda.py", "runtime/tensorrt/backend.py"]
     used = _code_names(r"\b(?:runtime|cudart\(\))\.(cuda\w*(?:\.cuda\w*)?)", files)
     assert used and used <= cuda_names, sorted(used - cuda_names)
 

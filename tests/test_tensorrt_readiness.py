@@ -11,7 +11,7 @@ from onnx import TensorProto as T  # noqa: E402
 from onnx import helper as h  # noqa: E402
 from onnx import numpy_helper as nh  # noqa: E402
 
-from mirasol.export.tensorrt_readiness import check_bundle, check_model  # noqa: E402
+from mirasol.export.tensorrt.readiness import check_bundle, check_model  # noqa: E402
 
 from .onnx_graphs import AXES  # noqa: E402
 from .onnx_graphs import model as _model  # noqa: E402

@@ -19,10 +19,10 @@ import pytest
 
 from mirasol.runtime.errors import InputError, MirasolError, OutputError
 from mirasol.runtime.pipeline import Pipeline
-from mirasol.runtime.triton_model import Reply, Request, Sequences
-from mirasol.runtime.output import MARKER_FILE as MARKER
-from mirasol.runtime.triton_repo import KIND, ServingOptions, write_repository
-from mirasol.runtime.triton_server import LocalServer, availability
+from mirasol.runtime.triton.model import Reply, Request, Sequences
+from mirasol.runtime.files.ownership import MARKER_FILE as MARKER
+from mirasol.runtime.triton.repository import KIND, ServingOptions, write_repository
+from mirasol.runtime.triton.server import LocalServer, availability
 
 from .conftest import run_export_cli
 
@@ -59,7 +59,7 @@ def test_repository_layout_and_config(tiny_bundles, tmp_path) -> None:
     assert model == out / "mirasol"
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "mirasol"]
     assert sorted(p.name for p in (model / "1").iterdir()) == ["bundle", "model.py"]
-    assert "from mirasol.runtime.triton_model import TritonPythonModel" in (model / "1" / "model.py").read_text()
+    assert "from mirasol.runtime.triton.model import TritonPythonModel" in (model / "1" / "model.py").read_text()
     pipe = Pipeline.load(tiny_bundles["ttm"])
     assert Pipeline.load(model / "1" / "bundle").bundle.fingerprint == pipe.bundle.fingerprint
     config = (model / "config.pbtxt").read_text()
@@ -93,7 +93,7 @@ def test_writer_replaces_only_its_own_repositories(tiny_bundles, tmp_path) -> No
 
 def test_cli_help_and_errors(tiny_bundles, tmp_path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mirasol.runtime.triton_repo", *args],
+        return subprocess.run([sys.executable, "-m", "mirasol.runtime.triton.repository", *args],
                               capture_output=True, text=True, timeout=120)
 
     helped = cli("-h")
@@ -438,9 +438,9 @@ def test_restarted_server_resumes_saved_streams(served) -> None:
 
 @needs_server
 def test_load_figure_modes_do_the_same_work(served) -> None:
-    """The modes of `python -m mirasol.runtime.triton_load` push the same chunks and get the same contexts."""
+    """The modes of `python -m mirasol.runtime.triton.load` push the same chunks and get the same contexts."""
     pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (the triton extra)")
-    from mirasol.runtime import triton_load
+    from mirasol.runtime.triton import load as triton_load
 
     data = triton_load.make_chunks(served.pipe, streams=3, chunks=3, seed=1)
     reference: list[list[np.ndarray]] = [[] for _ in data]

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mirasol.runtime.bundle import Bundle, sha256_file
+from mirasol.runtime.bundle.reader import Bundle, sha256_file
 from mirasol.runtime.errors import BundleError, InputError
-from mirasol.runtime.manifest import MANIFEST_FILE
+from mirasol.runtime.bundle.manifest import MANIFEST_FILE
 from mirasol.runtime.pipeline import STATE_FORMAT, STATE_VERSION, Pipeline
 
 from .conftest import (chunk, copy_bundle, read_manifest,
@@ -142,7 +142,7 @@ def test_bad_state_file_is_refused_by_restore(shared_pipeline, tmp_path, case) -
 
 
 def test_bounded_npz_bounds_sizes_before_reading(shared_pipeline, tmp_path) -> None:
-    from mirasol.runtime.bundle import BoundedNpz
+    from mirasol.runtime.bundle.reader import BoundedNpz
 
     state = _saved_state(shared_pipeline, tmp_path / "state.npz")
     with pytest.raises(BundleError, match=r"state.npz is \d+ bytes, over the 1000-byte limit"):

@@ -18,7 +18,7 @@ def main(args: dict[str, Any]) -> None:
     import numpy as np  # inside the clock: the import time is part of start-up
     import torch
 
-    from mirasol.runtime.tokenizer import ByteTokenizer
+    from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
     from .baselines import TorchStepper, pytorch_model
     imported = time.perf_counter() - start

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirasol.runtime.commandline import UsageError, bounded, command_parser, existing_dir, run_command
-from mirasol.runtime.precision import NAMES as PRECISION_NAMES
+from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
+from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
 
 PRESETS = ("tiny", "small", "base", "mirasol3b")
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from mirasol.runtime.manifest import Manifest
+from mirasol.runtime.bundle.manifest import Manifest
 
 from .child_gemm import matmuls_session
 from .context import Run

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mirasol.runtime.manifest import Manifest
+from mirasol.runtime.bundle.manifest import Manifest
 
 
 def _encoder_flops(tokens: int, dim: int, layers: int, mlp_ratio: int) -> int:

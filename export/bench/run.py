@@ -21,10 +21,10 @@ import onnxruntime
 import torch
 
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from mirasol.runtime.output import prepare_output_dir
+from mirasol.runtime.files.ownership import prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
-from mirasol.runtime.precision import NAMES as PRECISION_NAMES
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .ceiling import ceiling
 from .context import Run, chunk_pool

@@ -12,10 +12,10 @@ import torch
 
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.model import Mirasol
-from mirasol.runtime.manifest import Manifest
-from mirasol.runtime.precision import NAMES as PRECISION_NAMES
-from mirasol.runtime.precision import get_precision
-from mirasol.runtime.tokenizer import ByteTokenizer
+from mirasol.runtime.bundle.manifest import Manifest
+from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
+from mirasol.runtime.bundle.precisions import get_precision
+from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from ..bundle import export_bundle
 from .baselines import pytorch_model

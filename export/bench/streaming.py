@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mirasol.runtime.precision import NAMES as PRECISION_NAMES
+from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 
 from .baselines import TorchStepper, clip_rerun
 from .context import Pushes, Run, extra_note

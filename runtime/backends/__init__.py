@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..bundle.tensors import TensorInfo
 from ..errors import BackendError
-from .base import Backend, GraphSession, TensorInfo
+from .base import Backend, GraphSession
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -17,7 +18,7 @@ def get_backend(name: str | Backend = "onnxruntime", **options: Any) -> Backend:
         from .onnxruntime import OnnxRuntimeBackend
         return OnnxRuntimeBackend(**options)
     if name == "tensorrt":
-        from .tensorrt import TensorRTBackend
+        from ..tensorrt.backend import TensorRTBackend
         return TensorRTBackend(**options)
     raise BackendError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 

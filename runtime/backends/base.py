@@ -6,30 +6,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # the manifest imports TensorInfo from here
-    from ..bundle import Bundle
-    from ..manifest import GraphEntry
+from ..bundle.tensors import TensorInfo
 
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One graph input or output: name, numpy dtype name, symbolic shape (ints or axis names)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> "TensorInfo":
-        return cls(str(data["name"]), str(data["dtype"]), tuple(data["shape"]))  # type: ignore[arg-type]
+if TYPE_CHECKING:
+    from ..bundle.manifest import GraphEntry
+    from ..bundle.reader import Bundle
 
 
 class GraphSession(ABC):

@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from ..bundle.tensors import TensorInfo
 from ..errors import BackendError
-from .base import Backend, GraphSession, TensorInfo
+from .base import Backend, GraphSession
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
-    from ..manifest import GraphEntry
+    from ..bundle.manifest import GraphEntry
+    from ..bundle.reader import Bundle
 
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -1,0 +1,68 @@
+"""The precision registry: one entry per bundle precision says everything the toolkit decides by precision.
+
+- how exported graphs are checked: the tolerance against PyTorch (`abs + rel * max|ref|`), or none when a
+  calibration accuracy report checks them instead (int8);
+- whether the graphs carry Q/DQ nodes (the TensorRT readiness check expects them, or flags them);
+- how TensorRT builds engines of this precision: from which bundle precisions, and which builder flags a weakly
+  typed network needs (a strongly typed network takes its types from the graph);
+- whether the export needs calibration data.
+
+The graph transform of each precision (fp16 conversion, int8 quantization) needs PyTorch/ONNX tooling and lives
+on the export side (`mirasol.export.precision_transforms`), keyed by the same names. Adding a precision means an entry
+here and its transform there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MirasolError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An output passes when max|got - reference| <= abs + rel * max|reference|."""
+
+    abs: float
+    rel: float
+
+    def bound(self, scale: float) -> float:
+        return self.abs + self.rel * scale
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    description: str
+    tolerance: Tolerance | None  # graph vs PyTorch at export; None: checked by the calibration accuracy report
+    quantized: bool  # the graphs carry QuantizeLinear/DequantizeLinear nodes
+    needs_calibration: bool
+    engine_sources: tuple[str, ...]  # bundle precisions TensorRT engines of this precision are built from
+    auto_strong_sources: tuple[str, ...]  # of those, where `--typing auto` builds a strongly typed network
+    weak_flags: tuple[str, ...]  # BuilderFlags a weakly typed network needs (TensorRT 10; TensorRT 11 has none)
+    weak_fp16_fallback: bool = False  # with weak typing, also allow fp16 for the layers left unquantized
+
+
+# fp32: the design's 1e-4, plus 1e-5 of the output's scale: fp32 rounding grows with magnitude, and logits of
+# +-40 differ by ~2e-4 between any two correct fp32 implementations (5e-6 relative). Outputs of unit scale,
+# like av_context and the caches, are held to ~1e-4. fp16: 10-bit mantissas through a dozen layers; measured
+# errors on the tiny and small presets are 1e-3..5e-3 of the output's scale, so 3e-2 leaves room without
+# hiding a broken graph (a wrong rotary angle gives 2e-1).
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", "float32 weights and compute", Tolerance(1e-4, 1e-5), quantized=False,
+              needs_calibration=False, engine_sources=("fp32",), auto_strong_sources=(), weak_flags=()),
+    Precision("fp16", "float16 weights and compute, float32 kept where measurement demands",
+              Tolerance(1e-3, 3e-2), quantized=False, needs_calibration=False,
+              engine_sources=("fp32", "fp16"), auto_strong_sources=("fp16",), weak_flags=("FP16",)),
+    Precision("int8", "int8 Q/DQ calibrated on recorded activations", None, quantized=True,
+              needs_calibration=True, engine_sources=("int8",), auto_strong_sources=(),
+              weak_flags=("INT8",), weak_fp16_fallback=True),
+)}
+NAMES: tuple[str, ...] = tuple(PRECISIONS)
+
+
+def get_precision(name: str) -> Precision:
+    """The registry entry of `name`; an unknown name raises a MirasolError listing the known ones."""
+    try:
+        return PRECISIONS[name]
+    except (KeyError, TypeError):
+        raise MirasolError(f"precision {name!r} is not one of {NAMES}") from None

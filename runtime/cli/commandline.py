@@ -1,0 +1,177 @@
+"""What every `mirasol-*` command shares, so that none of them behaves differently from the others.
+
+- `-h`/`--help` with every default shown, `--version`, `--debug` (tracebacks), `-q`/`--quiet` where a command
+  prints progress;
+- one `error: ...` line and exit status 1 for every error of ours (and for a missing file, a bad value), 2 for a
+  wrong command line, 130 after Ctrl-C; a command whose output is piped into `head` stops quietly; a warning is
+  one `warning: ...` line;
+- a command whose extra is not installed says which one to install instead of a traceback.
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = command_parser("mirasol-run", "Stream a clip through a bundle ...", quiet=True)
+        parser.add_argument("bundle", type=Path, help="bundle directory")
+        return run_command(parser, _run, argv)     # _run(args) -> exit status (None: 0)
+
+Only the standard library and our error types are imported here: a command's module imports its heavy
+dependencies (torch, PyAV, TensorRT) inside its body, where a missing one becomes a clear error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import MirasolError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# the distribution's extras, by the top-level module a command needs from them
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export", "tqdm": "export",
+          "av": "media", "tensorrt": "tensorrt", "cuda": "tensorrt", "tritonclient": "triton"}
+
+
+class UsageError(Exception):
+    """A command line that cannot work (options that exclude each other, a missing companion option)."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Descriptions and epilogs wrapped line by line, indented lines (examples) kept as written; every option's
+    default after its help, unless it has none (a flag, None) or the help already says what the default is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if not line.strip() or line[0].isspace()
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or not action.option_strings:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):  # --name / --no-name
+            return text + f" (default: {action.option_strings[0 if default else 1]})"
+        if (default is not None and default is not False and default is not argparse.SUPPRESS
+                and default not in ("", []) and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+def version() -> str:
+    try:
+        return metadata.version("mirasol-edge")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def command_parser(prog: str, description: str, epilog: str | None = None, quiet: bool = False
+                   ) -> argparse.ArgumentParser:
+    """An argument parser with the options every command has."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (mirasol-edge) {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    if quiet:
+        parser.add_argument("-q", "--quiet", action="store_true", help="print no progress, only results and errors")
+    return parser
+
+
+def bounded(kind: Callable[[str], Any], low: float | None = None, high: float | None = None
+            ) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` within [low, high] (either end open when None)."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = (f"in [{low}, {high}]" if low is not None and high is not None
+                    else f">= {low}" if low is not None else f"<= {high}")
+            raise argparse.ArgumentTypeError(f"{text} is not {span}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def existing_dir(text: str) -> Path:
+    """An argparse type: a directory that exists (a wrong one is a wrong command line)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} {'is not a directory' if path.exists() else 'does not exist'}")
+    return path
+
+
+def missing_extra(error: ImportError) -> str | None:
+    """The message for an ImportError of a module an extra brings (None for any other ImportError)."""
+    top = (error.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"this needs {top!r}, which the [{extra}] extra installs: pip install \"mirasol-edge[{extra}]\""
+
+
+def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
+                argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run `body`; errors become one line on stderr and an exit status, which is returned (also
+    after --help, --version and a wrong command line: `main(argv)` returns, it never exits)."""
+    debug = False
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help / --version (0), a wrong command line (2: usage and error printed)
+            code = done.code if isinstance(done.code, int) else EXIT_USAGE
+        else:
+            debug = bool(getattr(args, "debug", False))
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.showwarning = _show_warning
+                code = int(body(args) or 0)
+        sys.stdout.flush()  # here, where a reader that went away is seen, not at exit
+        return code
+    except UsageError as error:
+        parser.print_usage(sys.stderr)
+        _say(f"{parser.prog}: error: {error}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _say("error: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, and let the exit flush nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ImportError as error:
+        message = missing_extra(error)
+        if debug or message is None:
+            raise
+        _say(f"error: {message}")
+        return EXIT_ERROR
+    except (MirasolError, OSError, ValueError) as error:
+        if debug:
+            raise
+        _say(f"error: {describe(error)}")
+        return EXIT_ERROR
+
+
+def describe(error: BaseException) -> str:
+    """One line: our messages as they are; an OSError as 'what: path' without the errno prefix."""
+    if isinstance(error, OSError) and not isinstance(error, MirasolError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{error.strerror}: {where}" if where else error.strerror
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    _say(f"warning: {' '.join(str(message).split())}")
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (BrokenPipeError, OSError):
+        pass

@@ -1,0 +1,203 @@
+"""`mirasol-triton`: write a Triton Inference Server model repository that serves a bundle, one stream per sequence.
+
+    DIR/
+      .mirasol-output         marks the repository as ours (writer version, bundle, options; runtime/files/ownership.py)
+      mirasol/                the model (--model-name)
+        config.pbtxt          Python backend, sequence batcher (oldest), instances, max batch, parameters
+        1/
+          model.py            `from mirasol.runtime.triton.model import TritonPythonModel`
+          bundle/             a copy of the bundle (TensorRT engines are built here, on the server)
+
+The repository is written beside DIR and swapped into place (runtime/files/atomic.py); an existing DIR is replaced only
+if it is a repository this tool wrote, or empty (runtime/files/ownership.py's rule, checked before any work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..backends import BACKENDS
+from ..bundle.reader import Bundle
+from ..cli.commandline import command_parser, run_command, version
+from ..errors import ExportError, InputError
+from ..files.atomic import atomic_directory
+from ..files.ownership import check_output_dir, write_marker
+
+KIND = "Triton model repository"  # of output directory (runtime/files/ownership.py)
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+MODEL_PY = '''"""Written by mirasol-triton: the model is mirasol.runtime.triton.model, shipped with the package."""
+from mirasol.runtime.triton.model import TritonPythonModel  # noqa: F401
+'''
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the repository serves the bundle (each becomes a part of config.pbtxt)."""
+
+    model_name: str = "mirasol"
+    backend: str = "onnxruntime"
+    instances: int = 1
+    max_batch: int | None = None  # None: the bundle's maximum
+    idle_timeout_s: float = 60.0
+    queue_delay_ms: float = 5.0
+    max_sequences: int = 256
+    max_new_tokens: int = 32
+    threads: int = 0  # onnxruntime intra-op threads per instance; 0: ONNX Runtime's default
+    state_dir: str = ""  # where streams are saved after every chunk, for RESUME; "": not saved
+
+
+def write_repository(bundle_dir: str | Path, out: str | Path, options: ServingOptions = ServingOptions()) -> Path:
+    """Write the model repository for `bundle_dir` to `out` (atomically); returns the model's directory."""
+    bundle = Bundle.load(bundle_dir)
+    options = _checked(options, bundle)
+    out = check_output_dir(out, KIND)
+    with atomic_directory(out, KIND) as work:
+        model = work / options.model_name
+        (model / "1").mkdir(parents=True)
+        shutil.copytree(bundle.path, model / "1" / "bundle")
+        (model / "1" / "model.py").write_text(MODEL_PY)
+        (model / "config.pbtxt").write_text(model_config(bundle, options))
+        write_marker(work, KIND, writer=f"mirasol-edge {version()}", bundle=str(bundle.path),
+                     bundle_fingerprint=bundle.fingerprint, options=asdict(options))
+    return out / options.model_name
+
+
+def _checked(options: ServingOptions, bundle: Bundle) -> ServingOptions:
+    """Options as written: max batch filled in, state_dir absolute; anything out of range refused."""
+    bundle_max = bundle.manifest.max_batch
+    max_batch = options.max_batch or bundle_max
+    if options.backend not in BACKENDS:
+        raise InputError(f"--backend: {options.backend!r} is not one of {BACKENDS}")
+    if not 1 <= max_batch <= bundle_max:
+        raise InputError(f"--max-batch: {max_batch} is outside [1, {bundle_max}], the batch range of {bundle.path} "
+                         f"(re-export it with mirasol-export --max-batch {max_batch})")
+    for name in ("instances", "max_sequences", "max_new_tokens"):
+        if getattr(options, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(options, name)}")
+    if options.idle_timeout_s <= 0 or options.queue_delay_ms < 0 or options.threads < 0:
+        raise InputError("--idle-timeout-s must be > 0, --queue-delay-ms and --threads >= 0")
+    if not options.model_name.replace("_", "").replace("-", "").isalnum():
+        raise InputError(f"--model-name: {options.model_name!r} must be letters, digits, '-' and '_'")
+    state_dir = str(Path(options.state_dir).absolute()) if options.state_dir else ""
+    return ServingOptions(**{**asdict(options), "max_batch": max_batch, "state_dir": state_dir})
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)  # a protobuf text-format string literal
+
+
+def model_config(bundle: Bundle, options: ServingOptions) -> str:
+    """config.pbtxt: chunk inputs shaped as the bundle's push step takes them, the sequence batcher, parameters."""
+    manifest = bundle.manifest
+    video, audio = (manifest.step_tensor("push", name)[1] for name in ("video", "audio"))
+    returns = manifest.steps["push"].returns
+    _, context = manifest.step_tensor("push", returns, output=True)  # type: ignore[arg-type]
+
+    def dims(shape: tuple[int | str, ...], first_free: bool = False) -> str:
+        rest = [d for d in shape if d != "batch"]
+        return ", ".join("-1" if isinstance(d, str) or (first_free and i == 0) else str(d) for i, d in enumerate(rest))
+
+    def triton_type(dtype: str) -> str:
+        if dtype not in TRITON_TYPES:
+            raise ExportError(f"{bundle.path}: a {dtype} chunk input or output has no Triton type here")
+        return TRITON_TYPES[dtype]
+
+    parameters = {"bundle": "bundle", "backend": options.backend, "idle_timeout_s": f"{options.idle_timeout_s:g}",
+                  "state_dir": options.state_dir, "max_new_tokens": str(options.max_new_tokens),
+                  "threads": str(options.threads)}
+    kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_CPU"
+    lines = [
+        f"# Written by mirasol-triton {version()} for the bundle in 1/bundle ({manifest.precision}).",
+        f"name: {_quote(options.model_name)}",
+        'backend: "python"',
+        f"max_batch_size: {options.max_batch}",
+        "input [",
+        f'  {{ name: "VIDEO" data_type: {triton_type(video.dtype)} dims: [ {dims(video.shape)} ] optional: true }},',
+        f'  {{ name: "AUDIO" data_type: {triton_type(audio.dtype)} dims: [ {dims(audio.shape)} ] optional: true }},',
+        '  { name: "QUESTION" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
+        '  { name: "MAX_NEW_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        '  { name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true }',
+        "]",
+        "output [",
+        f'  {{ name: "CONTEXT" data_type: {triton_type(context.dtype)} dims: [ {dims(context.shape, True)} ] }},',
+        '  { name: "ANSWER" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "CHUNKS" data_type: TYPE_INT64 dims: [ 1 ] }',
+        "]",
+        "sequence_batching {",
+        f"  max_sequence_idle_microseconds: {round(options.idle_timeout_s * 1e6)}",
+        "  oldest {",
+        f"    max_candidate_sequences: {options.max_sequences}",
+        f"    preferred_batch_size: [ {options.max_batch} ]",
+        f"    max_queue_delay_microseconds: {round(options.queue_delay_ms * 1e3)}",
+        "  }",
+        "  control_input [",
+        '    { name: "START" control [ { kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] } ] },',
+        '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] }',
+        "  ]",
+        "}",
+        f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]",
+        *(f"parameters {{ key: {_quote(k)} value {{ string_value: {_quote(v)} }} }}" for k, v in parameters.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = command_parser(
+        "mirasol-triton",
+        "Write a Triton Inference Server model repository serving a bundle: a Python-backend model holding one "
+        "runtime stream per sequence (correlation ID), with Triton's sequence batcher.",
+        epilog="Examples:\n"
+               "  mirasol-triton bundles/demo --out triton-repo --state-dir triton-state\n"
+               "  python -m mirasol.runtime.triton.server triton-repo --http-port 8000 --grpc-port 8001")
+    parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="repository directory to write (replaced only if mirasol-triton wrote it)")
+    add_serving_options(parser, ServingOptions())
+    return parser
+
+
+def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOptions = ServingOptions()) -> None:
+    """The ServingOptions as command-line options (shared with the load measurement)."""
+    parser.add_argument("--model-name", default=defaults.model_name, help="the model's name in the repository")
+    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
+                        help="runtime backend inside the model (tensorrt: build the engines on the server first)")
+    parser.add_argument("--instances", type=int, default=defaults.instances,
+                        help="model instances (processes); a sequence stays on one")
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                        help="most requests (of different sequences) per model call; default: the bundle's maximum")
+    parser.add_argument("--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
+                        help="a sequence idle this long is dropped by Triton and its stream reclaimed")
+    parser.add_argument("--queue-delay-ms", type=float, default=defaults.queue_delay_ms,
+                        help="how long Triton may hold a request to batch it with others")
+    parser.add_argument("--max-sequences", type=int, default=defaults.max_sequences,
+                        help="sequences served at once per model (more wait until one ends)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help="answer length when a request gives no MAX_NEW_TOKENS")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="onnxruntime intra-op threads per instance (0: ONNX Runtime's default)")
+    parser.add_argument("--state-dir", default=defaults.state_dir,
+                        help="save each stream here after every chunk, so START+RESUME continues it after a "
+                             "restart (off when empty)")
+
+
+def serving_options(args: argparse.Namespace) -> ServingOptions:
+    return ServingOptions(**{name: getattr(args, name) for name in ServingOptions.__dataclass_fields__})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_parser(), _write, argv)
+
+
+def _write(args: argparse.Namespace) -> None:
+    model = write_repository(args.bundle, args.out, serving_options(args))
+    print(f"wrote {args.out}: model {model.name!r} serving a copy of {args.bundle}")
+    if args.backend == "tensorrt":
+        print(f"on the server, build the engines first: mirasol-build-engines {model / '1' / 'bundle'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
