@@ -8,5 +8,5 @@ the exporter:
 
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.export.bundle import export_bundle
-    export_bundle(model, "bundles/small-int8", "int8", calibration=CalibrationOptions("clips/", flavour="cpu"))
+    export_bundle(model, "bundles/small-int8", "int8", calibration=CalibrationOptions("clips/", target="cpu"))
 """

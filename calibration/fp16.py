@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-from .onnx_graph import sort_topologically
+from .onnx_graph import remove_dead, sort_topologically
 
 KEEP_FACTOR = 1.5
 
@@ -89,24 +89,10 @@ def _drop_round_trips(converted: onnx.ModelProto, original: onnx.ModelProto) -> 
         for i, name in enumerate(node.input):
             if name in replace and name not in graph_outputs:
                 node.input[i] = replace[name]
-    _remove_dead(graph)
+    remove_dead(graph)
     sort_topologically(graph)
     del graph.value_info[:]  # the converter's annotations no longer hold for the rewired values
     return converted
-
-
-def _remove_dead(graph: onnx.GraphProto) -> None:
-    """Drop nodes and initializers nothing reads any more."""
-    while True:
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if not any(out in used for out in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    for init in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(init)
 
 
 def _relative_error(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], reference: list[np.ndarray]) -> float:

@@ -98,7 +98,7 @@ def attention_scores(model: onnx.ModelProto, softmax_readers: set[str]) -> set[s
 
 def sweep_groups(model: onnx.ModelProto, quantizable: set[str]) -> dict[str, Group]:
     """The groups of a graph, with what excluding each removes from quantization (`quantizable`: the names of
-    the nodes the flavour quantizes)."""
+    the nodes the recipe quantizes)."""
     weights = {node.name: weight_elements(model, node) for node in model.graph.node if node.name in quantizable}
     total = max(sum(weights.values()), 1)
     raw = {name: set(nodes) for name, nodes in candidate_groups(model).items()}

@@ -1,4 +1,4 @@
-"""Quantization flavours: how a graph becomes int8, per target.
+"""Quantization recipes: how a graph becomes int8, per target.
 
 - `tensorrt`: explicit quantization in the layout TensorRT fuses: QDQ with calibrated ranges, symmetric int8
   activations and weights, per-channel weights (output-channel axis), Q/DQ only on the inputs of
@@ -26,7 +26,7 @@ in ranking where they are not noise):
   head stays float: the sweep keeps it float in `cpu` too). Per chunk (combiner + AV autoregressor through
   the Pipeline) `cpu` and `cpu-dynamic` tie (1.83x and 1.88x CPU time, 1.80x and 1.82x wall); `cpu` is the
   calibrated one and 10% faster per generated token.
-- the TensorRT flavour run on ONNX Runtime's CPU is 3-5x slower than fp32 when emulated, and inaccurate when
+- the TensorRT recipe run on ONNX Runtime's CPU is 3-5x slower than fp32 when emulated, and inaccurate when
   not (the saturation above): it is for TensorRT only.
 
 Only MatMul/Gemm/Conv are quantized: they hold the weights and the FLOPs; quantizing normalizations or
@@ -47,13 +47,13 @@ from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata
 
-from .onnx_graph import sort_topologically
+from .onnx_graph import remove_dead, sort_topologically
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass(frozen=True)
-class Flavour:
+class Int8Recipe:
     name: str
     quant_format: str  # "QDQ", "QOperator" (both with calibrated ranges) or "dynamic" (ranges per call)
     activation_type: str  # QuantType name: "QInt8" or "QUInt8"
@@ -63,7 +63,7 @@ class Flavour:
     op_types: tuple[str, ...] = WEIGHT_OPS
     extra_options: dict[str, Any] = field(default_factory=dict)
     note: str = ""
-    # measured how: False = ONNX Runtime's CPU int8 kernels (what the cpu flavour runs on); True = Q/DQ emulated
+    # measured how: False = ONNX Runtime's CPU int8 kernels (what the cpu recipe runs on); True = Q/DQ emulated
     # in fp32 with graph optimizations off (what a TensorRT engine computes; ORT's CPU kernels would not)
     emulate: bool = False
 
@@ -74,7 +74,7 @@ class Flavour:
         return options
 
     def backend_options(self) -> dict[str, Any]:
-        """Options of the runtime's onnxruntime backend that run this flavour as it is measured."""
+        """Options of the runtime's onnxruntime backend that run this recipe as it is measured."""
         return {"optimization": "disable"} if self.emulate else {}
 
     def settings(self) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class Flavour:
         return self.quant_format != "dynamic"
 
     def quantizable(self, model: onnx.ModelProto) -> set[str]:
-        """Names of the nodes this flavour quantizes in `model` (before any exclusion)."""
+        """Names of the nodes this recipe quantizes in `model` (before any exclusion)."""
         from .groups import weight_elements
         initializers = {t.name for t in model.graph.initializer}
 
@@ -110,7 +110,7 @@ class Flavour:
         """A quantized copy of `model` (shape-inferred fp32) with `ranges` (None for dynamic); `exclude`d nodes
         stay fp32."""
         if self.uses_ranges and ranges is None:
-            raise ExportError(f"int8 flavour {self.name} needs calibrated ranges")
+            raise ExportError(f"int8 recipe {self.name} needs calibrated ranges")
         if self.const_b_only:  # the QDQ quantizer ignores MatMulConstBOnly: exclude activation x activation MatMuls
             exclude = set(exclude) | {n.name for n in model.graph.node if n.op_type in self.op_types} \
                 - self.quantizable(model)
@@ -147,11 +147,11 @@ class Flavour:
         return quantized
 
 
-def _check_io(before: onnx.ModelProto, after: onnx.ModelProto, flavour: str) -> None:
+def _check_io(before: onnx.ModelProto, after: onnx.ModelProto, recipe: str) -> None:
     def io(m: onnx.ModelProto) -> list[tuple[str, int]]:
         return [(v.name, v.type.tensor_type.elem_type) for v in (*m.graph.input, *m.graph.output)]
     if io(before) != io(after):
-        raise ExportError(f"{flavour} quantization changed the graph's inputs/outputs: {io(before)} -> {io(after)}")
+        raise ExportError(f"{recipe} quantization changed the graph's inputs/outputs: {io(before)} -> {io(after)}")
 
 
 def _float_outside_quantized_ops(graph: onnx.GraphProto, quantized: set[str]) -> None:
@@ -195,19 +195,10 @@ def _float_outside_quantized_ops(graph: onnx.GraphProto, quantized: set[str]) ->
                     for i, name in enumerate(node.input):
                         if name == value:
                             node.input[i] = source
-    used = {name for node in graph.node for name in node.input} | outputs
-    dead = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]
-    for node in dead:
-        graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | outputs
-    for node in [n for n in graph.node if n.op_type == "QuantizeLinear" and n.output[0] not in used]:
-        graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    for init in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(init)
+    remove_dead(graph)  # the Q/DQ pairs no reader uses any more
 
 
-TENSORRT = Flavour(
+TENSORRT = Int8Recipe(
     "tensorrt", "QDQ", "QInt8", "QInt8", per_channel=True,
     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
                    "QDQKeepRemovableActivations": True, "OpTypesToExcludeOutputQuantization": list(WEIGHT_OPS),
@@ -215,54 +206,54 @@ TENSORRT = Flavour(
     note="TensorRT explicit quantization: symmetric int8, per-channel weights, Q/DQ on MatMul/Gemm/Conv inputs",
     emulate=True)
 
-# Candidates measured for the CPU flavour (bench.py); CPU is the one chosen.
+# Candidates measured for the CPU recipe (bench.py); CPU is the one chosen.
 _NO_OUT = {"OpTypesToExcludeOutputQuantization": list(WEIGHT_OPS)}
-CPU_CANDIDATES: dict[str, Flavour] = {
-    "qdq_s8s8": Flavour("qdq_s8s8", "QDQ", "QInt8", "QInt8", per_channel=False,
+CPU_CANDIDATES: dict[str, Int8Recipe] = {
+    "qdq_s8s8": Int8Recipe("qdq_s8s8", "QDQ", "QInt8", "QInt8", per_channel=False,
                         note="ONNX Runtime's defaults: QDQ, int8 activations and weights"),
-    "qdq_u8s8": Flavour("qdq_u8s8", "QDQ", "QUInt8", "QInt8", per_channel=False,
+    "qdq_u8s8": Int8Recipe("qdq_u8s8", "QDQ", "QUInt8", "QInt8", per_channel=False,
                         note="QDQ, uint8 activations, int8 weights"),
-    "qdq_u8s8_reduced": Flavour("qdq_u8s8_reduced", "QDQ", "QUInt8", "QInt8", per_channel=False, reduce_range=True,
+    "qdq_u8s8_reduced": Int8Recipe("qdq_u8s8_reduced", "QDQ", "QUInt8", "QInt8", per_channel=False, reduce_range=True,
                                 note="QDQ u8s8 with 7-bit weights (no u8*s8 pair-sum saturation without VNNI)"),
-    "qdq_u8s8_reduced_noout": Flavour(
+    "qdq_u8s8_reduced_noout": Int8Recipe(
         "qdq_u8s8_reduced_noout", "QDQ", "QUInt8", "QInt8", per_channel=False, reduce_range=True,
         extra_options=_NO_OUT, note="QDQ u8s8 7-bit weights, MatMul outputs left float (MatMulIntegerToFloat)"),
-    "qdq_u8s8_reduced_noout_constb": Flavour(
+    "qdq_u8s8_reduced_noout_constb": Int8Recipe(
         "qdq_u8s8_reduced_noout_constb", "QDQ", "QUInt8", "QInt8", per_channel=False, reduce_range=True,
         extra_options={**_NO_OUT, "MatMulConstBOnly": True},
         note="as qdq_u8s8_reduced_noout, only MatMuls by a constant weight"),
-    "qdq_u8s8_reduced_perchannel_noout_constb": Flavour(
+    "qdq_u8s8_reduced_perchannel_noout_constb": Int8Recipe(
         "qdq_u8s8_reduced_perchannel_noout_constb", "QDQ", "QUInt8", "QInt8", per_channel=True, reduce_range=True,
         extra_options={**_NO_OUT, "MatMulConstBOnly": True},
         note="as qdq_u8s8_reduced_noout_constb, per-channel weights"),
-    "qdq_u8u8_noout_constb": Flavour(
+    "qdq_u8u8_noout_constb": Int8Recipe(
         "qdq_u8u8_noout_constb", "QDQ", "QUInt8", "QUInt8", per_channel=False,
         extra_options={**_NO_OUT, "MatMulConstBOnly": True}, note="QDQ, uint8 activations and weights"),
-    "qoperator_u8s8_reduced": Flavour("qoperator_u8s8_reduced", "QOperator", "QUInt8", "QInt8", per_channel=False,
+    "qoperator_u8s8_reduced": Int8Recipe("qoperator_u8s8_reduced", "QOperator", "QUInt8", "QInt8", per_channel=False,
                                       reduce_range=True, note="QOperator (QLinearMatMul), u8s8, 7-bit weights"),
 }
-CPU_CANDIDATES["dynamic"] = Flavour("dynamic", "dynamic", "QUInt8", "QInt8", per_channel=False, op_types=("MatMul",),
+CPU_CANDIDATES["dynamic"] = Int8Recipe("dynamic", "dynamic", "QUInt8", "QInt8", per_channel=False, op_types=("MatMul",),
                                     note="dynamic quantization of MatMuls by a constant weight, 8-bit weights")
-CPU_CANDIDATES["dynamic_reduced"] = Flavour(
+CPU_CANDIDATES["dynamic_reduced"] = Int8Recipe(
     "dynamic_reduced", "dynamic", "QUInt8", "QInt8", per_channel=False, reduce_range=True, op_types=("MatMul",),
     note="dynamic quantization of MatMuls by a constant weight, 7-bit weights")
-CPU = Flavour(
+CPU = Int8Recipe(
     "cpu", "QDQ", "QUInt8", "QInt8", per_channel=False, reduce_range=True,
     extra_options={**_NO_OUT, "MatMulConstBOnly": True},
     note="ONNX Runtime CPU (x86 AVX2, no VNNI), chosen by measurement: QDQ with calibrated ranges, uint8 "
          "activations, 7-bit int8 weights, MatMul outputs float (MatMulIntegerToFloat), only MatMuls by a "
          "constant weight")
-CPU_DYNAMIC = Flavour(
+CPU_DYNAMIC = Int8Recipe(
     "cpu-dynamic", "dynamic", "QUInt8", "QInt8", per_channel=False, reduce_range=True, op_types=("MatMul",),
     note="ONNX Runtime CPU: MatMuls by a constant weight quantized dynamically (ranges per call), 7-bit int8 "
          "weights (DynamicQuantizeMatMul)")
-FLAVOURS = {"cpu": CPU, "cpu-dynamic": CPU_DYNAMIC, "tensorrt": TENSORRT}
+INT8_TARGETS = {"cpu": CPU, "cpu-dynamic": CPU_DYNAMIC, "tensorrt": TENSORRT}
 
 
-def get_flavour(name: str | Flavour) -> Flavour:
-    if isinstance(name, Flavour):
+def get_int8_recipe(name: str | Int8Recipe) -> Int8Recipe:
+    if isinstance(name, Int8Recipe):
         return name
     try:
-        return FLAVOURS[name]
+        return INT8_TARGETS[name]
     except KeyError:
-        raise ExportError(f"unknown int8 flavour {name!r}; choose one of {sorted(FLAVOURS)}") from None
+        raise ExportError(f"unknown int8 target {name!r}; choose one of {sorted(INT8_TARGETS)}") from None

@@ -25,3 +25,17 @@ def sort_topologically(graph: onnx.GraphProto) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def remove_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads (a graph output counts as read) and initializers nothing reads."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if not any(out in used for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)

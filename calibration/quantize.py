@@ -37,7 +37,7 @@ from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 
 from .data import ClipSet, iter_loaded
-from .int8_targets import Flavour
+from .int8_targets import Int8Recipe
 from .groups import sweep_groups
 from .record import FeedRecorder, RecordingBackend
 
@@ -58,7 +58,8 @@ class CalibrationOptions:
     """How an int8 bundle is calibrated.
 
     data: 'synthetic' or a directory of .npz / media clips; clips / held_out: calibration and held-out clips (the
-    held-out ones feed the accuracy report); flavour: "cpu", "cpu-dynamic" or "tensorrt" (`int8_targets.py`); method:
+    held-out ones feed the accuracy report); target: "cpu", "cpu-dynamic" or "tensorrt", where the int8 graphs run
+    (or an Int8Recipe: `int8_targets.py`); method:
     "minmax", "entropy" or "percentile"; max_chunks: chunks per clip (default the config's clip length);
     max_samples: recorded calls per graph to calibrate on; cache_dir / use_cache: the calibration cache.
     """
@@ -66,7 +67,7 @@ class CalibrationOptions:
     data: str
     clips: int = 16
     held_out: int = 4
-    flavour: str | Flavour = "cpu"
+    target: str | Int8Recipe = "cpu"
     method: str = "minmax"
     max_chunks: int | None = None
     max_samples: int = 64
@@ -155,7 +156,7 @@ def graph_error(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], refe
     return max(per_output.values(), default=0.0), per_output
 
 
-def sensitivity_sweep(name: str, model: onnx.ModelProto, ranges: TensorsData | None, flavour: Flavour,
+def sensitivity_sweep(name: str, model: onnx.ModelProto, ranges: TensorsData | None, recipe: Int8Recipe,
                       feeds: list[dict[str, np.ndarray]], log: Progress = lambda _: None
                       ) -> tuple[set[str], dict[str, Any]]:
     """Which candidate groups stay fp32, by the error of quantizing with each one kept fp32 in turn."""
@@ -163,9 +164,9 @@ def sensitivity_sweep(name: str, model: onnx.ModelProto, ranges: TensorsData | N
     references = [reference_session.run(None, feed) for feed in feeds]
 
     def error(exclude: set[str] | frozenset[str]) -> float:
-        return graph_error(flavour.quantize(model, ranges, exclude), feeds, references, flavour.session_options())[0]
+        return graph_error(recipe.quantize(model, ranges, exclude), feeds, references, recipe.session_options())[0]
 
-    groups = sweep_groups(model, flavour.quantizable(model))
+    groups = sweep_groups(model, recipe.quantizable(model))
     baseline = error(set())
     keep: set[str] = set()
     decisions: dict[str, dict[str, Any]] = {}

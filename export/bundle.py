@@ -1,11 +1,11 @@
 """Write bundles: one writer for every precision (`write_bundle`), and `export_bundle`, which feeds it.
 
 `write_bundle` takes a graph source (`graph_sources.py`: the graphs of one precision, written one at a time) and
-writes, atomically (`runtime/files/atomic.py`): the graphs, each checked against its PyTorch module where the precision has a
-tolerance (`mirasol.runtime.bundle.precisions`), then the manifest (config, IO, axes, wiring, producer versions,
-validation, the precision's report), checked by `Manifest.check` and onnx.checker. A format change is made here
-once. fp32 graphs are traced from the model; every other precision transforms a validated fp32 bundle of the same
-model: exported first into a temporary directory, or an existing one given as `reference`.
+writes, atomically (`mirasol.runtime.files.atomic`): the graphs, each checked against its PyTorch module where the
+precision has a tolerance (`mirasol.runtime.bundle.precisions`), then the manifest (config, IO, axes, wiring,
+producer versions, validation, the precision's report), checked by `Manifest.check` and onnx.checker. A format
+change is made here once. fp32 graphs are traced from the model; every other precision transforms a validated fp32
+bundle of the same model: exported first into a temporary directory, or an existing one given as `reference`.
 """
 from __future__ import annotations
 

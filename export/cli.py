@@ -11,10 +11,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
+from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.cli.bundle_info import format_graph_sizes
 from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
 from mirasol.runtime.files.ownership import check_output_dir
-from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 
 from . import DEFAULT_OPSET
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "'synthetic'")
     parser.add_argument("--calibration-clips", type=bounded(int, 1), default=16, metavar="N",
                         help="int8: clips to calibrate on")
-    parser.add_argument("--int8-flavour", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
+    parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
                         help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ "
                              "for TensorRT")
     parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
@@ -92,10 +93,9 @@ def _export(args: argparse.Namespace) -> None:
         raise UsageError("give --preset or --checkpoint, not both")
     if args.combiner and not args.preset:
         raise UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
-    if args.precision == "int8" and args.calibration_data is None and not args.params_only:
-        raise UsageError("--precision int8 needs --calibration-data (media dir, .npz dir or 'synthetic')")
+    if get_precision(args.precision).needs_calibration and args.calibration_data is None and not args.params_only:
+        raise UsageError(f"--precision {args.precision} needs --calibration-data (media dir, .npz dir or 'synthetic')")
     import torch
-
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.model import build_model, count_parameters
     from mirasol.runtime.bundle.reports import format_validation
@@ -129,14 +129,14 @@ def _export(args: argparse.Namespace) -> None:
     calibration = None
     if args.precision == "int8":
         calibration = CalibrationOptions(args.calibration_data, clips=args.calibration_clips,
-                                         flavour=args.int8_flavour, method=args.calibration_method)
+                                         target=args.int8_target, method=args.calibration_method)
     manifest = export_bundle(model, out, precision=args.precision, opset=args.opset, validate=args.validate,
                              max_batch=args.max_batch, reference=args.reference_bundle, fp16_io=args.fp16_io,
                              calibration=calibration, release_model=True, progress=progress)
     say("\n" + format_graph_sizes(out, manifest))
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))
-    if args.precision != "int8" or args.int8_flavour == "tensorrt":
+    if args.precision != "int8" or args.int8_target == "tensorrt":
         from mirasol.export.tensorrt.readiness import check_bundle
         readiness = check_bundle(out)
         say("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings else "\n" + readiness.format()))
@@ -145,7 +145,7 @@ def _export(args: argparse.Namespace) -> None:
             build_engines(out, precision=None if args.precision == "int8" else args.precision,
                           axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
     else:
-        say("\nTensorRT readiness: skipped (the int8 cpu flavours are for ONNX Runtime; use --int8-flavour tensorrt)")
+        say("\nTensorRT readiness: skipped (the int8 cpu recipes are for ONNX Runtime; use --int8-target tensorrt)")
     if args.triton_dir is not None:
         from mirasol.runtime.triton.repository import write_repository
         served = write_repository(out, args.triton_dir)

@@ -1,7 +1,7 @@
 """int8 graphs: each fp32 graph quantized with ranges calibrated on the activations the runtime really feeds it.
 
 The calibration clips stream through the fp32 bundle (`mirasol.calibration.quantize.record_feeds`); per graph the
-ranges are calibrated, the sensitivity sweep decides which groups stay fp32, and the flavour quantizes it
+ranges are calibrated, the sensitivity sweep decides which groups stay fp32, and the recipe quantizes it
 (`cpu`, `cpu-dynamic` or `tensorrt`, `mirasol.calibration.int8_targets`). Ranges and sweep decisions are cached.
 Once the bundle is written, its report compares it with the fp32 bundle on held-out clips.
 """
@@ -17,7 +17,7 @@ import onnxruntime as ort
 from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
 from mirasol.calibration.data import load_clips
-from mirasol.calibration.int8_targets import get_flavour
+from mirasol.calibration.int8_targets import get_int8_recipe
 from mirasol.calibration.quantize import (CACHE_VERSION, KEEP_FACTOR, MAX_KEEP_WEIGHT_SHARE, METHODS, QUESTION_TOKENS,
                                           SWEEP_SAMPLES, CalibrationCache, cache_key, calibrate_ranges,
                                           default_cache_dir, record_feeds, sensitivity_sweep)
@@ -44,7 +44,7 @@ class Int8Graphs:
         if calibration.method not in METHODS:
             raise ExportError(f"calibration method {calibration.method!r} is not one of {sorted(METHODS)}")
         self.options = calibration
-        self.flavour = get_flavour(calibration.flavour)
+        self.recipe = get_int8_recipe(calibration.target)
         self.clip_set = load_clips(calibration.data, context.model.config, clips=calibration.clips,
                                    held_out=calibration.held_out, max_chunks=calibration.max_chunks,
                                    seed=calibration.seed, log=context.progress)
@@ -62,17 +62,17 @@ class Int8Graphs:
             return self.fp32_manifest
         options, progress = self.options, context.progress
         self.fp32_manifest = manifest = Manifest.read(context.fp32_source())
-        settings = {"method": options.method, "op_types": list(self.flavour.op_types),
+        settings = {"method": options.method, "op_types": list(self.recipe.op_types),
                     "max_samples": options.max_samples, "question_tokens": QUESTION_TOKENS,
                     "version": CACHE_VERSION, "seed": options.seed, "onnxruntime": ort.__version__}
         self.range_keys = {name: cache_key("ranges", g.sha256, self.clip_set.digest, settings)
                            for name, g in manifest.graphs.items()}
-        self.sweep_keys = {name: cache_key("sweep", self.range_keys[name], self.flavour.settings(), KEEP_FACTOR,
+        self.sweep_keys = {name: cache_key("sweep", self.range_keys[name], self.recipe.settings(), KEEP_FACTOR,
                                            MAX_KEEP_WEIGHT_SHARE, SWEEP_SAMPLES) for name in manifest.graphs}
         self.ranges = {name: self.cache.ranges(key) for name, key in self.range_keys.items()}
         self.sweeps = {name: self.cache.sweep(key) for name, key in self.sweep_keys.items()}
         self.cached = sorted(name for name in manifest.graphs
-                             if (self.ranges[name] is not None or not self.flavour.uses_ranges)
+                             if (self.ranges[name] is not None or not self.recipe.uses_ranges)
                              and self.sweeps[name] is not None)
         if len(self.cached) < len(manifest.graphs):
             start = time.perf_counter()
@@ -95,21 +95,21 @@ class Int8Graphs:
         feeds = [call.feeds for call in self.recorder.calls.pop(name, [])] if self.recorder is not None else []
         if self.recorder is not None and not feeds:
             raise ExportError(f"calibration recorded no inputs for graph {name!r}")
-        if self.ranges[name] is None and self.flavour.uses_ranges:
+        if self.ranges[name] is None and self.recipe.uses_ranges:
             with tempfile.TemporaryDirectory(prefix="mirasol-calibrate-") as scratch:
-                self.ranges[name] = calibrate_ranges(fp32_path, feeds, options.method, self.flavour.op_types,
+                self.ranges[name] = calibrate_ranges(fp32_path, feeds, options.method, self.recipe.op_types,
                                                      Path(scratch))
             self.cache.save_ranges(self.range_keys[name], self.ranges[name])
         if self.sweeps[name] is None:
             sample = [feeds[i] for i in np.linspace(0, len(feeds) - 1, min(SWEEP_SAMPLES, len(feeds))).astype(int)]
-            exclude, decision = sensitivity_sweep(name, fp32_model, self.ranges[name], self.flavour, sample,
+            exclude, decision = sensitivity_sweep(name, fp32_model, self.ranges[name], self.recipe, sample,
                                                   context.progress)
             self.sweeps[name] = {"exclude": sorted(exclude), "report": decision}
             self.cache.save_sweep(self.sweep_keys[name], self.sweeps[name])
         sweep = self.sweeps[name]
-        save_graph(self.flavour.quantize(fp32_model, self.ranges[name], set(sweep["exclude"])), path, self.precision)
-        context.progress(f"quantized {spec.file} ({self.flavour.name}"
-                         f"{', ' + options.method if self.flavour.uses_ranges else ''}) in "
+        save_graph(self.recipe.quantize(fp32_model, self.ranges[name], set(sweep["exclude"])), path, self.precision)
+        context.progress(f"quantized {spec.file} ({self.recipe.name}"
+                         f"{', ' + options.method if self.recipe.uses_ranges else ''}) in "
                          f"{time.perf_counter() - start:.1f}s")
         return sweep["report"]
 
@@ -117,12 +117,12 @@ class Int8Graphs:
         options, progress, manifest = self.options, context.progress, self._prepare(context)
         start = time.perf_counter()
         accuracy = evaluate(context.fp32_source(), bundle, self.clip_set.held_out, bar=options.bar,
-                            int8_options=self.flavour.backend_options())
+                            int8_options=self.recipe.backend_options())
         progress(f"compared with fp32 on {len(self.clip_set.held_out)} held-out clips in "
                  f"{time.perf_counter() - start:.1f}s")
         report = {
-            "format": "int8", "flavour": self.flavour.settings(),
-            "method": options.method if self.flavour.uses_ranges else "dynamic (ranges per call)",
+            "format": "int8", "recipe": self.recipe.settings(),
+            "method": options.method if self.recipe.uses_ranges else "dynamic (ranges per call)",
             "data": self.clip_set.describe(),
             "calibration": {"max_samples_per_graph": options.max_samples, "question_tokens": QUESTION_TOKENS,
                             "cached": self.cached},

@@ -10,8 +10,8 @@ from typing import Any
 
 _MODULE_OF = {"build_model": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
               "PRESETS": "config", "MirasolConfig": "config", "get_preset": "config",
-              "clip_log_mel": "spectrogram", "log_mel": "spectrogram", "Mirasol": "mirasol", "count_parameters": "mirasol",
-              "release_weights": "mirasol"}
+              "clip_log_mel": "spectrogram", "log_mel": "spectrogram", "Mirasol": "mirasol",
+              "count_parameters": "mirasol", "release_weights": "mirasol"}
 __all__ = sorted(_MODULE_OF)
 
 

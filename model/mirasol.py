@@ -75,23 +75,25 @@ class Mirasol(nn.Module):
     def forward(self, video: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole clip -> per-chunk av_context [B, N, m, D] and text logits [B, T, vocab]."""
-        av_context = self.av_autoregressor.forward_clip(self.encode_chunks(video, audio))
-        batch = input_ids.shape[0]
-        logits, _ = self.text_step(input_ids, torch.zeros(batch, dtype=torch.long, device=input_ids.device),
-                                   self.text_cross_kv(self.av_memory(av_context)),
-                                   self.text_decoder.empty_cache(batch, input_ids.device))
+        _, av_context, logits = self._clip_pass(video, audio, input_ids)
         return av_context, logits
 
-    # ---- training ----
-    def loss(self, video: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor,
-             target_ids: torch.Tensor, latent_weight: float = 0.1) -> dict[str, torch.Tensor]:
-        """Text cross-entropy (targets PAD are ignored) + next-chunk latent prediction (MSE)."""
+    def _clip_pass(self, video: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole-clip pass: chunk latents [B, N, m, D], av_context [B, N, m, D], text logits [B, T, vocab]."""
         latents = self.encode_chunks(video, audio)
         av_context = self.av_autoregressor.forward_clip(latents)
         batch = input_ids.shape[0]
         logits, _ = self.text_step(input_ids, torch.zeros(batch, dtype=torch.long, device=input_ids.device),
                                    self.text_cross_kv(self.av_memory(av_context)),
                                    self.text_decoder.empty_cache(batch, input_ids.device))
+        return latents, av_context, logits
+
+    # ---- training ----
+    def loss(self, video: torch.Tensor, audio: torch.Tensor, input_ids: torch.Tensor,
+             target_ids: torch.Tensor, latent_weight: float = 0.1) -> dict[str, torch.Tensor]:
+        """Text cross-entropy (targets PAD are ignored) + next-chunk latent prediction (MSE)."""
+        latents, av_context, logits = self._clip_pass(video, audio, input_ids)
         text = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), ignore_index=ByteTokenizer.PAD)
         if latents.shape[1] > 1:
             predicted = self.av_autoregressor.next_chunk_head(av_context[:, :-1])

@@ -178,10 +178,6 @@ def teacher_forced_scores(model: Mirasol, clips: Sequence[DemoClip], batch: int 
     return correct / len(pairs), {k: c / n for k, (c, n) in sorted(per_kind.items())}
 
 
-def teacher_forced_accuracy(model: Mirasol, clips: Sequence[DemoClip], batch: int = 64) -> float:
-    return teacher_forced_scores(model, clips, batch)[0]
-
-
 # ---------------------------------------------------------------- training
 def qa_loss(model: Mirasol, video: torch.Tensor, audio: torch.Tensor, rows: torch.Tensor,
             input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:

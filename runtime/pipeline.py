@@ -65,6 +65,7 @@ class Pipeline:
         self._chunk_where = {name: f"push: input {name!r} of graph {graph!r}" for name, (graph, _) in located.items()}
         self.max_text_len = int(self.config["max_text_len"])
         self.max_batch = manifest.max_batch
+        self.default_max_new_tokens = manifest.generation["max_new_tokens"]
 
     @classmethod
     def load(cls, path: str | Path, backend: str | Backend = "onnxruntime", verify: bool = True,
@@ -361,14 +362,17 @@ class Stream:
         return batch  # type: ignore[return-value]
 
     # ---- questions ----
-    def ask(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+    def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, seed: int | None = None) -> str | list[str]:
-        """Answer about the chunks pushed so far; greedy unless temperature > 0. Batch 1 gives a str."""
+        """Answer about the chunks pushed so far; greedy unless temperature > 0. Batch 1 gives a str.
+
+        `max_new_tokens`: most answer tokens; None: the bundle's default (`manifest.generation`), or what the
+        question leaves of the text context where that is less."""
         rows = self.token_ids(question, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         answers = [self.pipeline.tokenizer.decode(ids) for ids in rows]
         return answers[0] if len(answers) == 1 else answers
 
-    def ask_iter(self, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+    def ask_iter(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Yield the answer's text as it is generated (batch 1), whole UTF-8 characters at a time.
 
@@ -386,7 +390,7 @@ class Stream:
         if tail:
             yield tail
 
-    def token_ids(self, question: str, max_new_tokens: int = 32, kv_cache: bool = True, **sampling: Any
+    def token_ids(self, question: str, max_new_tokens: int | None = None, kv_cache: bool = True, **sampling: Any
                   ) -> list[list[int]]:
         """The generated token ids per batch row (EOS excluded). `kv_cache=False` recomputes the whole sequence
         at every token instead of carrying the decoder's own cache (a baseline and a check: same tokens, slower)."""
@@ -397,7 +401,7 @@ class Stream:
                     rows[row].append(token)
         return rows
 
-    def _generate(self, question: str, max_new_tokens: int, sampler: Sampler, kv_cache: bool = True
+    def _generate(self, question: str, max_new_tokens: int | None, sampler: Sampler, kv_cache: bool = True
                   ) -> Iterator[list[int | None]]:
         """Per generated position, the token of each batch row (None once that row has ended). The question's
         state lives here, not on the stream; the stream's lock is held for each graph step only."""
@@ -415,6 +419,8 @@ class Stream:
         if room < 1:
             raise InputError(f"ask: the question is {len(prompt)} tokens with its markers; the text decoder's "
                              f"context holds {self.pipeline.max_text_len}")
+        if max_new_tokens is None:
+            max_new_tokens = min(self.pipeline.default_max_new_tokens, room)
         count = as_integer(max_new_tokens)
         if count is None or not 1 <= count <= room:
             raise InputError(f"ask: max_new_tokens must be an int in [1, {room}] for this question "

@@ -77,13 +77,13 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str
 @pytest.fixture(scope="session")
 def tiny_int8_trt_bundle(tiny_bundles: dict[str, Path], tiny_models: dict[str, Mirasol],
                          tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An int8 bundle of the TTM model in the TensorRT flavour (explicit Q/DQ), calibrated on synthetic clips."""
+    """An int8 bundle of the TTM model in the TensorRT recipe (explicit Q/DQ), calibrated on synthetic clips."""
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.export.bundle import export_bundle
 
     out = tmp_path_factory.mktemp("int8-trt") / "bundle"
     export_bundle(tiny_models["ttm"], out, "int8", reference=tiny_bundles["ttm"],
-                  calibration=CalibrationOptions("synthetic", clips=3, held_out=1, flavour="tensorrt", use_cache=False))
+                  calibration=CalibrationOptions("synthetic", clips=3, held_out=1, target="tensorrt", use_cache=False))
     return out
 
 

@@ -158,7 +158,7 @@ def test_bundles_are_tensorrt_ready(tiny_bundles, name) -> None:
     assert set(report.graphs) == set(GRAPHS)
 
 
-def test_int8_tensorrt_flavour_is_tensorrt_ready(tiny_int8_trt_bundle) -> None:
+def test_int8_tensorrt_target_is_tensorrt_ready(tiny_int8_trt_bundle) -> None:
     """The int8 graphs meant for TensorRT: symmetric Q/DQ that its parser fuses, every op supported."""
     from mirasol.export.tensorrt.readiness import check_bundle
 

@@ -20,7 +20,7 @@ from .conftest import make_model
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny TTM model, its fp32 bundle and its int8 (cpu flavour) bundle calibrated on synthetic clips."""
+    """A tiny TTM model, its fp32 bundle and its int8 (cpu recipe) bundle calibrated on synthetic clips."""
     root = tmp_path_factory.mktemp("int8")
     model = make_model("ttm")
     made: dict[str, Any] = {"model": model, "fp32": root / "fp32", "int8": root / "int8", "cache": root / "cache"}

@@ -55,6 +55,72 @@ def test_imports_point_one_way() -> None:
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (lazy and type-only imports included; `from pkg import mod`
+    counts as importing `pkg.mod`)."""
+    modules = {}
+    for layer in ("runtime", "model", "calibration", "export"):
+        for path in (ROOT / layer).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name.removeprefix("mirasol.") for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").startswith("mirasol."):
+                    target = node.module.removeprefix("mirasol.")
+                else:
+                    continue
+                targets = [f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target
+                           for alias in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in modules and t != module)
+        graph[module] = edges
+    return graph
+
+
+def test_no_import_circles() -> None:
+    """No module reaches itself through imports of ours, type-only and lazy ones included (Tarjan's SCCs)."""
+    graph = _module_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(graph[module]):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    assert not circles, "modules that import each other (directly or around a circle):\n" + "\n".join(
+        " <-> ".join(c) for c in circles)
+
+
 def test_runtime_never_imports_torch() -> None:
     hits = []
     for path in sorted((ROOT / "runtime").rglob("*.py")):

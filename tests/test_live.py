@@ -1,4 +1,4 @@
-"""Live sources in real time (runtime/media/live.py, runtime/media/live_sources.py, mirasol-run --live), with real media.
+"""Live sources in real time (runtime/media/live.py, live_sources.py, mirasol-run --live), with real media.
 
 Sources on loopback only: a helper process (tests/live_tools.py) remuxes a demo mp4 into MPEG-TS at
 real-time pace to a UDP port or a named pipe. The slowed-backend tests play a clip at its real pace

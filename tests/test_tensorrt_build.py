@@ -18,6 +18,7 @@ pytest.importorskip("onnx")
 from mirasol.runtime.bundle.manifest import AxisRange, GraphEntry, Manifest  # noqa: E402
 from mirasol.runtime.bundle.tensors import TensorInfo  # noqa: E402
 from mirasol.runtime.errors import BackendError, BundleError  # noqa: E402
+from mirasol.runtime.cli.build_engines import main as build_engines_main  # noqa: E402
 from mirasol.runtime.tensorrt import build as tb  # noqa: E402
 from mirasol.runtime.tensorrt import env as tensorrt_env  # noqa: E402
 from mirasol.runtime.tensorrt import plan as tp  # noqa: E402
@@ -80,8 +81,8 @@ def test_unknown_override_axis_is_refused(tmp_path):
     tp.check_axis_overrides(manifest, {"batch": 1, "seq": 4})
     with pytest.raises(BundleError, match="unknown axis 'past'"):
         tp.check_axis_overrides(manifest, {"past": 4})
-    assert tb.main([str(bundle), "--max", "batch"]) == 1  # malformed AXIS=N, refused before TensorRT is needed
-    assert tb.main(["--help"]) == 0
+    assert build_engines_main([str(bundle), "--max", "batch"]) == 1  # malformed AXIS=N: refused before TensorRT
+    assert build_engines_main(["--help"]) == 0
 
 
 def test_build_plan_per_precision():
@@ -288,7 +289,7 @@ def test_the_fake_checks_profiles_like_tensorrt(fake_tensorrt):
 
 def test_cli_reports_engine_and_context_memory(fake_tensorrt, tmp_path, capsys):
     bundle = write_bundle(tmp_path / "b", {"good": supported_model(), "other": supported_model()})
-    assert tb.main([str(bundle), "--max-batch", "1", "--max", "seq=4", "--quiet"]) == 0
+    assert build_engines_main([str(bundle), "--max-batch", "1", "--max", "seq=4", "--quiet"]) == 0
     out = capsys.readouterr().out
     record = Manifest.read(bundle).graphs["good"].engine
     assert record["profile"] == {"batch": {"min": 1, "opt": 1, "max": 1}, "seq": {"min": 1, "opt": 4, "max": 4}}
@@ -296,7 +297,7 @@ def test_cli_reports_engine_and_context_memory(fake_tensorrt, tmp_path, capsys):
     assert re.search(r"good: good\.fp32\.engine \(fp32, TensorRT 10\.3\.0, Fake Orin, sm 8\.7\): engine "
                      r"0\.0 MB, context memory up to 0\.0 MB", out)
     assert "total: engines" in out
-    assert tb.main([str(bundle), "--max", "batch=9"]) == 1
+    assert build_engines_main([str(bundle), "--max", "batch=9"]) == 1
     assert "above the bundle's maximum" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""Engines of the tiny fp32, fp16 and int8 (TensorRT flavour) bundles: built, recorded and run against real
+"""Engines of the tiny fp32, fp16 and int8 (TensorRT recipe) bundles: built, recorded and run against real
 TensorRT where `import tensorrt` and a GPU work, and against the strict fake (tests/fake_tensorrt.py) elsewhere."""
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirasol.model import PRESETS
+from mirasol.runtime.bundle.precisions import PRECISIONS
 
 from .context import Run
 from .flops import step_costs
@@ -40,7 +41,6 @@ class Device:
 JETSONS = (Device("Jetson AGX Orin 64GB", 170, 204.8, 64), Device("Jetson Orin NX 16GB", 60, 102.4, 16),
            Device("Jetson Orin Nano 8GB (Super)", 67, 102, 8))
 FIT_SHARE = 0.75  # of the module's memory for the weights (the rest: OS, app, activations, the carried state)
-ELEMENT_BYTES = {"fp32": (4, 4), "fp16": (2, 2), "int8": (1, 2)}  # bytes per weight and per carried state element
 
 
 def estimate(cost: dict[str, int], device: Device, precision: str) -> float:
@@ -55,7 +55,7 @@ def costs(run: Run) -> dict[str, Any]:
     configs.setdefault(run.config.preset, run.config)  # a checkpoint's own sizes too
     presets: dict[str, Any] = {}
     for name, config in configs.items():
-        per_precision = {p: step_costs(config, *sizes) for p, sizes in ELEMENT_BYTES.items()}
+        per_precision = {p.name: step_costs(config, p.weight_bytes, p.state_bytes) for p in PRECISIONS.values()}
         presets[name] = {
             **per_precision,
             "jetson_estimate": {

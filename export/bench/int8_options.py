@@ -4,7 +4,7 @@
     python -m mirasol.export.bench.int8_options push fp32=FP32_BUNDLE int8=INT8_BUNDLE ... [--rounds 6] [--chunks 16]
 
 `graphs`: records each graph's real inputs by streaming synthetic clips through the fp32 bundle, calibrates
-minmax ranges once, quantizes every graph with each candidate of `flavours.CPU_CANDIDATES` (plus ONNX
+minmax ranges once, quantizes every graph with each candidate of `int8_targets.CPU_CANDIDATES` (plus ONNX
 Runtime's dynamic quantization of MatMuls, which needs no calibration), and prints per graph the relative
 RMS error vs fp32 on the recorded inputs and the median latency over alternating rounds (every candidate
 once per round, in a shuffled order), on steady-state inputs: the AV autoregressor with a full cache, the
@@ -28,7 +28,7 @@ from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.pipeline import Pipeline
 
 from ...calibration.data import load_clips
-from ...calibration.int8_targets import CPU_CANDIDATES, TENSORRT, WEIGHT_OPS, Flavour
+from ...calibration.int8_targets import CPU_CANDIDATES, TENSORRT, WEIGHT_OPS, Int8Recipe
 from ...calibration.quantize import calibrate_ranges, graph_error, record_feeds
 
 
@@ -54,7 +54,7 @@ def bench_graphs(bundle: Path, clips: int, rounds: int, names: list[str], per_ro
     recorder = record_feeds(bundle, clip_set, max_samples=48, seed=seed)
     print(f"recorded in {time.perf_counter() - t0:.1f}s: "
           + ", ".join(f"{g} {len(c)}" for g, c in recorder.calls.items()))
-    candidates: dict[str, Flavour] = {name: CPU_CANDIDATES[name] for name in names}
+    candidates: dict[str, Int8Recipe] = {name: CPU_CANDIDATES[name] for name in names}
     candidates["tensorrt(emulated)"] = TENSORRT
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -71,9 +71,9 @@ def bench_graphs(bundle: Path, clips: int, rounds: int, names: list[str], per_ro
             sessions = {"fp32": reference}
             errors = {"fp32": 0.0}
             sizes = {"fp32": path.stat().st_size}
-            for name, flavour in candidates.items():
-                quantized = flavour.quantize(model, ranges)
-                options = flavour.session_options()
+            for name, recipe in candidates.items():
+                quantized = recipe.quantize(model, ranges)
+                options = recipe.session_options()
                 data = quantized.SerializeToString()
                 sizes[name] = len(data)
                 errors[name] = graph_error(quantized, feeds, references, options)[0]

@@ -66,8 +66,8 @@ def check_model(model: Any, *, graph: str = "", axes: Mapping[str, Any] | None =
     axes: axis name -> range (AxisRange, dict with min/opt/max, or (min, opt, max)); with it, every dynamic input
     dimension must be named by one of them. inputs: the manifest's symbolic shape per input name (the names the
     engine builder uses); when given they take precedence over the ONNX dim_params. precision: the bundle's (a
-    quantized precision of `runtime/bundle/precisions.py` expects Q/DQ nodes, the others do not). base_dir: where external
-    data lives (default: the model's directory), to read zero points stored outside the model.
+    quantized precision of `mirasol.runtime.bundle.precisions` expects Q/DQ nodes, the others do not). base_dir:
+    where external data lives (default: the model's directory), to read zero points stored outside the model.
     """
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)

@@ -1,26 +1,65 @@
-"""Backends: ONNX Runtime (any provider it has) and native TensorRT, behind one interface."""
+"""Backends by name: every way the runtime runs a bundle's graphs, behind one interface (`base.py`).
+
+A backend is a class in a module of its own (imported only when chosen) and an entry in `REGISTRY`: its name, where
+the class lives, the constructor options the name always passes (an ONNX Runtime provider list, say), where it
+computes (Triton's instance kind) and a line of help. Adding a backend touches its module and this table: the
+command lines' `--backend`, Triton's model repository and `Pipeline.load(backend=NAME)` read it.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
-from ..bundle.tensors import TensorInfo
 from ..errors import BackendError
-from .base import Backend, GraphSession
+from .base import Backend, BackendSettings, GraphSession
 
-BACKENDS = ("onnxruntime", "tensorrt")
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    module: str  # under mirasol.runtime
+    class_name: str
+    device: str  # "cpu" or "gpu": where its graphs compute
+    help: str
+    fixed_options: dict[str, Any] = field(default_factory=dict)  # passed whenever this name is chosen
+    setup: str = ""  # what the device needs first, "{bundle}" standing for the bundle's path
+
+    def backend_class(self) -> type[Backend]:
+        return getattr(import_module(f"mirasol.runtime.{self.module}"), self.class_name)
+
+    def options(self, settings: BackendSettings) -> dict[str, Any]:
+        """The constructor options of this backend from settings a command line or a server gives."""
+        return {**self.backend_class().options_from(settings), **self.fixed_options}
+
+    def create(self, **options: Any) -> Backend:
+        return self.backend_class()(**{**options, **self.fixed_options})
+
+
+REGISTRY: dict[str, BackendEntry] = {entry.name: entry for entry in (
+    BackendEntry("onnxruntime", "backends.onnxruntime", "OnnxRuntimeBackend", "cpu",
+                 "ONNX Runtime with the providers given (default: the CPU)"),
+    BackendEntry("tensorrt", "tensorrt.backend", "TensorRTBackend", "gpu",
+                 "TensorRT engines built by mirasol-build-engines on this device",
+                 setup="build the engines on the device first: mirasol-build-engines {bundle}"),
+)}
+BACKENDS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def backend_entry(name: str) -> BackendEntry:
+    """The registry entry of `name`; an unknown name raises a BackendError listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise BackendError(f"unknown backend {name!r}; choose one of {BACKENDS}") from None
 
 
 def get_backend(name: str | Backend = "onnxruntime", **options: Any) -> Backend:
-    """A backend by name ("onnxruntime", "tensorrt") with its options, or the Backend given."""
+    """A backend by registry name with its constructor options, or the Backend given."""
     if isinstance(name, Backend):
         return name
-    if name == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(**options)
-    if name == "tensorrt":
-        from ..tensorrt.backend import TensorRTBackend
-        return TensorRTBackend(**options)
-    raise BackendError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    return backend_entry(name).create(**options)
 
 
-__all__ = ["BACKENDS", "Backend", "GraphSession", "TensorInfo", "get_backend"]
+__all__ = ["BACKENDS", "REGISTRY", "Backend", "BackendEntry", "BackendSettings", "GraphSession", "backend_entry",
+           "get_backend"]

@@ -5,7 +5,8 @@ The stream and generation loops only see this interface; they never know which b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,17 @@ if TYPE_CHECKING:
     from ..bundle.reader import Bundle
 
 
+@dataclass(frozen=True)
+class BackendSettings:
+    """What a command line or a server says about running graphs; each backend takes what applies to it
+    (`Backend.options_from`)."""
+
+    threads: int | None = None  # intra-op threads (None: the library's choice)
+    graph_threads: Mapping[str, int] = field(default_factory=dict)  # per graph, overriding `threads`
+    providers: Sequence[str] | None = None  # ONNX Runtime execution providers, in order
+    device: int = 0  # GPU index
+
+
 class GraphSession(ABC):
     """A loaded graph. One session serves every stream; `run` must be safe to call from many threads."""
 
@@ -25,9 +37,13 @@ class GraphSession(ABC):
     outputs: Sequence[TensorInfo]
 
     @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
-            ) -> dict[str, np.ndarray]:
-        """Run the graph on named arrays; returns the requested outputs (all when None) by name."""
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None,
+            keep_on_device: Collection[str] = ()) -> dict[str, Any]:
+        """Run the graph on named arrays; returns the requested outputs (all when None) by name.
+
+        Feeds are numpy arrays, or arrays this backend returned. `keep_on_device`: outputs to return as the
+        backend's device arrays instead of numpy (only where `Backend.keeps_on_device`; others return numpy).
+        """
 
     @abstractmethod
     def close(self) -> None:
@@ -44,6 +60,11 @@ class Backend(ABC):
 
     name: str
     keeps_on_device: bool = False
+
+    @classmethod
+    def options_from(cls, settings: BackendSettings) -> dict[str, Any]:
+        """The constructor options this backend takes from `settings` (the rest do not apply to it)."""
+        return {}
 
     def to_host(self, value: Any) -> np.ndarray:
         """A host (numpy) array of a value this backend's sessions returned."""

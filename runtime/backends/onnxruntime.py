@@ -1,15 +1,15 @@
 """ONNX Runtime backend: one InferenceSession per graph, shared by every stream and thread."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from ..bundle.tensors import TensorInfo
 from ..errors import BackendError
-from .base import Backend, GraphSession
+from .base import Backend, BackendSettings, GraphSession
 
 if TYPE_CHECKING:
     from ..bundle.manifest import GraphEntry
@@ -32,8 +32,8 @@ class OrtGraphSession(GraphSession):
         self.outputs = tuple(outputs)
         self._all_outputs = [t.name for t in self.outputs]
 
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
-            ) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
+            keep_on_device: Collection[str] = ()) -> dict[str, np.ndarray]:
         session = self.session
         if session is None:
             raise BackendError(f"graph {self.name!r}: the session is closed")
@@ -61,6 +61,11 @@ class OnnxRuntimeBackend(Backend):
     """
 
     name = "onnxruntime"
+
+    @classmethod
+    def options_from(cls, settings: BackendSettings) -> dict[str, Any]:
+        return {"providers": settings.providers, "threads": settings.threads,
+                "graph_threads": dict(settings.graph_threads)}
 
     def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,
                  inter_op_threads: int | None = None, optimization: str = "all", profile_dir: str | None = None,

@@ -31,7 +31,8 @@ MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_RANK = 8
 MAX_STATE_ELEMENTS = 1 << 28  # a zeros-initialised state tensor, per batch row
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+# Tensor dtypes a manifest may declare: those numpy holds (the runtime's arrays), by numpy's names.
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 SCOPES = ("stream", "question")
 STEPS = ("push", "ask", "generate")
 # Model config values the runtime reads (media decoding, chunking, text): (type, smallest, largest) where given.
@@ -39,6 +40,9 @@ CONFIG_LIMITS: dict[str, tuple[type, float, float]] = {
     "fps": (float, 1e-3, 1e3), "frames_per_chunk": (int, 1, 4096), "image_size": (int, 1, 8192),
     "sample_rate": (int, 1, 384_000), "n_fft": (int, 1, 1 << 16), "hop_length": (int, 1, 1 << 16),
     "n_mels": (int, 1, 4096), "max_text_len": (int, 1, 1 << 20)}
+# What a question gets when the caller does not say (`Stream.ask(max_new_tokens=None)`, the command lines, Triton):
+# the bundle's `generation` section, written at export from these values.
+GENERATION_DEFAULTS: dict[str, int] = {"max_new_tokens": 32}
 MAX_CHUNK_SAMPLES = 1 << 26  # audio samples in one chunk (sample_rate * frames_per_chunk / fps)
 
 
@@ -143,6 +147,7 @@ class Manifest:
     producer: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, int] = field(default_factory=lambda: dict(GENERATION_DEFAULTS))
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -155,7 +160,7 @@ class Manifest:
             "steps": {name: s.to_dict() for name, s in self.steps.items()},
             "state": [s.to_dict() for s in self.state],
             "counters": [c.to_dict() for c in self.counters],
-            "validation": self.validation, "quantization": self.quantization}
+            "validation": self.validation, "quantization": self.quantization, "generation": self.generation}
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_FILE
@@ -195,6 +200,7 @@ class Manifest:
             producer=dict(r.mapping(data.get("producer", {}), "producer")),
             validation=dict(r.mapping(data.get("validation", {}), "validation")),
             quantization=dict(r.mapping(data.get("quantization", {}), "quantization")),
+            generation={**GENERATION_DEFAULTS, **r.mapping(data.get("generation", {}), "generation")},
             format_version=version)
         manifest.check(where)
         return manifest
@@ -224,6 +230,14 @@ class Manifest:
         """Config values the runtime reads are in range, every name the wiring uses exists, and every graph input
         of a step is bound exactly once."""
         _check_config(self.config, where)
+        longest = self.config.get("max_text_len", 1 << 20)
+        for key, value in self.generation.items():
+            if key not in GENERATION_DEFAULTS:
+                raise BundleError(f"{where}: generation: unknown setting {short(key)} "
+                                  f"(known: {list(GENERATION_DEFAULTS)})")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= longest:
+                raise BundleError(f"{where}: generation.{key}: expected an integer in [1, {longest}], "
+                                  f"got {short(value)}")
         for name in STEPS:
             if name not in self.steps:
                 raise BundleError(f"{where}: step {name!r} is missing")

@@ -39,6 +39,8 @@ class Precision:
     engine_sources: tuple[str, ...]  # bundle precisions TensorRT engines of this precision are built from
     auto_strong_sources: tuple[str, ...]  # of those, where `--typing auto` builds a strongly typed network
     weak_flags: tuple[str, ...]  # BuilderFlags a weakly typed network needs (TensorRT 10; TensorRT 11 has none)
+    weight_bytes: float  # bytes per weight element (the cost model)
+    state_bytes: int  # bytes per carried state element (the cost model)
     weak_fp16_fallback: bool = False  # with weak typing, also allow fp16 for the layers left unquantized
 
 
@@ -49,13 +51,15 @@ class Precision:
 # hiding a broken graph (a wrong rotary angle gives 2e-1).
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "float32 weights and compute", Tolerance(1e-4, 1e-5), quantized=False,
-              needs_calibration=False, engine_sources=("fp32",), auto_strong_sources=(), weak_flags=()),
+              needs_calibration=False, engine_sources=("fp32",), auto_strong_sources=(), weak_flags=(),
+              weight_bytes=4, state_bytes=4),
     Precision("fp16", "float16 weights and compute, float32 kept where measurement demands",
               Tolerance(1e-3, 3e-2), quantized=False, needs_calibration=False,
-              engine_sources=("fp32", "fp16"), auto_strong_sources=("fp16",), weak_flags=("FP16",)),
+              engine_sources=("fp32", "fp16"), auto_strong_sources=("fp16",), weak_flags=("FP16",),
+              weight_bytes=2, state_bytes=2),
     Precision("int8", "int8 Q/DQ calibrated on recorded activations", None, quantized=True,
               needs_calibration=True, engine_sources=("int8",), auto_strong_sources=(),
-              weak_flags=("INT8",), weak_fp16_fallback=True),
+              weak_flags=("INT8",), weight_bytes=1, state_bytes=2, weak_fp16_fallback=True),
 )}
 NAMES: tuple[str, ...] = tuple(PRECISIONS)
 

@@ -50,7 +50,8 @@ def format_quantization(report: Mapping[str, Any]) -> str:
     """An int8 bundle's report: per-graph and end-to-end agreement with the fp32 bundle, the sweep's choices."""
     data = report.get("data", {})
     accuracy = report["accuracy"]
-    lines = [f"int8 ({report['flavour']['name']}, {report['method']}) vs the fp32 bundle on "
+    recipe = report.get("recipe") or report.get("flavour") or {}  # "flavour": bundles written before the rename
+    lines = [f"int8 ({recipe.get('name', '?')}, {report['method']}) vs the fp32 bundle on "
              f"{accuracy['held_out_clips']} held-out clips ({accuracy['chunks']} chunks), data: "
              f"{data.get('kind')} ({data.get('generator')}, {data.get('source')})"]
     rows = [("graph", "output", "cosine", "min cos", "max abs err", "max rel err")]
@@ -76,5 +77,5 @@ def format_quantization(report: Mapping[str, Any]) -> str:
         lines.append(f"sweep {graph}: error vs fp32 {sweep['baseline_error']:.3g} all int8 -> "
                      f"{sweep['final_error']:.3g}"
                      f"; kept fp32 by the sweep: {', '.join(kept) or 'none'}"
-                     + (f" (not quantized by this flavour: {', '.join(already)})" if already else ""))
+                     + (f" (not quantized by this recipe: {', '.join(already)})" if already else ""))
     return "\n".join(lines)

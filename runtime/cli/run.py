@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..backends import BACKENDS, REGISTRY, BackendSettings, backend_entry
 from ..bundle.reader import Bundle
 from ..errors import InputError, MirasolError
 from ..media.chunks_file import load_chunks, save_chunks
@@ -61,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-chunks", type=Path, metavar="NPZ",
                         help="with --video: also write the decoded chunks to this .npz, for --chunks (replaces only "
                              "a chunks file mirasol wrote)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
-                        help="most answer tokens (bytes); --info says how many the bundle's context leaves")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="most answer tokens (bytes) (default: the bundle's, 32 unless exported otherwise, or "
+                             "what the question leaves of the context); --info says how many the context leaves")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
                         help="sample from the K likeliest tokens (0: all)")
@@ -70,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="sample from the smallest set of tokens holding probability P (1: all)")
     parser.add_argument("--seed", type=int, help="seed of the sampling (default: fresh each run; greedy answers "
                                                  "need none)")
-    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                        help="tensorrt: engines built by mirasol-build-engines on this device")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="; ".join(f"{e.name}: {e.help}" for e in REGISTRY.values()))
     parser.add_argument("--provider", action="append", metavar="NAME",
                         help="onnxruntime execution provider (repeatable, in order; default: CPUExecutionProvider)")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -344,10 +346,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _chunks(args, bundle.config)
         return 0
-    options = {}
-    if args.backend == "onnxruntime":
-        options = {"providers": args.provider, "threads": args.threads,
-                   "graph_threads": dict(args.graph_threads or [])}
+    settings = BackendSettings(threads=args.threads, graph_threads=dict(args.graph_threads or []),
+                               providers=args.provider)
+    options = backend_entry(args.backend).options(settings)
     start = time.perf_counter()
     pipe = Pipeline.load(args.bundle, backend=args.backend, verify=not args.no_verify, **options)
     load_seconds = time.perf_counter() - start

@@ -135,8 +135,3 @@ def clip_log_mel(waveform: np.ndarray, config: Any) -> np.ndarray:
     mels = np.moveaxis(mels, -3, -2)  # [..., n_mels, N, A]
     return np.ascontiguousarray(mels.reshape(*mels.shape[:-2], -1))
 
-
-def silence_log_mel(config: Any, num_chunks: int = 1) -> np.ndarray:
-    """The log-mel of silence (all samples zero): [n_mels, num_chunks * A], every value log(1e-6)."""
-    p = audio_params(config)
-    return np.full((p.n_mels, num_chunks * p.audio_frames_per_chunk), np.log(LOG_OFFSET), dtype=np.float32)

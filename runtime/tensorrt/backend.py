@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backends.base import Backend, GraphSession
+from ..backends.base import Backend, BackendSettings, GraphSession
 from ..bundle.manifest import check_file_name
 from ..bundle.reader import sha256_file
 from ..errors import BackendError, BundleError, InputError
@@ -356,6 +356,10 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
     keeps_on_device = True
+
+    @classmethod
+    def options_from(cls, settings: BackendSettings) -> dict[str, Any]:
+        return {"device": settings.device}
 
     def __init__(self, *, device: int = 0, max_contexts: int | None = None, keep_on_device: Collection[str] = (),
                  verbose: bool = False) -> None:

@@ -144,7 +144,7 @@ class BuildPlan:
 
 def plan_build(precision: str, bundle_precision: str, *, typing: str = "auto", has_precision_flags: bool = True,
                int8_fp16: bool = True, tf32: bool = False) -> BuildPlan:
-    """Choose a strongly/weakly typed network and the builder flags for a precision (`runtime/bundle/precisions.py` says,
+    """Choose a strongly/weakly typed network and the builder flags for a precision (`bundle/precisions.py` says,
     per precision, which bundles it builds from, where `auto` types strongly and which flags weak typing needs).
 
     - A strongly typed network keeps the graph's types, so it needs a bundle of the engine's precision (an fp16

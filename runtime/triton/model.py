@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import BackendSettings, backend_entry
 from ..errors import InputError, MirasolError
 from ..pipeline import Pipeline, Stream
 
@@ -52,7 +53,7 @@ class Sequences:
     than `idle_timeout_s`; with `state_dir`, saved after every chunk (and the file removed at END)."""
 
     def __init__(self, pipeline: Pipeline, idle_timeout_s: float, state_dir: str | Path | None = None,
-                 max_new_tokens: int = 32, clock: Callable[[], float] = time.monotonic,
+                 max_new_tokens: int | None = None, clock: Callable[[], float] = time.monotonic,
                  log: Callable[[str], None] = print) -> None:
         self.pipeline = pipeline
         self.idle_timeout_s = idle_timeout_s
@@ -175,9 +176,9 @@ class Sequences:
 
 
 def load_pipeline(bundle: str | Path, backend: str, threads: int = 0, device: int = 0) -> Pipeline:
-    """The bundle with the serving backend: onnxruntime with `threads` intra-op threads (0: its default), or
-    tensorrt on GPU `device`."""
-    options: dict[str, Any] = {"threads": threads or None} if backend == "onnxruntime" else {"device": device}
+    """The bundle with the serving backend (a registry name), given `threads` intra-op threads (0: the library's
+    default) and GPU `device`, as far as they apply to it."""
+    options = backend_entry(backend).options(BackendSettings(threads=threads or None, device=device))
     return Pipeline.load(bundle, backend=backend, **options)
 
 
@@ -193,7 +194,8 @@ class TritonPythonModel:
         device = int(args["model_instance_device_id"])  # the instance's GPU (KIND_GPU: the tensorrt backend)
         self.sequences = Sequences(load_pipeline(bundle, params["backend"], int(params["threads"]), device),
                                    idle_timeout_s=float(params["idle_timeout_s"]), state_dir=params["state_dir"],
-                                   max_new_tokens=int(params["max_new_tokens"]), log=pb_utils.Logger.log_info)
+                                   max_new_tokens=int(params["max_new_tokens"]) or None,
+                                   log=pb_utils.Logger.log_info)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         replies: list[Reply | MirasolError | None] = [None] * len(requests)

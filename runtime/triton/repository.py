@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..backends import BACKENDS
+from ..backends import BACKENDS, REGISTRY, backend_entry
 from ..bundle.reader import Bundle
-from ..cli.commandline import command_parser, run_command, version
+from ..cli.commandline import version
 from ..errors import ExportError, InputError
 from ..files.atomic import atomic_directory
 from ..files.ownership import check_output_dir, write_marker
@@ -45,7 +44,7 @@ class ServingOptions:
     idle_timeout_s: float = 60.0
     queue_delay_ms: float = 5.0
     max_sequences: int = 256
-    max_new_tokens: int = 32
+    max_new_tokens: int = 0  # 0: the bundle's default, or what the question leaves
     threads: int = 0  # onnxruntime intra-op threads per instance; 0: ONNX Runtime's default
     state_dir: str = ""  # where streams are saved after every chunk, for RESUME; "": not saved
 
@@ -75,9 +74,11 @@ def _checked(options: ServingOptions, bundle: Bundle) -> ServingOptions:
     if not 1 <= max_batch <= bundle_max:
         raise InputError(f"--max-batch: {max_batch} is outside [1, {bundle_max}], the batch range of {bundle.path} "
                          f"(re-export it with mirasol-export --max-batch {max_batch})")
-    for name in ("instances", "max_sequences", "max_new_tokens"):
+    for name in ("instances", "max_sequences"):
         if getattr(options, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(options, name)}")
+    if options.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens: must be 0 (the bundle's default) or more, got {options.max_new_tokens}")
     if options.idle_timeout_s <= 0 or options.queue_delay_ms < 0 or options.threads < 0:
         raise InputError("--idle-timeout-s must be > 0, --queue-delay-ms and --threads >= 0")
     if not options.model_name.replace("_", "").replace("-", "").isalnum():
@@ -109,7 +110,7 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
     parameters = {"bundle": "bundle", "backend": options.backend, "idle_timeout_s": f"{options.idle_timeout_s:g}",
                   "state_dir": options.state_dir, "max_new_tokens": str(options.max_new_tokens),
                   "threads": str(options.threads)}
-    kind = "KIND_GPU" if options.backend == "tensorrt" else "KIND_CPU"
+    kind = "KIND_GPU" if backend_entry(options.backend).device == "gpu" else "KIND_CPU"
     lines = [
         f"# Written by mirasol-triton {version()} for the bundle in 1/bundle ({manifest.precision}).",
         f"name: {_quote(options.model_name)}",
@@ -145,26 +146,12 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = command_parser(
-        "mirasol-triton",
-        "Write a Triton Inference Server model repository serving a bundle: a Python-backend model holding one "
-        "runtime stream per sequence (correlation ID), with Triton's sequence batcher.",
-        epilog="Examples:\n"
-               "  mirasol-triton bundles/demo --out triton-repo --state-dir triton-state\n"
-               "  python -m mirasol.runtime.triton.server triton-repo --http-port 8000 --grpc-port 8001")
-    parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="repository directory to write (replaced only if mirasol-triton wrote it)")
-    add_serving_options(parser, ServingOptions())
-    return parser
-
-
 def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOptions = ServingOptions()) -> None:
     """The ServingOptions as command-line options (shared with the load measurement)."""
     parser.add_argument("--model-name", default=defaults.model_name, help="the model's name in the repository")
     parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
-                        help="runtime backend inside the model (tensorrt: build the engines on the server first)")
+                        help="runtime backend inside the model: " + "; ".join(
+                            f"{e.name}: {e.help}" for e in REGISTRY.values()))
     parser.add_argument("--instances", type=int, default=defaults.instances,
                         help="model instances (processes); a sequence stays on one")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
@@ -176,7 +163,8 @@ def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOption
     parser.add_argument("--max-sequences", type=int, default=defaults.max_sequences,
                         help="sequences served at once per model (more wait until one ends)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                        help="answer length when a request gives no MAX_NEW_TOKENS")
+                        help="answer length when a request gives no MAX_NEW_TOKENS (0: the bundle's default, or what "
+                             "the question leaves of the context where that is less)")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="onnxruntime intra-op threads per instance (0: ONNX Runtime's default)")
     parser.add_argument("--state-dir", default=defaults.state_dir,
@@ -186,18 +174,3 @@ def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOption
 
 def serving_options(args: argparse.Namespace) -> ServingOptions:
     return ServingOptions(**{name: getattr(args, name) for name in ServingOptions.__dataclass_fields__})
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command(_parser(), _write, argv)
-
-
-def _write(args: argparse.Namespace) -> None:
-    model = write_repository(args.bundle, args.out, serving_options(args))
-    print(f"wrote {args.out}: model {model.name!r} serving a copy of {args.bundle}")
-    if args.backend == "tensorrt":
-        print(f"on the server, build the engines first: mirasol-build-engines {model / '1' / 'bundle'}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
