@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,7 +19,8 @@ import numpy as np
 from ..backends import BACKENDS, REGISTRY, BackendSettings, backend_entry
 from ..bundle.reader import Bundle
 from ..errors import InputError, MirasolError
-from ..media.chunks_file import load_chunks, save_chunks
+from ..files.ownership import check_output_file
+from ..media.chunks_file import is_chunks_file, load_chunks, save_chunks
 from ..media.live import DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
 from ..pipeline import Pipeline
 from .bundle_info import describe_bundle
@@ -112,17 +114,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _chunks(args: argparse.Namespace, config: dict) -> tuple[np.ndarray, np.ndarray]:
-    if args.video is None:
-        return load_chunks(args.chunks)
-    from ..media.video_files import load_clip
-    video, audio = load_clip(args.video, config)
-    if args.save_chunks is not None:
-        save_chunks(args.save_chunks, video, audio, source=str(args.video))
-        print(f"wrote {args.save_chunks}: {len(video) // int(config['frames_per_chunk'])} chunks (video "
-              f"{list(video.shape)}, audio {list(audio.shape)}); stream it with --chunks {args.save_chunks}",
-              file=sys.stderr)
-    return video, audio
+def _decoded(args: argparse.Namespace, config: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The chunks of --video, decoded one at a time as they are pushed (memory bounded whatever the file's
+    length); with --save-chunks, also kept and written to that file (checked first) once decoding ends."""
+    from ..media.video_files import iter_chunks
+
+    if args.save_chunks is None:
+        yield from iter_chunks(args.video, config)
+        return
+    check_output_file(args.save_chunks, is_chunks_file, "chunks file")
+    kept = []
+    for chunk in iter_chunks(args.video, config):
+        kept.append(chunk)
+        yield chunk
+    video, audio = np.concatenate([v for v, _ in kept]), np.concatenate([a for _, a in kept], axis=1)
+    save_chunks(args.save_chunks, video, audio, source=str(args.video))
+    print(f"wrote {args.save_chunks}: {len(kept)} chunks (video {list(video.shape)}, audio {list(audio.shape)}); "
+          f"stream it with --chunks {args.save_chunks}", file=sys.stderr)
 
 
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,13 +140,18 @@ def _generation(args: argparse.Namespace) -> dict[str, Any]:
 
 def _answer_clip(args: argparse.Namespace, pipe: Pipeline, load_seconds: float) -> int:
     start = time.perf_counter()
-    video, audio = _chunks(args, pipe.config)
-    decode_seconds = time.perf_counter() - start
+    chunks = iter(pipe.split_clip(*load_chunks(args.chunks)) if args.video is None else _decoded(args, pipe.config))
+    decode_seconds, stream_seconds = time.perf_counter() - start, 0.0
     stream = pipe.stream()
-    start = time.perf_counter()
-    for chunk_video, chunk_audio in pipe.split_clip(video, audio):
-        stream.push(chunk_video, chunk_audio)
-    stream_seconds = time.perf_counter() - start
+    while True:  # decode a chunk, push it: one chunk in memory at a time
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        decode_seconds += time.perf_counter() - start
+        if chunk is None:
+            break
+        start = time.perf_counter()
+        stream.push(*chunk)
+        stream_seconds += time.perf_counter() - start
     start = time.perf_counter()
     generation = _generation(args)
     tokens = stream.token_ids(args.question, generation.pop("max_new_tokens"), **generation)[0]
@@ -344,7 +357,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.info:
             print(describe_bundle(bundle, args.bundle))
         else:
-            _chunks(args, bundle.config)
+            for _ in _decoded(args, bundle.config):
+                pass
         return 0
     settings = BackendSettings(threads=args.threads, graph_threads=dict(args.graph_threads or []),
                                providers=args.provider)
