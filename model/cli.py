@@ -26,12 +26,24 @@ def demo(argv: Sequence[str] | None = None) -> int:
                "  mirasol-demo clip.mp4\n"
                "  mirasol-run bundles/demo --video clip.mp4 --question 'which colour appeared first?'\n"
                "  mirasol-demo clip3.mp4 --index 3          # another held-out clip")
-    parser.add_argument("out", type=Path, help="the video file to write (.mp4); an existing file is replaced only "
-                                               "if it is a clip mirasol-demo wrote")
-    parser.add_argument("--index", type=int, default=0, metavar="N", help="which clip of the family (any integer)")
-    parser.add_argument("--seed", type=int, default=TEST_SEED, metavar="N",
-                        help=f"clip family ({TEST_SEED}: held out from the demo model's training)")
+    parser.add_argument("out", type=_clip_path, help=f"the video file to write ({', '.join(CLIP_SUFFIXES)}); an "
+                                                     f"existing file is replaced only if it is a clip mirasol-demo wrote")
+    parser.add_argument("--index", type=bounded(int, 0, 2**63 - 1), default=0, metavar="N",
+                        help="which clip of the family (0 or more)")
+    parser.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=TEST_SEED, metavar="N",
+                        help=f"clip family, 0 or more ({TEST_SEED}: held out from the demo model's training)")
     return run_command(parser, _demo, argv)
+
+
+CLIP_SUFFIXES = (".mp4", ".mkv", ".mov")  # containers that take the demo's H.264 video and AAC audio
+
+
+def _clip_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in CLIP_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: mirasol-demo writes {', '.join(CLIP_SUFFIXES)} files (the name's "
+                                         f"suffix says which)")
+    return path
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -160,6 +160,8 @@ def test_a_file_that_is_not_media_is_said_in_words(tiny_bundle: Path, tmp_path: 
     ("mirasol-build-engines", ["BUNDLE", "--opt-level", "9"], "argument --opt-level: 9 is not in [0, 5]"),
     ("mirasol-triton", ["BUNDLE"], "the following arguments are required: --out"),
     ("mirasol-export", ["--precision", "int9"], "argument --precision: invalid choice: 'int9'"),
+    ("mirasol-demo", ["clip.txt"], "argument out: clip.txt: mirasol-demo writes .mp4, .mkv, .mov files"),
+    ("mirasol-demo", ["clip.mp4", "--index", "-5"], "argument --index: -5 is not in [0, "),
 ])
 def test_a_wrong_command_line_exits_2_with_one_error_line(tiny_bundle: Path, script: str, args: list[str],
                                                           words: str) -> None:
