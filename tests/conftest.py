@@ -282,3 +282,15 @@ def short_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
         clips[n] = task.write(task.clip(1, n), root / f"short-{n}.mp4")
     return clips
 
+
+
+@pytest.fixture(scope="session")
+def served(live_bundles: dict[str, Path]):
+    """One `mirasol-serve` process for the service's tests (the 0.25 s-chunk bundle, a token, local sources
+    allowed, stall timeout 1 s); stopped at the end of the session."""
+    pytest.importorskip("starlette")
+    from .serve_tools import Server
+
+    server = Server(live_bundles["short"], "--allow-local-sources", "--stall-timeout", "1", "-q")
+    yield server
+    server.close()

@@ -96,6 +96,19 @@ def events(lines: list[str], kind: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
+def write_ts(clip: Path, out: Path) -> Path:
+    """The clip's packets remuxed into an MPEG-TS file (what the sender sends, all at once)."""
+    import av
+
+    with av.open(str(clip)) as source, av.open(str(out), "w", format="mpegts") as ts:
+        streams = {s.index: ts.add_stream_from_template(s) for s in source.streams}
+        for packet in source.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                ts.mux(packet)
+    return out
+
+
 class SlowSession(GraphSession):
     """A graph whose every run sleeps `delay` seconds first."""
 

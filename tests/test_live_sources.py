@@ -27,7 +27,7 @@ from mirasol.runtime.media.live import LiveRun
 from mirasol.runtime.media.live_sources import open_source
 from mirasol.runtime.pipeline import Pipeline
 
-from .live_tools import SHORT_CHUNK_S, Lines, events, free_udp_port, mirasol_run, sender
+from .live_tools import SHORT_CHUNK_S, Lines, events, free_udp_port, mirasol_run, sender, write_ts
 
 av = pytest.importorskip("av")
 QUESTION = "which colour appeared first?"
@@ -192,13 +192,7 @@ def test_reconnect_option(live_bundles, capsys) -> None:
 def test_named_pipe_that_stops_sending_ends_at_the_stall_timeout(live_bundles, short_clips, tmp_path) -> None:
     """(7, 1) A writer sends half a stream into the pipe and then holds it open without writing: the run ends
     --stall-timeout after the last data (it used to hang), answers its question, and names what happened."""
-    data = tmp_path / "stream.ts"
-    with av.open(str(short_clips[12])) as clip, av.open(str(data), "w", format="mpegts") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in clip.streams}
-        for packet in clip.demux():
-            if packet.dts is not None:
-                packet.stream = streams[packet.stream.index]
-                out.mux(packet)
+    data = write_ts(short_clips[12], tmp_path / "stream.ts")
     fifo = tmp_path / "live.ts"
     os.mkfifo(fifo)
     run = mirasol_run(str(live_bundles["short"]), "--live", str(fifo), "--json", "--stall-timeout", "1",

@@ -188,7 +188,8 @@ class Feed:
         self.decoder: threading.Thread | None = None
         self.latency_ms, self.decode_ms, self.receive_ms, self.wait_ms, self.push_ms = (
             Quantiles(), Quantiles(), Quantiles(), Quantiles(), Quantiles())
-        self.received = self.pushed_count = self.dropped_full = self.dropped_late = self.over_bound = 0
+        self.received = self.pushed_count = self.over_bound = 0
+        self.dropped_full = self.dropped_late = self.dropped_failed = 0
         self.reconnects = self.warnings = 0
         self.last_latency_ms: float | None = None
         self.receive_estimate = self.push_estimate = 0.0
@@ -212,7 +213,7 @@ class Feed:
 
     @property
     def dropped(self) -> int:
-        return self.dropped_full + self.dropped_late
+        return self.dropped_full + self.dropped_late + self.dropped_failed
 
     def finished(self) -> bool:
         """The source has ended (or failed: `error`) and every chunk it gave was pushed or dropped."""
@@ -248,7 +249,7 @@ class Feed:
             self.on_event(note)
         now = self.clock()
         for chunk in self.queue.take_dropped():
-            self._drop(chunk, "queue full", now)
+            self.drop(chunk, "queue full", now)
 
     def take(self, timeout: float = 0.0) -> TimedChunk | None:
         """The next chunk to push (waiting up to `timeout` for one); a chunk too late to push is dropped."""
@@ -259,14 +260,17 @@ class Feed:
             now = self.clock()
             if not self._late(chunk, now):
                 return chunk
-            self._drop(chunk, "late", now)
+            self.drop(chunk, "late", now)
             timeout = 0.0
 
-    def _drop(self, chunk: TimedChunk, reason: str, now: float) -> None:
+    def drop(self, chunk: TimedChunk, reason: str, now: float) -> None:
+        """Count and report a chunk not pushed: "queue full", "late", or why its push failed."""
         if reason == "queue full":
             self.dropped_full += 1
-        else:
+        elif reason == "late":
             self.dropped_late += 1
+        else:
+            self.dropped_failed += 1
         self.stream.skip()
         self.on_event({"event": "drop", "index": chunk.index, "reason": reason,
                        "capture_s": self._seconds(chunk.captured), "media_s": _span(chunk),
@@ -312,7 +316,8 @@ class Feed:
             "seconds": round(self.clock() - self.start, 2), "latency_bound_ms": round(1000 * self.latency_bound, 1),
             "queue_size": self.queue.size, "chunks": self.pushed_count + self.dropped + left,
             "pushed": self.pushed_count, "dropped": self.dropped, "dropped_queue_full": self.dropped_full,
-            "dropped_late": self.dropped_late, "left_in_queue": left, "over_bound": self.over_bound,
+            "dropped_late": self.dropped_late, "dropped_failed": self.dropped_failed, "left_in_queue": left,
+            "over_bound": self.over_bound,
             "latency_ms": self.latency_ms.to_dict(), "receive_ms": self.receive_ms.to_dict(),
             "decode_ms": self.decode_ms.to_dict(), "queue_wait_ms": self.wait_ms.to_dict(),
             "push_ms": self.push_ms.to_dict(), "reconnects": self.reconnects, "warnings": self.warnings}
