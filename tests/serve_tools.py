@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,9 @@ class Browser:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         connection.request("GET", "/json/list")
         pages = [t for t in json.loads(connection.getresponse().read()) if t["type"] == "page"]
-        self.socket = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self.stack = ExitStack()
+        self.socket = self.stack.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None,
+                                                       open_timeout=10))
         self.ids = 0
 
     def send(self, method: str, **params: Any) -> dict[str, Any]:
@@ -168,7 +170,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.socket.close()
+            self.stack.close()
         finally:
             self.process.terminate()
             try:

@@ -6,7 +6,9 @@ Each target gets the clip's packets remuxed (no re-encoding: the same H.264 and 
 MPEG-TS at real-time pace, from a thread of its own; `loops` plays the clip that many times back to back
 (timestamps continue). To a UDP port it first waits until a receiver has bound that port on loopback, so
 nothing is lost before the receiver listens; a named pipe's path is written as a file. Only loopback UDP
-targets: this is a test source, not a streaming server. `video_only` leaves the audio out.
+targets: this is a test source, not a streaming server. `video_only` leaves the audio out; `spread` starts
+the targets that many seconds apart in all (cameras are not in step). `write_test_clip` makes a clip of a
+camera's size (moving bars and a tone, H.264 and AAC) for load figures.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from ..errors import InputError
 from .pyav import _import_av
@@ -87,14 +91,46 @@ def send(clip: str | Path, target: str, wait_s: float = 30.0, loops: int = 1, vi
 
 
 def send_all(clip: str | Path, targets: Sequence[str], loops: int = 1, video_only: bool = False,
-             stop: threading.Event | None = None) -> list[threading.Thread]:
-    """`send` to every target from a thread each (started; daemon threads)."""
-    threads = [threading.Thread(target=send, args=(clip, target), name=f"send {target}", daemon=True,
-                                kwargs={"loops": loops, "video_only": video_only, "stop": stop})
-               for target in targets]
+             stop: threading.Event | None = None, spread: float = 0.0) -> list[threading.Thread]:
+    """`send` to every target from a thread each (started; daemon threads), `spread` seconds apart in all."""
+    stop = stop or threading.Event()
+
+    def one(target: str, delay: float) -> None:
+        if not stop.wait(delay):
+            send(clip, target, loops=loops, video_only=video_only, stop=stop)
+
+    threads = [threading.Thread(target=one, args=(target, spread * i / len(targets)), name=f"send {target}",
+                                daemon=True) for i, target in enumerate(targets)]
     for thread in threads:
         thread.start()
     return threads
+
+
+def write_test_clip(path: str | Path, seconds: float = 10.0, width: int = 640, height: int = 360, fps: int = 25,
+                    sample_rate: int = 16000) -> Path:
+    """An mp4 of moving colour bars (H.264) and a rising tone (AAC) of a camera's size, for load figures."""
+    av = _import_av()
+    frames = round(seconds * fps)
+    x = np.arange(width)[None, :, None]
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("h264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "veryfast", "g": str(2 * fps)}
+        audio = out.add_stream("aac", rate=sample_rate)
+        audio.layout = "mono"
+        for i in range(frames):
+            phase = 2 * np.pi * (x / width + i / (2 * fps))
+            rgb = (127 + 120 * np.sin(phase + np.array([0, 2, 4]))).astype(np.uint8).repeat(height, axis=0)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(video.encode(None))
+        t = np.arange(round(seconds * sample_rate)) / sample_rate
+        tone = (0.2 * np.sin(2 * np.pi * (300 + 30 * t) * t)).astype(np.float32)
+        for start in range(0, tone.size, 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="flt", layout="mono")
+            frame.sample_rate = sample_rate
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    return Path(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,11 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("targets", nargs="+", help=f"udp://{LOOPBACK}:PORT or the path of a named pipe")
     parser.add_argument("--loops", type=int, default=1, help="times the clip is played back to back")
     parser.add_argument("--video-only", action="store_true", help="send the video track alone")
+    parser.add_argument("--spread", type=float, default=0.0, help="seconds between the first and the last start")
     args = parser.parse_args(argv)
     if len(args.targets) == 1:
         send(args.clip, args.targets[0], loops=args.loops, video_only=args.video_only)
         return 0
-    for thread in send_all(args.clip, args.targets, loops=args.loops, video_only=args.video_only):
+    for thread in send_all(args.clip, args.targets, loops=args.loops, video_only=args.video_only,
+                           spread=args.spread):
         thread.join()
     return 0
 

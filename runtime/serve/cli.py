@@ -43,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     net.add_argument("--allow-local-sources", action="store_true",
                      help="let clients add paths: files (played at their pace), named pipes and V4L2 cameras "
                           "(network URLs are always allowed)")
-    net.add_argument("--max-sources", type=bounded(int, 1, 10_000), default=32, metavar="N")
-    net.add_argument("--max-question-chars", type=bounded(int, 1, 100_000), default=1000, metavar="N")
+    net.add_argument("--max-sources", type=bounded(int, 1, 10_000), default=32, metavar="N",
+                     help="sources at once (more: 429)")
+    net.add_argument("--max-question-chars", type=bounded(int, 1, 100_000), default=1000, metavar="N",
+                     help="longest question, standing ones too (more: 413)")
     net.add_argument("--max-request-kb", type=bounded(int, 1, 1 << 20), default=64, metavar="KB",
                      help="largest JSON body or WebSocket message")
     net.add_argument("--max-state-mb", type=bounded(int, 1, 1 << 20), default=1024, metavar="MB",
@@ -53,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="questions waiting or being answered, all sources together (more: 429)")
     net.add_argument("--webhook", metavar="URL", help="POST every alert of a standing question here (JSON)")
     run = parser.add_argument_group("inference")
-    run.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    run.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                     help="tensorrt: engines built by mirasol-build-engines on this device")
     run.add_argument("--threads", type=bounded(int, 1, 1024), metavar="N", help="onnxruntime intra-op threads")
     run.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
     run.add_argument("--no-batch", action="store_true",
@@ -64,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     sources.add_argument("--source", action="append", default=[], metavar="[ID=]URL",
                          help="a source added at start (repeatable); the operator's may be local paths")
     sources.add_argument("--latency-bound", type=bounded(float, 0.01, 3600.0), default=LATENCY_BOUND_S,
-                         metavar="SECONDS")
-    sources.add_argument("--stall-timeout", type=bounded(float, 0.1, 3600.0), default=5.0, metavar="SECONDS")
+                         metavar="SECONDS", help="capture to av_context that drop-oldest keeps to")
+    sources.add_argument("--stall-timeout", type=bounded(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
+                         help="seconds without data that end a connection (then reconnect); each reopen waits "
+                              "as long")
     sources.add_argument("--reconnect", type=_reconnect, default=None, metavar="ATTEMPTS",
                          help=f"reconnect attempts in a row before a source is reported failed, or '{FOREVER}' "
                               f"(default: {FOREVER})")
