@@ -6,9 +6,10 @@
 The source decodes in its own thread, so a slow network or decoder never blocks inference and a slow
 model never blocks decoding. When the queue is full the declared policy applies:
 - `drop-oldest` (default for live sources: stay current): the oldest waiting chunk is dropped to make
-  room; a chunk that has waited so long that pushing it would break the latency bound is dropped too
-  when a newer chunk waits behind it and a fresh chunk can still meet the bound (receive + push
-  estimates within it);
+  room; a chunk that has waited so long that pushing it would break the latency bound is dropped too,
+  while a fresh chunk can still meet the bound (receive + push estimates within it), unless it came
+  late (its receive alone broke the bound) with nothing behind it: dropping that one keeps nothing
+  current;
 - `block` (default for files: lose nothing): the decode thread waits for room; latency then grows
   when the model is slower than the source (chunks over the bound are counted, none is dropped).
 Every dropped chunk is counted, reported and noted on the stream (`Stream.skip`): the carried state
@@ -278,13 +279,15 @@ class Feed:
                        "age_ms": round(1000 * (now - chunk.captured), 1), "dropped": self.dropped})
 
     def _late(self, chunk: TimedChunk, now: float) -> bool:
-        """drop-oldest: pushing this chunk now would break the bound, a fresh chunk would not, and a newer chunk is
-        waiting (a stale chunk with nothing behind it, e.g. the last one before a stall, is pushed: dropping it
-        would keep nothing current)."""
-        if self.policy != "drop-oldest" or not self.pushed_count or not len(self.queue):
+        """drop-oldest: pushing this chunk now would break the bound and a fresh chunk would not, and dropping it
+        helps: it waited here (it was ready in time) or a newer chunk waits behind it. A chunk that came late
+        with nothing behind it (the last one before a stall, held by the demuxer) is pushed, over the bound."""
+        if self.policy != "drop-oldest" or not self.pushed_count:
             return False
         fresh = self.receive_estimate + self.push_estimate
-        return now - chunk.captured + self.push_estimate > self.latency_bound and fresh <= self.latency_bound
+        if now - chunk.captured + self.push_estimate <= self.latency_bound or fresh > self.latency_bound:
+            return False
+        return len(self.queue) > 0 or chunk.ready - chunk.captured + self.push_estimate <= self.latency_bound
 
     def pushed(self, chunk: TimedChunk, taken: float, done: float) -> None:
         """Record a chunk pushed between clock times `taken` and `done`."""

@@ -173,8 +173,10 @@ def create_app(service: Service, first: list[dict[str, Any]] = ()) -> Starlette:
             return JSONResponse(record)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        question = await service.ask(request.path_params["id"], data, extra=("stream",),
-                                     on_token=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, ("token", text)))
+        def on_token(text: str) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, ("token", text))
+
+        question = await service.ask(request.path_params["id"], data, extra=("stream",), on_token=on_token)
         question.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, ("done", None)))
 
         async def tokens() -> AsyncIterator[bytes]:

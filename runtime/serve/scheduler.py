@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from .standing import Standing, Webhook
 
 Event = dict[str, Any]
 STATUS_EVERY_S = 1.0
+log = logging.getLogger("mirasol.serve")
 
 
 class Question:
@@ -90,6 +92,7 @@ class Scheduler:
         self.stopping = threading.Event()
         self.turn = 0
         self.rounds = 0
+        self.faults = 0  # rounds that failed on an error of ours
         self.last_round = clock()
         self.next_status = 0.0
         self.thread = threading.Thread(target=self._loop, name="inference", daemon=True)
@@ -132,17 +135,29 @@ class Scheduler:
             self.wake.clear()
             self.last_round = self.clock()
             self.rounds += 1
-            self._run_commands()
-            picked = self._collect()
-            if picked:
-                self._push(picked)
-            advanced = self._advance()
-            self._check_ended()
-            if self.clock() >= self.next_status:
-                self.next_status = self.clock() + STATUS_EVERY_S
-                self.publish(self.status_event())
-            if not picked and not advanced:
+            try:
+                busy = self._round()
+            except Exception as error:  # a fault of ours must not end every source's service: logged, counted
+                self.faults += 1
+                log.exception("inference round failed")
+                self.publish({"event": "warning", "message": f"inference round failed: {type(error).__name__}: "
+                                                             f"{error}"})
+                busy = False
+            if not busy:
                 self.wake.wait(0.05)
+
+    def _round(self) -> bool:
+        """One round (see the module notes); whether it did any work."""
+        self._run_commands()
+        picked = self._collect()
+        if picked:
+            self._push(picked)
+        advanced = self._advance()
+        self._check_ended()
+        if self.clock() >= self.next_status:
+            self.next_status = self.clock() + STATUS_EVERY_S
+            self.publish(self.status_event())
+        return bool(picked) or advanced
 
     def _run_commands(self) -> None:
         while not self.commands.empty():
