@@ -9,7 +9,7 @@ processes, 16 sources each, their starts spread over one chunk: cameras are not 
 camera's size (`--clip`, default: `write_test_clip`, 640x360 at 25 fps, H.264 + AAC). After `--warmup`
 seconds it counts, over `--seconds`: the chunks due (N x seconds / chunk duration), pushed and dropped, the
 latency of the pushed ones (capture to av_context: p50, p95, max) and how many were over the bound, the CPU
-time of this process and the senders per chunk, and with `--standing-every K` a standing question on every
+time of this process and the senders per chunk, the inference thread's push time per chunk, and with `--standing-every K` a standing question on every
 source asked every K chunks (its cost per chunk: answer time over the chunks it stood over). N *holds* when
 at most 1% of the chunks due were dropped or missing and the p95 latency is within the bound; the run goes
 up the list of N until one does not hold. The machine's load average is printed with each row: on a shared
@@ -105,10 +105,11 @@ def run_once(pipe: Any, clip: Path, count: int, batch: bool, seconds: float, war
                 raise RuntimeError("not every source delivered a chunk within 60 s")
             time.sleep(0.2)
         time.sleep(warmup)
-        start, cpu0 = time.monotonic(), _cpu_seconds(senders)
+        push = service.metrics.backend.labels("push")
+        start, cpu0, push0 = time.monotonic(), _cpu_seconds(senders), push._value.get()
         standing0 = _standing(service)
         time.sleep(seconds)
-        end, cpu1 = time.monotonic(), _cpu_seconds(senders)
+        end, cpu1, push1 = time.monotonic(), _cpu_seconds(senders), push._value.get()
         standing1 = _standing(service)
         load = os.getloadavg()[0]
     finally:
@@ -135,6 +136,7 @@ def run_once(pipe: Any, clip: Path, count: int, batch: bool, seconds: float, war
             "latency_ms": latency.to_dict(),
             "service_cpu_ms_per_chunk": round(1000 * (cpu1[0] - cpu0[0]) / max(pushed, 1), 2),
             "sender_cpu_ms_per_chunk": round(1000 * (cpu1[1] - cpu0[1]) / max(pushed, 1), 2),
+            "push_ms_per_chunk": round(1000 * (push1 - push0) / max(pushed, 1), 2),
             "standing_ms_per_chunk": round(1000 * answer_s / chunks, 3) if chunks else None,
             "holds": lost <= 0.01 and p95 is not None and p95 <= 1000 * bound, "load_average": round(load, 1)}
 
@@ -149,12 +151,13 @@ def _standing(service: Any) -> tuple[float, int]:
 
 def markdown(rows: list[dict[str, Any]], bound: float) -> str:
     lines = ["| mode | sources | due | pushed | dropped + missing | lost | latency p50 / p95 / max ms | over bound "
-             "| CPU ms/chunk: service, senders | standing ms/chunk | holds | load avg |", "|" + "---|" * 12]
+             "| CPU ms/chunk: service, senders | push ms/chunk | standing ms/chunk | holds | load avg |",
+             "|" + "---|" * 13]
     for r in rows:
         q = r["latency_ms"]
         lines.append(f"| {r['mode']} | {r['sources']} | {r['due']} | {r['pushed']} | {r['dropped']} + {r['missing']} | "
                      f"{100 * r['lost_rate']:.1f}% | {q['p50']} / {q['p95']} / {q['max']} | {r['over_bound']} | "
-                     f"{r['service_cpu_ms_per_chunk']}, {r['sender_cpu_ms_per_chunk']} | "
+                     f"{r['service_cpu_ms_per_chunk']}, {r['sender_cpu_ms_per_chunk']} | {r['push_ms_per_chunk']} | "
                      f"{'-' if r['standing_ms_per_chunk'] is None else r['standing_ms_per_chunk']} | "
                      f"{'yes' if r['holds'] else 'no'} | {r['load_average']} |")
     held = {}
