@@ -28,7 +28,7 @@ class Server:
         self.folder = Path(tempfile.mkdtemp(prefix="mirasol-serve-test-"))
         env = {**os.environ}
         env.pop("MIRASOL_SERVE_TOKEN", None)
-        args = [sys.executable, "-m", "mirasol.runtime.serve.cli", str(bundle), "--port", "0", *options]
+        args = [sys.executable, "-m", "mirasol.runtime.cli.serve", str(bundle), "--port", "0", *options]
         if token:
             (self.folder / "token").write_text(token)
             args += ["--token-file", str(self.folder / "token")]

@@ -66,7 +66,7 @@ def test_every_error_is_json_with_the_status_that_says_whose_fault(served) -> No
 
 def test_a_local_path_needs_the_operator(live_bundles, tmp_path) -> None:
     """Without --allow-local-sources a client may not read this machine's files; beyond loopback a token is a must."""
-    from mirasol.runtime.serve.cli import main
+    from mirasol.runtime.cli.serve import main
 
     from .serve_tools import Server
 

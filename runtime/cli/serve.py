@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import InputError
 from ..media.feed import LATENCY_BOUND_S
 from ..media.live_sources import FOREVER, reconnect_attempts
-from ..cli.commandline import UsageError, bounded, command_parser, run_command
+from .commandline import UsageError, bounded, command_parser, run_command
 
 TOKEN_ENV = "MIRASOL_SERVE_TOKEN"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -119,9 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..pipeline import Pipeline
-    from .app import guarded
-    from .service import Limits, Service
-    from .sources import SourceDefaults, parse_source
+    from ..serve.app import guarded
+    from ..serve.service import Limits, Service
+    from ..serve.sources import SourceDefaults, parse_source
 
     token = _token(args)
     options = {}
