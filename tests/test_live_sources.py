@@ -143,7 +143,8 @@ def test_dead_source_gives_up_in_the_stated_time_with_plain_words(live_bundles) 
         LiveRun(pipe.stream(), source, on_event=records.append).run()
     assert time.monotonic() - start < 6.0  # 3 opens x 0.5 s + backoff 1.5 s (was 3 x 10 s + 1.5 s)
     reconnects = [r for r in records if r["event"] == "reconnect"]
-    assert [r["error"] for r in reconnects] == [f"cannot open network source udp://127.0.0.1:{port}: no data for 0.5 s"] * 2
+    opening = f"cannot open network source udp://127.0.0.1:{port}: no data for 0.5 s"
+    assert [r["error"] for r in reconnects] == [opening] * 2
     assert not any("Errno" in json.dumps(r) or "Immediate exit" in json.dumps(r) for r in records)
 
 

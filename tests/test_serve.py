@@ -42,8 +42,10 @@ def test_every_error_is_json_with_the_status_that_says_whose_fault(served) -> No
     refused(400, "unknown field(s) 'lateny_bound'", "POST", "/sources", {"url": "udp://127.0.0.1:9", "lateny_bound": 1})
     refused(400, "unsupported scheme ftp://", "POST", "/sources", {"url": "ftp://127.0.0.1/x"})
     refused(400, "unsupported scheme file://", "POST", "/sources", {"url": "file:///etc/passwd"})
-    refused(403, "not for clients", "POST", "/sources", {"url": "udp://127.0.0.1:9", "options": {"protocol_whitelist": "file"}})
-    refused(413, "the most is 65536", "POST", "/sources", raw=b" " * 70_000, headers={"Content-Type": "application/json"})
+    refused(403, "not for clients", "POST", "/sources",
+            {"url": "udp://127.0.0.1:9", "options": {"protocol_whitelist": "file"}})
+    refused(413, "the most is 65536", "POST", "/sources", raw=b" " * 70_000,
+            headers={"Content-Type": "application/json"})
     refused(400, "'id' must be", "POST", "/sources", {"id": "../x", "url": "udp://127.0.0.1:9"})
     port = free_udp_port()
     served.ok("POST", "/sources", {"id": "idle", "url": f"udp://127.0.0.1:{port}"}, status=201)
