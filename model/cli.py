@@ -26,8 +26,9 @@ def demo(argv: Sequence[str] | None = None) -> int:
                "  mirasol-demo clip.mp4\n"
                "  mirasol-run bundles/demo --video clip.mp4 --question 'which colour appeared first?'\n"
                "  mirasol-demo clip3.mp4 --index 3          # another held-out clip")
-    parser.add_argument("out", type=_clip_path, help=f"the video file to write ({', '.join(CLIP_SUFFIXES)}); an "
-                                                     f"existing file is replaced only if it is a clip mirasol-demo wrote")
+    parser.add_argument("out", type=_clip_path,
+                        help=f"the video file to write ({', '.join(CLIP_SUFFIXES)}); an existing file is replaced "
+                             f"only if it is a clip mirasol-demo wrote")
     parser.add_argument("--index", type=bounded(int, 0, 2**63 - 1), default=0, metavar="N",
                         help="which clip of the family (0 or more)")
     parser.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=TEST_SEED, metavar="N",

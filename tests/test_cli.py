@@ -24,7 +24,8 @@ from mirasol.runtime.pipeline import Pipeline
 from .conftest import VENV_BIN, chunk
 
 SCRIPTS = sorted(e.name for e in metadata.distribution("mirasol-edge").entry_points if e.group == "console_scripts")
-EXTRA_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "tqdm", "av", "tensorrt", "cuda")
+EXTRA_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "tqdm", "av", "tensorrt", "cuda", "starlette", "uvicorn",
+                 "prometheus_client", "websockets")
 # Runs a console script's entry point (argv from the command line) as if `modules` were not installed.
 WITHOUT = """
 import sys
@@ -65,9 +66,9 @@ def parser_of(script: str) -> argparse.ArgumentParser:
     return parsers[0]
 
 
-def test_the_seven_commands_are_known() -> None:
+def test_the_eight_commands_are_known() -> None:
     assert SCRIPTS == ["mirasol-bench", "mirasol-build-engines", "mirasol-demo", "mirasol-export", "mirasol-run",
-                       "mirasol-train", "mirasol-triton"]
+                       "mirasol-serve", "mirasol-train", "mirasol-triton"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -97,7 +98,8 @@ def test_every_option_explains_itself_and_shows_its_default(script: str) -> None
 
 def test_help_examples_use_the_quick_starts_bundle() -> None:
     """The quick start writes bundles/demo; the commands that read a bundle show that one in their examples."""
-    readers = ("mirasol-run", "mirasol-build-engines", "mirasol-triton", "mirasol-bench", "mirasol-demo")
+    readers = ("mirasol-run", "mirasol-build-engines", "mirasol-triton", "mirasol-bench", "mirasol-demo",
+               "mirasol-serve")
     named = {path for script in readers for path in re.findall(r"bundles/[\w.-]+", parser_of(script).epilog or "")}
     assert named == {"bundles/demo"}
     assert "--out bundles/demo" in parser_of("mirasol-export").epilog
@@ -115,6 +117,7 @@ def test_demo_into_a_missing_directory(tmp_path: Path) -> None:
     ("mirasol-train", ["--train-clips", "1"], "export"),
     ("mirasol-demo", ["clip.mp4"], "media"),
     ("mirasol-build-engines", ["BUNDLE"], None),
+    ("mirasol-serve", ["BUNDLE"], "serve"),
 ])
 def test_a_missing_extra_is_named(tmp_path: Path, tiny_bundle: Path, script: str, args: list[str],
                                   extra: str | None) -> None:
@@ -162,6 +165,7 @@ def test_a_file_that_is_not_media_is_said_in_words(tiny_bundle: Path, tmp_path: 
     ("mirasol-export", ["--precision", "int9"], "argument --precision: invalid choice: 'int9'"),
     ("mirasol-demo", ["clip.txt"], "argument out: clip.txt: mirasol-demo writes .mp4, .mkv, .mov files"),
     ("mirasol-demo", ["clip.mp4", "--index", "-5"], "argument --index: -5 is not in [0, "),
+    ("mirasol-serve", ["BUNDLE", "--host", "0.0.0.0"], "--host 0.0.0.0 is beyond loopback: give a token"),
 ])
 def test_a_wrong_command_line_exits_2_with_one_error_line(tiny_bundle: Path, script: str, args: list[str],
                                                           words: str) -> None:

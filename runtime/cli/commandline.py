@@ -34,7 +34,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # the distribution's extras, by the top-level module a command needs from them
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export", "tqdm": "export",
-          "av": "media", "tensorrt": "tensorrt", "cuda": "tensorrt", "tritonclient": "triton"}
+          "av": "media", "tensorrt": "tensorrt", "cuda": "tensorrt", "tritonclient": "triton",
+          "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "websockets": "serve"}
 
 
 class UsageError(Exception):

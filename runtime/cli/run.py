@@ -21,10 +21,11 @@ from ..bundle.reader import Bundle
 from ..errors import InputError, MirasolError
 from ..files.ownership import check_output_file
 from ..media.chunks_file import is_chunks_file, load_chunks, save_chunks
-from ..media.live import DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
+from ..media.live import ASK_EVERY_MAX_S, DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
+from ..media.live_sources import FOREVER, reconnect_attempts
 from ..pipeline import Pipeline
 from .bundle_info import describe_bundle
-from .commandline import EXIT_ERROR, EXIT_INTERRUPTED, UsageError, command_parser, describe, run_command
+from .commandline import EXIT_ERROR, EXIT_INTERRUPTED, UsageError, bounded, command_parser, describe, run_command
 
 STATUS_EVERY_S = 0.25  # refresh of the status line on a terminal
 STATUS_LINE_EVERY_S = 5.0  # a status line per this many seconds when stderr is not a terminal
@@ -86,28 +87,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
     parser.add_argument("--json", action="store_true",
                         help="print the answer, tokens and timings as JSON; with --live, one JSON object per line "
-                             "for every chunk, drop, answer and reconnect, then the summary")
+                             "for every chunk, drop, answer (with its evidence: the chunks it rests on, their "
+                             "media and capture times), reconnect and warning, then the summary")
     live = parser.add_argument_group("live sources (with --live)")
     live.add_argument("--realtime", action="store_true",
                       help="play a file at its own pace, as a camera would deliver it (default: as fast as it "
                            "decodes)")
-    live.add_argument("--ask-every", type=float, metavar="SECONDS",
+    live.add_argument("--ask-every", type=bounded(float, 0.01, ASK_EVERY_MAX_S), metavar="SECONDS",
                       help="ask --question every SECONDS while streaming (default: once, when the stream ends)")
     live.add_argument("--drop-policy", choices=DROP_POLICIES,
                       help="when the queue is full: drop-oldest drops the oldest chunk and chunks too late for "
                            "--latency-bound (stay current); block makes decoding wait (lose nothing) (default: "
                            "drop-oldest for network streams, pipes and cameras, block for files)")
-    live.add_argument("--latency-bound", type=float, default=LATENCY_BOUND_S, metavar="SECONDS",
+    live.add_argument("--latency-bound", type=bounded(float, 0.01, 3600.0), default=LATENCY_BOUND_S,
+                      metavar="SECONDS",
                       help="latency from a chunk's capture to its av_context that drop-oldest keeps to; "
                            "chunks over it are counted")
-    live.add_argument("--queue-size", type=int, metavar="CHUNKS",
+    live.add_argument("--queue-size", type=bounded(int, 1, 100_000), metavar="CHUNKS",
                       help=f"chunks decoded ahead of the model (default: as many as fit in --latency-bound, at "
                            f"least {MIN_QUEUE_SIZE}: 2 for 1 s chunks and the default bound)")
-    live.add_argument("--reconnect", type=int, default=5, metavar="ATTEMPTS",
-                      help="reconnect attempts in a row (backoff 0.5 s doubling to 8 s) before a network source "
-                           "or camera gives up")
-    live.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
-                      help="seconds without data that end a connection (then reconnect)")
+    live.add_argument("--reconnect", type=_reconnect, default=5, metavar="ATTEMPTS",
+                      help=f"reconnect attempts in a row (backoff 0.5 s doubling to 8 s, then each open waits up to "
+                           f"--stall-timeout) before a network source or camera gives up, or '{FOREVER}'")
+    live.add_argument("--stall-timeout", type=bounded(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
+                      help="seconds without data that end a connection (then reconnect); a named pipe that sends "
+                           "nothing for this long ends")
     live.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                       help="an FFmpeg option of the source, e.g. rtsp_transport=tcp or video_size=640x480 "
                            "(repeatable)")
@@ -235,18 +239,29 @@ class _LiveOutput:
             if "error" in event:
                 print(f"error: {event['question']!r}: {event['error']}", file=self.err, flush=True)
             else:
-                print(f"[{event['t_s']:.1f} s, {event['chunks']} chunks] {event['question']} -> {event['answer']}",
-                      file=self.out, flush=True)
+                print(f"[{event['t_s']:.1f} s, {_evidence_text(event['evidence'])}] {event['question']} -> "
+                      f"{event['answer']}", file=self.out, flush=True)
         elif kind == "reconnect":
             self._clear()
             print(f"reconnecting to {event['source']} in {event['delay_s']:g} s (attempt {event['attempt']} of "
                   f"{event['of']}): {event['error']}", file=self.err, flush=True)
+        elif kind == "warning":
+            self._clear()
+            print(f"warning: {event['message']}", file=self.err, flush=True)
         if kind == "summary":
             self._clear()
             self.err.write(_summary_text(event))
             self.err.flush()
         else:
             self._status()
+
+
+def _evidence_text(evidence: dict[str, Any]) -> str:
+    """An answer's evidence in a few words: chunks, media span, the newest chunk's age."""
+    if not evidence.get("chunks"):
+        return "no chunks"
+    return (f"chunks {evidence['first_chunk']}-{evidence['last_chunk']}, media {evidence['media_start_s']:.1f}-"
+            f"{evidence['media_end_s']:.1f} s, newest {evidence['newest_age_ms']:.0f} ms old")
 
 
 def _summary_text(s: dict[str, Any]) -> str:
@@ -258,8 +273,9 @@ def _summary_text(s: dict[str, Any]) -> str:
             f"  chunks {s['chunks']}: pushed {s['pushed']}, dropped {s['dropped']} (queue full "
             f"{s['dropped_queue_full']}, late {s['dropped_late']}), left in queue {s['left_in_queue']}\n"
             f"  latency    {ms('latency_ms')} (bound {s['latency_bound_ms']:.0f} ms, {s['over_bound']} over)\n"
-            f"  decode     {ms('decode_ms')}\n  queue wait {ms('queue_wait_ms')}\n  push       {ms('push_ms')}\n"
-            f"  answers {s['answers']} ({ms('answer_ms')}), reconnects {s['reconnects']}\n")
+            f"  receive    {ms('receive_ms')}\n  queue wait {ms('queue_wait_ms')}\n  push       {ms('push_ms')}\n"
+            f"  decode     {ms('decode_ms')} (work, part of receive)\n"
+            f"  answers {s['answers']} ({ms('answer_ms')}), reconnects {s['reconnects']}, warnings {s['warnings']}\n")
 
 
 def _source_options(pairs: list[str]) -> dict[str, str]:
@@ -340,6 +356,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError("--realtime and --ask-every go with --live")
     elif args.ask_every is not None and args.question is None:
         raise UsageError("--ask-every needs --question")
+
+
+def _reconnect(text: str) -> int | None:
+    """--reconnect: a count of attempts >= 0, or 'forever'."""
+    try:
+        return reconnect_attempts(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _graph_threads(text: str) -> tuple[str, int]:
