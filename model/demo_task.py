@@ -96,6 +96,11 @@ class DemoClip:
     audio: np.ndarray | None = field(default=None, repr=False)  # [n_mels, N*A] float32 log-mel
     path: Path | None = None  # the written file, when kept
 
+    @property
+    def label(self) -> list[int]:
+        """How evaluation reports name the clip: [seed, index]."""
+        return [self.seed, self.index]
+
 
 def all_questions(events: Sequence[Event]) -> list[QA]:
     """Every question this clip answers unambiguously (each referenced thing occurs exactly once)."""
@@ -290,6 +295,24 @@ class DemoTask:
                 container.mux(audio.encode(frame))
             container.mux(audio.encode(None))
         return path
+
+    def write_dataset(self, directory: str | os.PathLike[str], count: int, seed: int) -> Path:
+        """Clips 0..count-1 of `seed` as video files in `directory`/videos, with every question each answers, in
+        the format of `mirasol-train --data` (`mirasol.model.dataset`); returns the clips.jsonl written last.
+        `directory` must be new, empty, or a demo dataset written before."""
+        folder = prepare_output_dir(directory, "demo dataset")
+        (folder / "videos").mkdir(exist_ok=True)
+        lines = []
+        for index in range(count):
+            clip = self.clip(seed, index)
+            media = f"videos/demo-{seed}-{index}{self.suffix()}"
+            with atomic_file(folder / media) as tmp:
+                self.write(clip, tmp)
+            lines.append(json.dumps({"media": media, "questions": [{"q": qa.question, "a": qa.answer}
+                                                                   for qa in clip.questions]}))
+        with atomic_file(folder / "clips.jsonl") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        return folder / "clips.jsonl"
 
     def decode(self, path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         """The model's input arrays for a written clip, through the runtime's decoder."""
