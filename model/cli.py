@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mirasol.runtime.cli.commandline import bounded, command_parser, run_command
+from mirasol.runtime.cli.commandline import COUNT, SEED, THREADS, bounded, command_parser, run_command
 
 from .demo_task import DEMO_CHECKPOINT, TEST_SEED, TRAIN_OUTPUT
 
@@ -28,21 +28,21 @@ def demo(argv: Sequence[str] | None = None) -> int:
                "  mirasol-demo clip3.mp4 --index 3          # another held-out clip")
     parser.add_argument("out", type=Path, help="the video file to write (.mp4); an existing file is replaced only "
                                                "if it is a clip mirasol-demo wrote")
-    parser.add_argument("--index", type=int, default=0, metavar="N", help="which clip of the family (any integer)")
-    parser.add_argument("--seed", type=int, default=TEST_SEED, metavar="N",
+    parser.add_argument("--index", type=SEED, default=0, metavar="N", help="which clip of the family")
+    parser.add_argument("--seed", type=SEED, default=TEST_SEED, metavar="N",
                         help=f"clip family ({TEST_SEED}: held out from the demo model's training)")
     return run_command(parser, _demo, argv)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mirasol.runtime.files.ownership import atomic_file, check_output_file
+    from mirasol.runtime.files.atomic import atomic_file
 
     from .demo_task import DemoTask, is_demo_clip
 
     config = json.loads((DEMO_CHECKPOINT / "config.json").read_text())
     task = DemoTask(config)
     clip = task.clip(args.seed, args.index)
-    with atomic_file(check_output_file(args.out, is_demo_clip, "demo clip")) as tmp:
+    with atomic_file(args.out, is_demo_clip, "demo clip") as tmp:
         task.write(clip, tmp)
     print(f"wrote {args.out}: {len(clip.events)} chunks")
     width = max(len(qa.question) for qa in clip.questions)
@@ -62,10 +62,10 @@ def train(argv: Sequence[str] | None = None) -> int:
                "  mirasol-train --output runs/demo --seed 1 --cache-dir ~/.cache/mirasol-demo\n"
                f"The shipped model ({DEMO_CHECKPOINT}) is never written: train elsewhere, then export that.",
         quiet=True)
-    count = bounded(int, 1)
+    count = COUNT
     parser.add_argument("--output", type=Path, default=TRAIN_OUTPUT, metavar="DIR",
                         help="checkpoint directory to write (new, empty, or a checkpoint mirasol wrote)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the clips, the initialisation and the batches")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the clips, the initialisation and the batches")
     parser.add_argument("--train-clips", type=count, default=1500, metavar="N", help="training clips")
     parser.add_argument("--val-clips", type=count, default=100, metavar="N",
                         help="validation clips (progress and early stop)")
@@ -77,13 +77,13 @@ def train(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clips-per-step", type=count, default=16, metavar="N", help="clips in a training step")
     parser.add_argument("--questions-per-step", type=count, default=8, metavar="N",
                         help="questions per clip in a training step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--probe-weight", type=float, default=1.0, metavar="W",
+    parser.add_argument("--lr", type=bounded(float, 0, 10, open_low=True), default=3e-3, help="peak learning rate")
+    parser.add_argument("--probe-weight", type=bounded(float, 0, 1e3), default=1.0, metavar="W",
                         help="weight of the training-only attribute probes (0 disables them)")
-    parser.add_argument("--threads", type=count, default=1, metavar="N",
+    parser.add_argument("--threads", type=THREADS, default=1, metavar="N",
                         help="torch CPU threads (1 is fastest on a shared 2-core machine)")
-    parser.add_argument("--target", type=float, default=0.985, metavar="ACCURACY",
-                        help="stop early once validation accuracy reaches this (<= 0 disables)")
+    parser.add_argument("--target", type=bounded(float, 0, 1), default=0.985, metavar="ACCURACY",
+                        help="stop early once validation accuracy reaches this (0 disables)")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="keep decoded clips here to skip making them next time (default: none kept)")
     return run_command(parser, _train, argv)

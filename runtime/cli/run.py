@@ -18,11 +18,12 @@ import numpy as np
 from ..backends import BACKENDS, REGISTRY, BackendSettings, backend_entry
 from ..bundle.reader import Bundle
 from ..errors import InputError, MirasolError
-from ..media.chunks_file import load_chunks, save_chunks
+from ..media.chunks_file import check_chunks_output, load_chunks, save_chunks
 from ..media.live import DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
 from ..pipeline import Pipeline
 from .bundle_info import describe_bundle
-from .commandline import EXIT_ERROR, EXIT_INTERRUPTED, UsageError, command_parser, describe, run_command
+from .commandline import (COUNT, EXIT_ERROR, EXIT_INTERRUPTED, SECONDS, SEED, THREADS, UsageError, bounded,
+                          command_parser, describe, keyed, run_command)
 
 STATUS_EVERY_S = 0.25  # refresh of the status line on a terminal
 STATUS_LINE_EVERY_S = 5.0  # a status line per this many seconds when stderr is not a terminal
@@ -62,23 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-chunks", type=Path, metavar="NPZ",
                         help="with --video: also write the decoded chunks to this .npz, for --chunks (replaces only "
                              "a chunks file mirasol wrote)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+    parser.add_argument("--max-new-tokens", type=COUNT, metavar="N",
                         help="most answer tokens (bytes) (default: the bundle's, 32 unless exported otherwise, or "
                              "what the question leaves of the context); --info says how many the context leaves")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+    parser.add_argument("--temperature", type=bounded(float, 0, 1e3), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=bounded(int, 0, 1 << 20), default=0, metavar="K",
                         help="sample from the K likeliest tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    parser.add_argument("--top-p", type=bounded(float, 0, 1, open_low=True), default=1.0, metavar="P",
                         help="sample from the smallest set of tokens holding probability P (1: all)")
-    parser.add_argument("--seed", type=int, help="seed of the sampling (default: fresh each run; greedy answers "
+    parser.add_argument("--seed", type=SEED, help="seed of the sampling (default: fresh each run; greedy answers "
                                                  "need none)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="; ".join(f"{e.name}: {e.help}" for e in REGISTRY.values()))
     parser.add_argument("--provider", action="append", metavar="NAME",
                         help="onnxruntime execution provider (repeatable, in order; default: CPUExecutionProvider)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=THREADS, metavar="N",
                         help="onnxruntime intra-op threads (default: ONNX Runtime's choice, one per core)")
-    parser.add_argument("--graph-threads", type=_graph_threads, action="append", metavar="GRAPH=N",
+    parser.add_argument("--graph-threads", type=keyed("GRAPH", THREADS), action="append", metavar="GRAPH=N",
                         help="onnxruntime intra-op threads of one graph (repeatable), e.g. text_decoder=1: "
                              "mirasol-bench's text section says whether decoding is faster on one thread")
     parser.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
@@ -89,22 +90,24 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("--realtime", action="store_true",
                       help="play a file at its own pace, as a camera would deliver it (default: as fast as it "
                            "decodes)")
-    live.add_argument("--ask-every", type=float, metavar="SECONDS",
+    live.add_argument("--ask-every", type=SECONDS, metavar="SECONDS",
                       help="ask --question every SECONDS while streaming (default: once, when the stream ends)")
     live.add_argument("--drop-policy", choices=DROP_POLICIES,
                       help="when the queue is full: drop-oldest drops the oldest chunk and chunks too late for "
                            "--latency-bound (stay current); block makes decoding wait (lose nothing) (default: "
                            "drop-oldest for network streams, pipes and cameras, block for files)")
-    live.add_argument("--latency-bound", type=float, default=LATENCY_BOUND_S, metavar="SECONDS",
+    live.add_argument("--latency-bound", type=bounded(float, 0, 3600, open_low=True), default=LATENCY_BOUND_S,
+                      metavar="SECONDS",
                       help="latency from a chunk's capture to its av_context that drop-oldest keeps to; "
                            "chunks over it are counted")
-    live.add_argument("--queue-size", type=int, metavar="CHUNKS",
+    live.add_argument("--queue-size", type=bounded(int, 1, 10_000), metavar="CHUNKS",
                       help=f"chunks decoded ahead of the model (default: as many as fit in --latency-bound, at "
                            f"least {MIN_QUEUE_SIZE}: 2 for 1 s chunks and the default bound)")
-    live.add_argument("--reconnect", type=int, default=5, metavar="ATTEMPTS",
+    live.add_argument("--reconnect", type=bounded(int, 0, 1_000_000), default=5, metavar="ATTEMPTS",
                       help="reconnect attempts in a row (backoff 0.5 s doubling to 8 s) before a network source "
                            "or camera gives up")
-    live.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
+    live.add_argument("--stall-timeout", type=bounded(float, 0, 86_400, open_low=True), default=5.0,
+                      metavar="SECONDS",
                       help="seconds without data that end a connection (then reconnect)")
     live.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                       help="an FFmpeg option of the source, e.g. rtsp_transport=tcp or video_size=640x480 "
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.save_chunks is not None and args.video is None:
         raise UsageError("--save-chunks goes with --video")
+    if args.save_chunks is not None:
+        check_chunks_output(args.save_chunks)  # before the clip is decoded
     if args.live is None:
         answers = args.chunks is not None or (args.video is not None and args.save_chunks is None)
         if answers and args.question is None:
@@ -327,14 +332,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError("--realtime and --ask-every go with --live")
     elif args.ask_every is not None and args.question is None:
         raise UsageError("--ask-every needs --question")
-
-
-def _graph_threads(text: str) -> tuple[str, int]:
-    """GRAPH=N of --graph-threads."""
-    graph, _, count = text.partition("=")
-    if not graph or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected GRAPH=N with N a positive integer, got {text!r}")
-    return graph, int(count)
 
 
 def _run(args: argparse.Namespace) -> int:
