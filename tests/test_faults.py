@@ -36,7 +36,7 @@ PAUSED_EXPORT = textwrap.dedent("""
     import mirasol.runtime.files.atomic as atomic
     from mirasol.export.cli import main
 
-    def pause(stage):
+    def pause(stage, path):
         if stage == sys.argv[1]:
             print(f"paused at {stage}", file=sys.stderr, flush=True)
             while True:
@@ -122,7 +122,7 @@ ATOMIC_KILLER = textwrap.dedent("""
               "fallback: old moved out, new not in": "old moved aside",
               "fallback: new in, old not yet removed": "swapped, old copy not yet removed"}
 
-    def pause(stage):
+    def pause(stage, path):
         if stages.get(point) == stage:
             die()
     atomic.PAUSE_HOOK = pause

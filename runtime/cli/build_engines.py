@@ -35,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=NAMES,
                         help="engine precision (default: the bundle's; fp16 can be built from an fp32 bundle)")
     parser.add_argument("--max-batch", type=BATCH, metavar="N", help="shorthand for --max batch=N")
-    parser.add_argument("--max", dest="axis_max", type=keyed("AXIS", bounded(int, 0, 1 << 30)), action="append", default=[],
-                        metavar="AXIS=N",
+    parser.add_argument("--max", dest="axis_max", type=keyed("AXIS", bounded(int, 0, 1 << 30)), action="append",
+                        default=[], metavar="AXIS=N",
                         help="lower an axis maximum of the optimization profile (repeatable), e.g. --max past_av=256")
     parser.add_argument("--workspace-mb", type=WORKSPACE_MB, default=DEFAULT_WORKSPACE_MB, metavar="MB",
                         help="builder workspace memory pool limit")

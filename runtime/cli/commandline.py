@@ -42,7 +42,7 @@ class UsageError(Exception):
     """A command line that cannot work (options that exclude each other, a missing companion option)."""
 
 
-class _HelpFormatter(argparse.HelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Descriptions and epilogs wrapped line by line, indented lines (examples) kept as written; every option's
     default after its help, unless it has none (a flag, None) or the help already says what the default is."""
 
@@ -78,7 +78,7 @@ def command_parser(prog: str, description: str, epilog: str | None = None, quiet
                    ) -> argparse.ArgumentParser:
     """An argument parser with the options every command has."""
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s (mirasol-edge) {version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     if quiet:
@@ -121,7 +121,7 @@ def keyed(key: str, value: Callable[[str], Any]) -> Callable[[str], tuple[str, A
         return name.strip(), value(rest)
 
     parse.__name__ = f"{key}=N"
-    parse.bounds = f"N {getattr(value, 'bounds', '')}".strip()  # type: ignore[attr-defined]
+    parse.bounds = f"N: {getattr(value, 'bounds', 'text')}"  # type: ignore[attr-defined]
     parse.value = value  # type: ignore[attr-defined]
     return parse
 

@@ -46,7 +46,7 @@ from .ownership import (BACKUP_TAIL, MARKER_FILE, MARKER_FORMAT, TEMPORARY_TAG, 
                         check_output_file, is_ours_now, is_temporary, marker_kind, output_errors, owned_files,
                         owned_name, shown, temporary_name, temporary_stem, why_not_ours)
 
-PAUSE_HOOK: Callable[[str], None] | None = None  # set by tests only, in their own process
+PAUSE_HOOK: Callable[[str, Path | None], None] | None = None  # set by tests only, in their own process
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -56,10 +56,10 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def pause_point(stage: str) -> None:
-    """A named stage of a write (see the module docstring)."""
+def pause_point(stage: str, path: Path | None = None) -> None:
+    """A named stage of a write to `path` (see the module docstring)."""
     if PAUSE_HOOK is not None:
-        PAUSE_HOOK(stage)
+        PAUSE_HOOK(stage, path)
 
 
 # ---- renames --------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def atomic_file(path: str | os.PathLike[str], is_ours: Callable[[Path], bool] = 
             yield tmp
             os.chmod(tmp, _file_mode(target))
             fsync(tmp)
-            pause_point("file written, before it is put in place")
+            pause_point("file written, before it is put in place", target)
             _put_file(tmp, output)
             fsync(target.parent)
     except BaseException:
@@ -238,13 +238,13 @@ def atomic_directory(target: str | os.PathLike[str], kind: str = "bundle") -> It
         work, fd = _new_work_directory(target)
     try:
         with output_errors(target, "writing {path} failed: {reason}; {path} was left as it was"):
-            pause_point("temporary directory made")
+            pause_point("temporary directory made", target)
             yield work
-            pause_point("written, before the swap")
+            pause_point("written, before the swap", target)
             check_output_dir(given, kind)  # still ours: nothing of the user's moved in while we worked
             os.chmod(work, directory_mode(target))
             _fsync_tree(work)
-            pause_point("checked, before the swap")
+            pause_point("checked, before the swap", target)
             _swap_in(work, target, kind)
         with output_errors(target, "{path} was written, but its folder could not be synced to disk: {reason}"):
             fsync(target.parent)
@@ -270,7 +270,7 @@ def _swap_in(work: Path, target: Path, kind: str) -> None:
         else:
             old = work.with_name(work.name + BACKUP_TAIL)
             os.rename(target, old)
-            pause_point("old moved aside")
+            pause_point("old moved aside", target)
             try:
                 rename_no_replace(work, target)
             except BaseException:
@@ -283,7 +283,7 @@ def _swap_in(work: Path, target: Path, kind: str) -> None:
             _remove_owned(work, kind, target)
             raise OutputError(f"{shown(target)} changed while it was written: it {why}; it was left as it is now, and "
                               f"nothing was replaced")
-        pause_point("swapped, old copy not yet removed")
+        pause_point("swapped, old copy not yet removed", target)
         _remove_owned(old, kind, target)
     finally:
         if held is not None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.commandline import COUNT, bounded
+from ..cli.commandline import COUNT, HelpFormatter, bounded
 from ..errors import MirasolError
 from ..files.atomic import write_file
 from ..files.ownership import check_output_file
@@ -177,6 +177,11 @@ def is_load_report(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The --json report, written through the ownership rule (new, or a report of this command)."""
+    write_file(path, json.dumps({"format": REPORT_FORMAT, **report}, indent=2), is_load_report, REPORT)
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     lines = ["| mode | chunks/s | CPU ms/chunk | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['mode']} | {r['chunks_per_s']:.1f} | {r['cpu_ms_per_chunk']:.2f} | {r['p50_ms']:.2f} | "
@@ -186,7 +191,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mirasol.runtime.triton.load",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="bundle directory (e.g. the demo: mirasol-export --out DIR)")
     parser.add_argument("--streams", type=bounded(int, 1, 1024), default=8, help="concurrent streams")
@@ -232,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
           f"mean batch in the server: {results[3]['mean_batch']:.2f}; "
           f"max |server - in-process| context: {difference:.2e}")
     if args.json:
-        report = {"format": REPORT_FORMAT, "streams": args.streams, "chunks": args.chunks, "options": asdict(options),
-                  "results": results, "max_context_difference": difference}
+        report = {"streams": args.streams, "chunks": args.chunks, "options": asdict(options), "results": results,
+                  "max_context_difference": difference}
         try:
-            write_file(args.json, json.dumps(report, indent=2), is_load_report, REPORT)
+            write_report(args.json, report)
         except MirasolError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -193,7 +193,7 @@ def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOption
     parser.add_argument("--idle-timeout-s", type=SECONDS, default=defaults.idle_timeout_s,
                         help="a sequence idle this long is dropped by Triton and its stream reclaimed")
     parser.add_argument("--queue-delay-ms", type=bounded(float, 0, 1e7), default=defaults.queue_delay_ms,
-                        help="how long Triton may hold a request to batch it with others")
+                        help="how long Triton may hold a request to batch it with others (0: no wait)")
     parser.add_argument("--max-sequences", type=bounded(int, 1, 1 << 20), default=defaults.max_sequences,
                         help="sequences served at once per model (more wait until one ends)")
     parser.add_argument("--max-new-tokens", type=bounded(int, 0, 1 << 20), default=defaults.max_new_tokens,
