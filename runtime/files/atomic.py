@@ -151,8 +151,9 @@ def _put_file(tmp: Path, output: OutputFile) -> None:
         try:
             rename_no_replace(tmp, target)
             return
-        except FileExistsError:
-            pass  # something appeared there since the check: replaced below only if it is ours too
+        except FileExistsError:  # something appeared there since the check: replaced below only if it is ours too,
+            if output.is_ours is owned_name:  # which only a writer that knows its files by their content can tell
+                raise OutputError(_appeared(target, output.what)) from None
     try:
         exchanged = _renameat2(tmp, target, _RENAME_EXCHANGE)
     except FileNotFoundError:  # our old file went away meanwhile
@@ -178,6 +179,7 @@ def remove_file(path: Path, is_ours: Callable[[Path], bool], what: str) -> bool:
     """Remove `path` if it is a regular file `is_ours` recognises (checked after moving it aside, so a file put
     there meanwhile is put back, not deleted); False if it was not there or not ours."""
     aside = path.with_name(temporary_name(path.name, path.suffix))
+    pause_point("file to remove", path)
     with output_errors(path, "cannot remove {path}: {reason}"):
         try:
             rename_no_replace(path, aside)
@@ -302,7 +304,9 @@ def _remove_owned(old: Path, kind: str, target: Path) -> None:
         os.rmdir(old)
         return
     kept = _put_back(old, target)
-    if kept:
+    if not kept:
+        os.rmdir(old)
+    else:
         home = target.with_name(f"{target.name}.kept-{secrets.token_hex(4)}")
         os.rename(old, home)
         warnings.warn(f"{len(kept)} entries that appeared in {shown(target)} while it was replaced could not be put "
