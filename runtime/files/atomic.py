@@ -193,7 +193,12 @@ def remove_file(path: Path, is_ours: Callable[[Path], bool], what: str) -> bool:
 
 
 def _file_mode(target: Path) -> int:
-    return target.stat().st_mode & 0o7777 if target.is_file() else 0o666 & ~_UMASK
+    """Permissions for a file replacing `target`: the target's own (not a link's target's), else the umask's."""
+    try:
+        mode = os.lstat(target).st_mode
+    except OSError:
+        return 0o666 & ~_UMASK
+    return mode & 0o7777 if stat.S_ISREG(mode) else 0o666 & ~_UMASK
 
 
 # ---- directories written into in place ------------------------------------------------------------------------
