@@ -14,10 +14,11 @@ from pathlib import Path
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.cli.bundle_info import format_graph_sizes
-from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
+from mirasol.runtime.cli.commandline import (BATCH, COUNT, SEED, WORKSPACE_MB, UsageError, bounded, command_parser,
+                                             existing_dir, run_command)
 from mirasol.runtime.files.ownership import check_output_dir
 
-from . import DEFAULT_OPSET
+from . import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 PRESETS = ("tiny", "small", "base", "mirasol3b")
 
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="model size with a seeded random init (default: the shipped demo checkpoint)")
     parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
                         help="a checkpoint directory (config.json + model.safetensors) instead of a preset")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init (with --preset)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the random init (with --preset)")
     parser.add_argument("--combiner", choices=["transformer", "ttm"],
                         help="with --preset: this combiner instead of the preset's (tiny: transformer, the others: "
                              "ttm)")
@@ -55,17 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="bundle directory to write (replaced atomically; an existing one must be a bundle or "
                              "empty) (default: bundles/<model>-<precision>)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--opset", type=bounded(int, MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
+                        help="ONNX opset (what the exporter writes and TensorRT 10 parses)")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph against PyTorch at several sizes of each dynamic axis")
-    parser.add_argument("--max-batch", type=bounded(int, 1), default=4, metavar="N",
+    parser.add_argument("--max-batch", type=BATCH, default=4, metavar="N",
                         help="largest batch the graphs' profiles allow")
     parser.add_argument("--fp16-io", action="store_true", help="with fp16: graph inputs/outputs in fp16 too "
                                                                 "(default: fp32)")
     parser.add_argument("--calibration-data", metavar="SOURCE",
                         help="int8: a directory of media files or .npz chunk files (mirasol-run --save-chunks), or "
                              "'synthetic'")
-    parser.add_argument("--calibration-clips", type=bounded(int, 1), default=16, metavar="N",
+    parser.add_argument("--calibration-clips", type=COUNT, default=16, metavar="N",
                         help="int8: clips to calibrate on")
     parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
                         help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ "
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engine", action="store_true",
                         help="also build TensorRT engines for this GPU (needs TensorRT; or later: "
                              "mirasol-build-engines)")
-    parser.add_argument("--workspace-mb", type=bounded(int, 1), default=1024, metavar="MB",
+    parser.add_argument("--workspace-mb", type=WORKSPACE_MB, default=1024, metavar="MB",
                         help="--engine: TensorRT workspace limit")
     parser.add_argument("--triton", dest="triton_dir", type=Path, metavar="DIR",
                         help="also write a Triton model repository serving the bundle here (defaults of "
@@ -124,8 +126,8 @@ def _export(args: argparse.Namespace) -> None:
     if args.params_only:
         return
     if args.triton_dir is not None:
-        from mirasol.runtime.triton.repository import KIND
-        check_output_dir(args.triton_dir, KIND)  # before the export, not after it
+        from mirasol.runtime.triton.repository import check_repository
+        check_repository(args.triton_dir)  # before the export, not after it
     calibration = None
     if args.precision == "int8":
         calibration = CalibrationOptions(args.calibration_data, clips=args.calibration_clips,

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
+from mirasol.runtime.cli.commandline import (COUNT, SEED, THREADS, UsageError, bounded, command_parser, existing_dir,
+                                               run_command)
 
 from .demo_task import DEMO_CHECKPOINT, TEST_SEED, TRAIN_OUTPUT
 
@@ -33,14 +34,14 @@ def demo(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", type=_clip_path, nargs="?",
                         help=f"the video file to write ({', '.join(CLIP_SUFFIXES)}); an existing file is replaced "
                              f"only if it is a clip mirasol-demo wrote")
-    parser.add_argument("--index", type=bounded(int, 0, 2**63 - 1), default=0, metavar="N",
+    parser.add_argument("--index", type=SEED, default=0, metavar="N",
                         help="which clip of the family (0 or more)")
-    parser.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=TEST_SEED, metavar="N",
+    parser.add_argument("--seed", type=SEED, default=TEST_SEED, metavar="N",
                         help=f"clip family, 0 or more ({TEST_SEED}: held out from the demo model's training)")
     parser.add_argument("--dataset", type=Path, metavar="DIR",
                         help="instead: write clips 0..N-1 of the family and their clips.jsonl into this folder (new, "
                              "empty, or one mirasol-demo wrote)")
-    parser.add_argument("--clips", type=bounded(int, 1), default=100, metavar="N", help="with --dataset: how many")
+    parser.add_argument("--clips", type=COUNT, default=100, metavar="N", help="with --dataset: how many")
     return run_command(parser, _demo, argv)
 
 
@@ -56,7 +57,7 @@ def _clip_path(text: str) -> Path:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from mirasol.runtime.files.ownership import atomic_file, check_output_file
+    from mirasol.runtime.files.atomic import atomic_file
 
     from .demo_task import DemoTask, is_demo_clip
 
@@ -69,7 +70,7 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"wrote {file}: {args.clips} clips of {task.num_chunks} chunks, with their questions")
         return
     clip = task.clip(args.seed, args.index)
-    with atomic_file(check_output_file(args.out, is_demo_clip, "demo clip")) as tmp:
+    with atomic_file(args.out, is_demo_clip, "demo clip") as tmp:
         task.write(clip, tmp)
     print(f"wrote {args.out}: {len(clip.events)} chunks")
     width = max(len(qa.question) for qa in clip.questions)
@@ -109,14 +110,14 @@ def train(argv: Sequence[str] | None = None) -> int:
                "  mirasol-train --output runs/demo --seed 1 --cache-dir ~/.cache/mirasol-demo\n"
                f"The shipped model ({DEMO_CHECKPOINT}) is never written: train elsewhere, then export that.",
         quiet=True)
-    count = bounded(int, 1)
+    count = COUNT
     parser.add_argument("--data", type=Path, metavar="DATASET",
                         help="train on this JSON Lines file of labelled clips, or the clips.jsonl in this folder "
                              "(default: the demo task)")
     parser.add_argument("--output", type=Path, metavar="DIR",
                         help=f"checkpoint directory to write (new, empty, or a checkpoint mirasol wrote) (default: "
                              f"{TRAIN_OUTPUT}; with --data: checkpoints/<the dataset's name>)")
-    parser.add_argument("--seed", type=int, help="seed of the initialisation, the split and the batches (and of the "
+    parser.add_argument("--seed", type=SEED, help="seed of the initialisation, the split and the batches (and of the "
                                                  "demo's clips) (default: 0)")
     parser.add_argument("--steps", type=count, metavar="N", help="optimiser steps (the demo: at most) (default: 1500; "
                                                                   "with --data: 1000)")
@@ -124,8 +125,9 @@ def train(argv: Sequence[str] | None = None) -> int:
                         help="clips in a training step (default: 16; with --data: 8)")
     parser.add_argument("--questions-per-step", type=count, metavar="N",
                         help="questions per clip in a training step (default: 8; with --data: 4)")
-    parser.add_argument("--lr", type=bounded(float, 0), help="peak learning rate (default: 3e-3; with --data: 1e-3)")
-    parser.add_argument("--threads", type=count, default=1, metavar="N",
+    parser.add_argument("--lr", type=bounded(float, 0, 10, open_low=True),
+                        help="peak learning rate (default: 3e-3; with --data: 1e-3)")
+    parser.add_argument("--threads", type=THREADS, default=1, metavar="N",
                         help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="keep decoded clips here (default: the demo keeps none; with --data: "
@@ -140,9 +142,10 @@ def train(argv: Sequence[str] | None = None) -> int:
     data.add_argument("--resume", action="store_true",
                       help="continue the unfinished run in --output with its settings (same result as a run that "
                            "never stopped, on the same device and thread count)")
-    data.add_argument("--val-fraction", type=bounded(float, 0, 0.9), metavar="F",
+    data.add_argument("--val-fraction", type=bounded(float, 0, 0.9, open_low=True), metavar="F",
                       help='held-out share of the media files without a "split" (default: 0.2)')
-    data.add_argument("--warmup", type=bounded(int, 0), metavar="N", help="learning-rate warmup steps (default: 50)")
+    data.add_argument("--warmup", type=bounded(int, 0, 1 << 20), metavar="N",
+                      help="learning-rate warmup steps (0: none) (default: 50)")
     data.add_argument("--checkpoint-every", type=count, metavar="N",
                       help="save the model and the resumable state every N steps (default: 100)")
     data.add_argument("--eval-every", type=count, metavar="N",
@@ -156,10 +159,10 @@ def train(argv: Sequence[str] | None = None) -> int:
                                                                    "(default: 200)")
     demo.add_argument("--questions-per-clip", type=count, metavar="N",
                       help="questions asked per validation / test clip (default: 5)")
-    demo.add_argument("--probe-weight", type=float, metavar="W",
+    demo.add_argument("--probe-weight", type=bounded(float, 0, 1e3), metavar="W",
                       help="weight of the training-only attribute probes (0 disables them) (default: 1.0)")
-    demo.add_argument("--target", type=float, metavar="ACCURACY",
-                      help="stop early once validation accuracy reaches this (<= 0 disables) (default: 0.985)")
+    demo.add_argument("--target", type=bounded(float, 0, 1), metavar="ACCURACY",
+                      help="stop early once validation accuracy reaches this (0 disables) (default: 0.985)")
     return run_command(parser, _train, argv)
 
 

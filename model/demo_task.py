@@ -43,7 +43,7 @@ import numpy as np
 
 from mirasol.runtime.media.chunking import MediaParams
 from mirasol.runtime.media.video_files import load_clip
-from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
+from mirasol.runtime.files.atomic import atomic_file, make_directories, prepare_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -326,11 +326,11 @@ class DemoTask:
         """One clip with its decoded arrays; the file is kept in `directory` if given, else deleted."""
         clip = self.clip(seed, index, questions_per_clip)
         keep = directory is not None
-        folder = Path(directory) if keep else Path(tempfile.mkdtemp(prefix="mirasol-demo-"))
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_directories(directory) if keep else Path(tempfile.mkdtemp(prefix="mirasol-demo-"))
         path = folder / f"demo-{seed}-{index}{self.suffix()}"
         try:
-            self.write(clip, path)
+            with atomic_file(path, is_demo_clip, "demo clip") as tmp:  # replaces only a clip of ours
+                self.write(clip, tmp)
             clip.video, clip.audio = self.decode(path)
         finally:
             if not keep:
@@ -380,7 +380,7 @@ class DemoTask:
                     leftover.unlink()
                 work.rmdir()
         if cache is not None:
-            with atomic_file(cache) as tmp:
+            with atomic_file(cache) as tmp:  # a name of ours in a clip cache of ours
                 np.savez(tmp, video=np.stack([c.video for c in clips]).astype(np.float16),
                          audio=np.stack([c.audio for c in clips]))
             for clip in clips:  # the same values a cache hit gives

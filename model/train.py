@@ -47,7 +47,8 @@ from torch import nn
 
 import mirasol
 from mirasol.runtime.errors import OutputError
-from mirasol.runtime.files.ownership import atomic_file, check_output_dir
+from mirasol.runtime.files.atomic import write_file
+from mirasol.runtime.files.ownership import check_output_dir
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .checkpoint import save_checkpoint
@@ -420,7 +421,6 @@ def run_training(output: str | Path = TRAIN_OUTPUT, seed: int = 0, train_clips: 
         "total_seconds": round(total_seconds, 1), "parameters": count_parameters(model)["total"],
         "torch": torch.__version__,
     }
-    with atomic_file(output / "training.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_file(output / "training.json", json.dumps(report, indent=2) + "\n")
     log(f"saved {output} in {total_seconds:.0f}s total")
     return report

@@ -22,7 +22,7 @@ import numpy as np
 from .backends import Backend, get_backend
 from .bundle.reader import Bundle, state_file_format
 from .errors import BackendError, BundleError, InputError
-from .files.ownership import atomic_file, check_output_file
+from .files.atomic import atomic_file
 from .sampling import Sampler, as_integer
 from .step_plan import Carried, StepPlan, check_output, plan_step
 
@@ -460,13 +460,12 @@ class Stream:
         An existing `path` is replaced only if it is a stream state file; when several streams save to one path,
         the last complete save wins. A path that cannot be written raises OutputError (nothing is left behind).
         """
-        check_output_file(path, is_state_file, "stream state file")
         with self._lock:  # one consistent snapshot (carried arrays are replaced by each step, never changed)
             header = {"format": STATE_FORMAT, "version": STATE_VERSION, "bundle": self.pipeline.bundle.fingerprint,
                       "batch": self.batch, "chunks": self.chunks}
             arrays = {f"state/{k}": v for k, v in self._carried.state.items()}
             arrays.update({f"counter/{k}": v for k, v in self._carried.counters.items()})
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        with atomic_file(path, is_state_file, "stream state file") as tmp, open(tmp, "wb") as f:
             np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
         return Path(path)
 

@@ -81,7 +81,7 @@ def test_unknown_override_axis_is_refused(tmp_path):
     tp.check_axis_overrides(manifest, {"batch": 1, "seq": 4})
     with pytest.raises(BundleError, match="unknown axis 'past'"):
         tp.check_axis_overrides(manifest, {"past": 4})
-    assert build_engines_main([str(bundle), "--max", "batch"]) == 1  # malformed AXIS=N: refused before TensorRT
+    assert build_engines_main([str(bundle), "--max", "batch"]) == 2  # malformed AXIS=N: a usage error
     assert build_engines_main(["--help"]) == 0
 
 

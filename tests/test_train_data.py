@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +67,28 @@ def _train(dataset: Path, cache: Path, output: Path, *args: str):
     return run_cli(train, ["--data", str(dataset), "--cache-dir", str(cache), "--output", str(output), *args])
 
 
+# mirasol-train in a process of its own whose pause hook (set here, never from the environment) waits at a stage
+PAUSED_TRAINING = textwrap.dedent("""
+    import sys, time
+    import mirasol.runtime.files.atomic as atomic
+    from mirasol.model.cli import train
+
+    def pause(stage, path):
+        if stage == sys.argv[1]:
+            print(f"paused at {stage}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
+
+    atomic.PAUSE_HOOK = pause
+    sys.exit(train(sys.argv[2:]))
+""")
+
+
 def _kill_after_saving(step: int, dataset: Path, cache: Path, output: Path, *args: str) -> None:
     """Run mirasol-train in a process of its own and SIGKILL it right after it saved `step`."""
-    command = [sys.executable, "-c", "import sys; from mirasol.model.cli import train; sys.exit(train(sys.argv[1:]))",
+    command = [sys.executable, "-c", PAUSED_TRAINING, f"saved step {step}",
                "--data", str(dataset), "--cache-dir", str(cache), "--output", str(output), *args]
-    process = subprocess.Popen(command, env={**os.environ, "MIRASOL_PAUSE_AT": f"saved step {step}"},
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:  # type: ignore[union-attr]
         if line.startswith(f"paused at saved step {step}"):
             break

@@ -24,7 +24,7 @@ from mirasol.runtime.files.ownership import MARKER_FILE as MARKER
 from mirasol.runtime.triton.repository import KIND, ServingOptions, write_repository
 from mirasol.runtime.triton.server import LocalServer, availability
 
-from .conftest import run_export_cli
+from .conftest import run_export_cli, snapshot
 
 QUESTION = "what is the man holding?"
 FP32_TOLERANCE = 1e-5  # a stream's chunk batched with others vs alone (batched matrix products round differently)
@@ -57,7 +57,8 @@ def test_repository_layout_and_config(tiny_bundles, tmp_path) -> None:
     options = ServingOptions(instances=2, max_batch=3, idle_timeout_s=7.5, queue_delay_ms=1, state_dir="states")
     model = write_repository(tiny_bundles["ttm"], out, options)
     assert model == out / "mirasol"
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "mirasol"]
+    assert sorted(p.name for p in out.iterdir()) == ["mirasol"]
+    assert sorted(p.name for p in model.iterdir()) == [MARKER, "1", "config.pbtxt"]
     assert sorted(p.name for p in (model / "1").iterdir()) == ["bundle", "model.py"]
     assert "from mirasol.runtime.triton.model import TritonPythonModel" in (model / "1" / "model.py").read_text()
     pipe = Pipeline.load(tiny_bundles["ttm"])
@@ -69,35 +70,47 @@ def test_repository_layout_and_config(tiny_bundles, tmp_path) -> None:
                  "preferred_batch_size: [ 3 ]", "instance_group [ { count: 2 kind: KIND_CPU } ]",
                  f'parameters {{ key: "state_dir" value {{ string_value: "{Path("states").absolute()}" }} }}'):
         assert line in config
-    marker = json.loads((out / MARKER).read_text())
+    marker = json.loads((model / MARKER).read_text())
     assert marker["kind"] == KIND and marker["options"]["max_batch"] == 3
+    assert sorted(marker["files"]) == sorted(p.relative_to(model).as_posix() for p in model.rglob("*")
+                                             if p.is_file() and p.name != MARKER)
 
 
-def test_writer_replaces_only_its_own_repositories(tiny_bundles, tmp_path) -> None:
-    users = tmp_path / "users"
-    users.mkdir()
-    (users / "notes.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="is not a Triton model repository written by mirasol"):
-        write_repository(tiny_bundles["ttm"], users)
-    assert [p.name for p in users.iterdir()] == ["notes.txt"]
-
-    ours = tmp_path / "ours"
-    write_repository(tiny_bundles["ttm"], ours, ServingOptions(model_name="first"))
-    write_repository(tiny_bundles["ttm"], ours, ServingOptions(model_name="second"))
-    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "second"]
+def test_writer_replaces_only_its_own_model_folder(tiny_bundles, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="first"))
+    write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="second"))
+    (repo / "NOTES.md").write_text("keep me")
+    (repo / "other_model" / "1").mkdir(parents=True)
+    (repo / "other_model" / "config.pbtxt").write_text('name: "other_model"')
+    before = snapshot(repo)
+    write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="second", instances=3))
+    assert sorted(p.name for p in repo.iterdir()) == ["NOTES.md", "first", "other_model", "second"]
+    assert {k: v for k, v in snapshot(repo).items() if not k.startswith("second/")} == {
+        k: v for k, v in before.items() if not k.startswith("second/")}, "only the model folder was written"
+    (repo / "first" / "1" / "my-notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"first exists and is a mirasol Triton model that also holds "
+                                          r"'1/my-notes.txt', which mirasol did not write"):
+        write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="first"))
+    (repo / "theirs").mkdir()
+    (repo / "theirs" / "config.pbtxt").write_text("mine")
+    with pytest.raises(OutputError, match="theirs exists and is not a Triton model written by mirasol"):
+        write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="theirs"))
     with pytest.raises(InputError, match="--max-batch: 99 is outside"):
-        write_repository(tiny_bundles["ttm"], ours, ServingOptions(max_batch=99))
-    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "second"], "a refused write leaves the old one"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "users"], "no temporary directory is left"
+        write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="second", max_batch=99))
+    assert (repo / "first" / "1" / "my-notes.txt").read_text() == "mine"
+    assert (repo / "theirs" / "config.pbtxt").read_text() == "mine"
+    assert sorted(p.name for p in repo.iterdir()) == ["NOTES.md", "first", "other_model", "second", "theirs"]
 
 
 def test_cli_help_and_errors(tiny_bundles, tmp_path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mirasol.runtime.triton.repository", *args],
+        return subprocess.run([sys.executable, "-m", "mirasol.runtime.cli.triton", *args],
                               capture_output=True, text=True, timeout=120)
 
     helped = cli("-h")
-    assert helped.returncode == 0 and "--idle-timeout-s" in helped.stdout and "(default: 60.0)" in helped.stdout
+    text = " ".join(helped.stdout.split())
+    assert helped.returncode == 0 and "--idle-timeout-s" in text and "(a number in (0, 1e+07]) (default: 60.0)" in text
     assert cli(str(tiny_bundles["ttm"])).returncode == 2  # --out missing
     missing = cli(str(tmp_path / "nothing"), "--out", str(tmp_path / "repo"))
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
@@ -108,15 +121,15 @@ def test_cli_help_and_errors(tiny_bundles, tmp_path) -> None:
 
 def test_export_cli_writes_the_repository(tmp_path) -> None:
     users = tmp_path / "users"
-    users.mkdir()
-    (users / "notes.txt").write_text("keep me")
+    (users / "mirasol").mkdir(parents=True)
+    (users / "mirasol" / "notes.txt").write_text("keep me")
     args = ["--preset", "tiny", "--no-validate", "--out", str(tmp_path / "bundle"), "--triton"]
     refused = run_export_cli([*args, str(users)])
-    assert refused.exit_code == 1 and "is not a Triton model repository written by mirasol" in refused.stderr
+    assert refused.exit_code == 1 and "is not a Triton model written by mirasol" in refused.stderr
     assert not (tmp_path / "bundle").exists(), "refused before exporting"
     result = run_export_cli([*args, str(tmp_path / "repo")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "repo" / MARKER).is_file() and "wrote Triton model repository" in result.output
+    assert (tmp_path / "repo" / "mirasol" / MARKER).is_file() and "wrote Triton model repository" in result.output
     assert (tmp_path / "repo" / "mirasol" / "1" / "bundle" / "manifest.json").is_file()
 
 

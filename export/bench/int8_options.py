@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from mirasol.runtime.bundle.manifest import Manifest
+from mirasol.runtime.cli.commandline import COUNT, SEED, THREADS, HelpFormatter
 from mirasol.runtime.pipeline import Pipeline
 
 from ...calibration.data import load_clips
@@ -143,22 +144,24 @@ def bench_push(bundles: dict[str, Path], rounds: int, chunks: int, seed: int, th
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mirasol.export.bench.int8_options")
+    parser = argparse.ArgumentParser(prog="python -m mirasol.export.bench.int8_options", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    graphs = sub.add_parser("graphs", help="error and latency of int8 candidates per graph")
+    graphs = sub.add_parser("graphs", help="error and latency of int8 candidates per graph",
+                            formatter_class=HelpFormatter)
     graphs.add_argument("bundle", type=Path)
-    graphs.add_argument("--clips", type=int, default=2)
-    graphs.add_argument("--rounds", type=int, default=15)
-    graphs.add_argument("--per-round", type=int, default=4, help="steady-state calls timed per round")
+    graphs.add_argument("--clips", type=COUNT, default=2, help="calibration clips")
+    graphs.add_argument("--rounds", type=COUNT, default=15, help="timing rounds")
+    graphs.add_argument("--per-round", type=COUNT, default=4, help="steady-state calls timed per round")
     graphs.add_argument("--candidates", default=",".join(CPU_CANDIDATES))
-    graphs.add_argument("--seed", type=int, default=0)
-    graphs.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
-    push = sub.add_parser("push", help="per-chunk push latency of bundles (the first is the baseline)")
+    graphs.add_argument("--seed", type=SEED, default=0, help="seed of the clips")
+    graphs.add_argument("--threads", type=THREADS, default=None, help="intra-op threads (default: onnxruntime's)")
+    push = sub.add_parser("push", help="per-chunk push latency of bundles (the first is the baseline)",
+                          formatter_class=HelpFormatter)
     push.add_argument("bundles", nargs="+", help="NAME=PATH or PATH")
-    push.add_argument("--rounds", type=int, default=6)
-    push.add_argument("--chunks", type=int, default=16)
-    push.add_argument("--seed", type=int, default=0)
-    push.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    push.add_argument("--rounds", type=COUNT, default=6, help="timing rounds")
+    push.add_argument("--chunks", type=COUNT, default=16, help="chunks pushed per round")
+    push.add_argument("--seed", type=SEED, default=0, help="seed of the chunks")
+    push.add_argument("--threads", type=THREADS, default=None, help="intra-op threads (default: onnxruntime's)")
     args = parser.parse_args(argv)
     if args.command == "graphs":
         bench_graphs(args.bundle, args.clips, args.rounds, args.candidates.split(","), args.per_round, args.seed,

@@ -8,20 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..bundle.precisions import NAMES
-from ..errors import BundleError
 from ..tensorrt.build import TIMING_CACHE_FILE, build_engines, memory_report
 from ..tensorrt.env import BUILD_COMMAND
 from ..tensorrt.plan import DEFAULT_WORKSPACE_MB, TYPINGS
-from .commandline import bounded, command_parser, run_command
+from .commandline import BATCH, WORKSPACE_MB, bounded, command_parser, keyed, run_command
 
 
-def _parse_axis_max(pairs: Sequence[str], max_batch: int | None) -> dict[str, int]:
-    result: dict[str, int] = {}
-    for pair in pairs:
-        axis, sep, value = pair.partition("=")
-        if not sep or not axis or not value.strip().isdigit():
-            raise BundleError(f"--max {pair!r}: expected AXIS=N, e.g. --max past_av=256")
-        result[axis.strip()] = int(value)
+def _parse_axis_max(pairs: Sequence[tuple[str, int]], max_batch: int | None) -> dict[str, int]:
+    result = dict(pairs)
     if max_batch is not None:
         result["batch"] = int(max_batch)
     return result
@@ -40,10 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
     parser.add_argument("--precision", choices=NAMES,
                         help="engine precision (default: the bundle's; fp16 can be built from an fp32 bundle)")
-    parser.add_argument("--max-batch", type=bounded(int, 1), metavar="N", help="shorthand for --max batch=N")
-    parser.add_argument("--max", dest="axis_max", action="append", default=[], metavar="AXIS=N",
+    parser.add_argument("--max-batch", type=BATCH, metavar="N", help="shorthand for --max batch=N")
+    parser.add_argument("--max", dest="axis_max", type=keyed("AXIS", bounded(int, 0, 1 << 30)), action="append",
+                        default=[], metavar="AXIS=N",
                         help="lower an axis maximum of the optimization profile (repeatable), e.g. --max past_av=256")
-    parser.add_argument("--workspace-mb", type=bounded(int, 1), default=DEFAULT_WORKSPACE_MB, metavar="MB",
+    parser.add_argument("--workspace-mb", type=WORKSPACE_MB, default=DEFAULT_WORKSPACE_MB, metavar="MB",
                         help="builder workspace memory pool limit")
     parser.add_argument("--graph", dest="graphs", action="append", metavar="NAME",
                         help="build only this graph (repeatable; default: every graph)")
@@ -60,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timing-cache", action=argparse.BooleanOptionalAction, default=True,
                         help=f"load and save BUNDLE/{TIMING_CACHE_FILE}")
     parser.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
-    parser.add_argument("--device", type=bounded(int, 0), default=0, metavar="N", help="CUDA device ordinal")
+    parser.add_argument("--device", type=bounded(int, 0, 1023), default=0, metavar="N", help="CUDA device ordinal")
     parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     return run_command(parser, _build_command, argv)
 

@@ -19,13 +19,13 @@ import numpy as np
 from ..backends import BACKENDS, REGISTRY, BackendSettings, backend_entry
 from ..bundle.reader import Bundle
 from ..errors import InputError, MirasolError
-from ..files.ownership import check_output_file
-from ..media.chunks_file import is_chunks_file, load_chunks, save_chunks
+from ..media.chunks_file import check_chunks_output, load_chunks, save_chunks
 from ..media.live import ASK_EVERY_MAX_S, DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
-from ..media.live_sources import FOREVER, reconnect_attempts
+from ..media.live_sources import FOREVER
 from ..pipeline import Pipeline
 from .bundle_info import describe_bundle
-from .commandline import EXIT_ERROR, EXIT_INTERRUPTED, UsageError, bounded, command_parser, describe, run_command
+from .commandline import (COUNT, EXIT_ERROR, EXIT_INTERRUPTED, SEED, THREADS, UsageError, bounded,
+                          command_parser, describe, keyed, or_word, run_command)
 
 STATUS_EVERY_S = 0.25  # refresh of the status line on a terminal
 STATUS_LINE_EVERY_S = 5.0  # a status line per this many seconds when stderr is not a terminal
@@ -65,23 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-chunks", type=Path, metavar="NPZ",
                         help="with --video: also write the decoded chunks to this .npz, for --chunks (replaces only "
                              "a chunks file mirasol wrote)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+    parser.add_argument("--max-new-tokens", type=COUNT, metavar="N",
                         help="most answer tokens (bytes) (default: the bundle's, 32 unless exported otherwise, or "
                              "what the question leaves of the context); --info says how many the context leaves")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+    parser.add_argument("--temperature", type=bounded(float, 0, 1e3), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=bounded(int, 0, 1 << 20), default=0, metavar="K",
                         help="sample from the K likeliest tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    parser.add_argument("--top-p", type=bounded(float, 0, 1, open_low=True), default=1.0, metavar="P",
                         help="sample from the smallest set of tokens holding probability P (1: all)")
-    parser.add_argument("--seed", type=int, help="seed of the sampling (default: fresh each run; greedy answers "
+    parser.add_argument("--seed", type=SEED, help="seed of the sampling (default: fresh each run; greedy answers "
                                                  "need none)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="; ".join(f"{e.name}: {e.help}" for e in REGISTRY.values()))
     parser.add_argument("--provider", action="append", metavar="NAME",
                         help="onnxruntime execution provider (repeatable, in order; default: CPUExecutionProvider)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=THREADS, metavar="N",
                         help="onnxruntime intra-op threads (default: ONNX Runtime's choice, one per core)")
-    parser.add_argument("--graph-threads", type=_graph_threads, action="append", metavar="GRAPH=N",
+    parser.add_argument("--graph-threads", type=keyed("GRAPH", THREADS), action="append", metavar="GRAPH=N",
                         help="onnxruntime intra-op threads of one graph (repeatable), e.g. text_decoder=1: "
                              "mirasol-bench's text section says whether decoding is faster on one thread")
     parser.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
@@ -106,9 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     live.add_argument("--queue-size", type=bounded(int, 1, 100_000), metavar="CHUNKS",
                       help=f"chunks decoded ahead of the model (default: as many as fit in --latency-bound, at "
                            f"least {MIN_QUEUE_SIZE}: 2 for 1 s chunks and the default bound)")
-    live.add_argument("--reconnect", type=_reconnect, default=5, metavar="ATTEMPTS",
+    live.add_argument("--reconnect", type=or_word(bounded(int, 0, 1_000_000), FOREVER), default=5,
+                      metavar="ATTEMPTS",
                       help=f"reconnect attempts in a row (backoff 0.5 s doubling to 8 s, then each open waits up to "
-                           f"--stall-timeout) before a network source or camera gives up, or '{FOREVER}'")
+                           f"--stall-timeout) before a network source or camera gives up (0: at the first failure), "
+                           f"or '{FOREVER}'")
     live.add_argument("--stall-timeout", type=bounded(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
                       help="seconds without data that end a connection (then reconnect); a named pipe that sends "
                            "nothing for this long ends")
@@ -120,13 +122,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _decoded(args: argparse.Namespace, config: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The chunks of --video, decoded one at a time as they are pushed (memory bounded whatever the file's
-    length); with --save-chunks, also kept and written to that file (checked first) once decoding ends."""
+    length); with --save-chunks (checked before any work by _check_arguments), also kept and written to that file
+    once decoding ends."""
     from ..media.video_files import iter_chunks
 
     if args.save_chunks is None:
         yield from iter_chunks(args.video, config)
         return
-    check_output_file(args.save_chunks, is_chunks_file, "chunks file")
     kept = []
     for chunk in iter_chunks(args.video, config):
         kept.append(chunk)
@@ -348,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.save_chunks is not None and args.video is None:
         raise UsageError("--save-chunks goes with --video")
+    if args.save_chunks is not None:
+        check_chunks_output(args.save_chunks)  # before the clip is decoded
     if args.live is None:
         answers = args.chunks is not None or (args.video is not None and args.save_chunks is None)
         if answers and args.question is None:
@@ -357,21 +361,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
     elif args.ask_every is not None and args.question is None:
         raise UsageError("--ask-every needs --question")
 
-
-def _reconnect(text: str) -> int | None:
-    """--reconnect: a count of attempts >= 0, or 'forever'."""
-    try:
-        return reconnect_attempts(text)
-    except InputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _graph_threads(text: str) -> tuple[str, int]:
-    """GRAPH=N of --graph-threads."""
-    graph, _, count = text.partition("=")
-    if not graph or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected GRAPH=N with N a positive integer, got {text!r}")
-    return graph, int(count)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..backends import BACKENDS, REGISTRY, BackendSettings, backend_entry
 from ..errors import InputError
 from ..media.feed import LATENCY_BOUND_S
-from ..media.live_sources import FOREVER, reconnect_attempts
-from .commandline import UsageError, bounded, command_parser, run_command
+from ..media.live_sources import FOREVER
+from .commandline import UsageError, bounded, command_parser, or_word, run_command
 
 TOKEN_ENV = "MIRASOL_SERVE_TOKEN"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -55,14 +56,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="questions waiting or being answered, all sources together (more: 429)")
     net.add_argument("--webhook", metavar="URL", help="POST every alert of a standing question here (JSON)")
     run = parser.add_argument_group("inference")
-    run.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                     help="tensorrt: engines built by mirasol-build-engines on this device")
+    run.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                     help="; ".join(f"{e.name}: {e.help}" for e in REGISTRY.values()))
     run.add_argument("--threads", type=bounded(int, 1, 1024), metavar="N", help="onnxruntime intra-op threads")
     run.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
     run.add_argument("--no-batch", action="store_true",
                      help="push each source's chunk on its own instead of one push_streams call per round")
-    run.add_argument("--max-new-tokens", type=bounded(int, 1, 4096), default=32, metavar="N",
-                     help="answer length when a question does not say")
+    run.add_argument("--max-new-tokens", type=bounded(int, 1, 4096), metavar="N",
+                     help="answer length when a question does not say (default: the bundle's, or what the question "
+                          "leaves of the context where that is less)")
     sources = parser.add_argument_group("sources (defaults for what a request leaves out)")
     sources.add_argument("--source", action="append", default=[], metavar="[ID=]URL",
                          help="a source added at start (repeatable); the operator's may be local paths")
@@ -71,19 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     sources.add_argument("--stall-timeout", type=bounded(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
                          help="seconds without data that end a connection (then reconnect); each reopen waits "
                               "as long")
-    sources.add_argument("--reconnect", type=_reconnect, default=None, metavar="ATTEMPTS",
-                         help=f"reconnect attempts in a row before a source is reported failed, or '{FOREVER}' "
+    sources.add_argument("--reconnect", type=or_word(bounded(int, 0, 1_000_000), FOREVER), default=None,
+                         metavar="ATTEMPTS",
+                         help=f"reconnect attempts in a row before a source is reported failed (0: at the first "
+                              f"failure), or '{FOREVER}' "
                               f"(default: {FOREVER})")
     sources.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                          help="an FFmpeg option for every source, e.g. rtsp_transport=tcp (repeatable)")
     return parser
 
-
-def _reconnect(text: str) -> int | None:
-    try:
-        return reconnect_attempts(text)
-    except InputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -93,7 +91,7 @@ def _token(args: argparse.Namespace) -> str | None:
         except OSError as error:
             raise InputError(f"--token-file {args.token_file}: {error.strerror}") from None
     else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
+        token = os.environ.get("MIRASOL_SERVE_TOKEN", "").strip()  # TOKEN_ENV
     if token and len(token) < 16:
         raise UsageError("the token must be at least 16 characters (e.g. openssl rand -hex 16)")
     if not token and args.host not in LOOPBACK:
@@ -143,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
                     max_request_bytes=1024 * args.max_request_kb, max_state_bytes=(1 << 20) * args.max_state_mb,
                     max_questions=args.max_questions)
     pipe = Pipeline.load(args.bundle, backend=args.backend, verify=not args.no_verify,
-                         **({"threads": args.threads} if args.backend == "onnxruntime" else {}))
+                         **backend_entry(args.backend).options(BackendSettings(threads=args.threads)))
     service = Service(pipe, limits, defaults, allow_local=args.allow_local_sources, batch=not args.no_batch,
                       webhook=args.webhook, max_new_tokens=args.max_new_tokens)
     sock = _listen(args.host, args.port)

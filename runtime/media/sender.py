@@ -134,20 +134,27 @@ def write_test_clip(path: str | Path, seconds: float = 10.0, width: int = 640, h
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mirasol.runtime.media.sender", description=__doc__.split("\n")[0])
+    from ..cli.commandline import bounded, command_parser, run_command  # the command line only
+
+    parser = command_parser("python -m mirasol.runtime.media.sender", __doc__.split("\n")[0],
+                            epilog="Examples:\n  python -m mirasol.runtime.media.sender clip.mp4 udp://127.0.0.1:5000")
     parser.add_argument("clip", help="a media file with H.264 (or other MPEG-TS-able) video")
     parser.add_argument("targets", nargs="+", help=f"udp://{LOOPBACK}:PORT or the path of a named pipe")
-    parser.add_argument("--loops", type=int, default=1, help="times the clip is played back to back")
+    parser.add_argument("--loops", type=bounded(int, 1, 1_000_000), default=1, metavar="N",
+                        help="times the clip is played back to back")
     parser.add_argument("--video-only", action="store_true", help="send the video track alone")
-    parser.add_argument("--spread", type=float, default=0.0, help="seconds between the first and the last start")
-    args = parser.parse_args(argv)
+    parser.add_argument("--spread", type=bounded(float, 0, 3600), default=0.0, metavar="SECONDS",
+                        help="seconds between the first and the last start (0: all at once)")
+    return run_command(parser, _send, argv)
+
+
+def _send(args: argparse.Namespace) -> None:
     if len(args.targets) == 1:
         send(args.clip, args.targets[0], loops=args.loops, video_only=args.video_only)
-        return 0
+        return
     for thread in send_all(args.clip, args.targets, loops=args.loops, video_only=args.video_only,
                            spread=args.spread):
         thread.join()
-    return 0
 
 
 if __name__ == "__main__":

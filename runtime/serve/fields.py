@@ -82,8 +82,9 @@ def flag(data: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def generation(data: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
-    """Stream.ask's options from a body (max_new_tokens, temperature, top_k, top_p, seed)."""
+def generation(data: dict[str, Any], max_new_tokens: int | None) -> dict[str, Any]:
+    """Stream.ask's options from a body (max_new_tokens, temperature, top_k, top_p, seed); `max_new_tokens` when
+    the body does not say (None: the bundle's default, or what the question leaves)."""
     return {"max_new_tokens": number(data, "max_new_tokens", 1, 4096, max_new_tokens, integer=True),
             "temperature": number(data, "temperature", 0.0, 100.0, 0.0),
             "top_k": number(data, "top_k", 0, 1_000_000, 0, integer=True),

@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="batched,one-by-one", help="batched and/or one-by-one")
     parser.add_argument("--seconds", type=bounded(float, 1.0, 3600.0), default=20.0, help="measured seconds a run")
     parser.add_argument("--warmup", type=bounded(float, 0.0, 600.0), default=5.0,
-                        help="seconds after every source's first chunk before measuring")
-    parser.add_argument("--latency-bound", type=bounded(float, 0.01, 3600.0), default=2.0, metavar="SECONDS")
+                        help="seconds after every source's first chunk before measuring (0: none)")
+    parser.add_argument("--latency-bound", type=bounded(float, 0.01, 3600.0), default=2.0, metavar="SECONDS",
+                        help="each source's latency bound: a run holds when the p95 latency is within it")
     parser.add_argument("--standing-every", type=bounded(int, 1, 10_000), metavar="K",
                         help="a standing question on every source, asked every K chunks")
     parser.add_argument("--clip", type=Path, help="the clip each sender loops (default: 640x360, 25 fps, 10 s)")

@@ -51,7 +51,7 @@ class Service:
 
     def __init__(self, pipeline: Pipeline, limits: Limits = Limits(), defaults: SourceDefaults = SourceDefaults(),
                  allow_local: bool = False, batch: bool = True, webhook: str | None = None,
-                 max_new_tokens: int = 32) -> None:
+                 max_new_tokens: int | None = None) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.defaults = defaults

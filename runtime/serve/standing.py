@@ -40,7 +40,7 @@ class Standing:
     on: str
     pattern: re.Pattern[str] | None
     webhook: bool
-    max_new_tokens: int
+    max_new_tokens: int | None
     chunks: int = 0  # chunks pushed since it was registered
     asked: int = 0
     skipped: int = 0  # due while the previous asking was still being answered
@@ -82,7 +82,7 @@ class Standing:
                 "cost_ms_per_chunk": None if cost is None else round(cost, 3)}
 
 
-def parse_standing(data: dict[str, Any], standing_id: str, max_chars: int, max_new_tokens: int,
+def parse_standing(data: dict[str, Any], standing_id: str, max_chars: int, max_new_tokens: int | None,
                    has_webhook: bool) -> Standing:
     """A client's standing question as a Standing; RequestError naming what is wrong."""
     known(data, STANDING_FIELDS, "a standing question")

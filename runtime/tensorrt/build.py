@@ -46,6 +46,7 @@ from typing import Any
 from ..bundle.manifest import AxisRange, GraphEntry, Manifest
 from ..bundle.reader import sha256_file
 from ..errors import BackendError, BundleError
+from ..files.atomic import write_file
 from .env import SMALL_DEVICE_BYTES, gpu_info, has_precision_flags, import_tensorrt, trt_logger
 from .plan import (
     DEFAULT_WORKSPACE_MB,
@@ -58,7 +59,6 @@ from .plan import (
     plan_build,
     profile_axes,
     record_engine,
-    write_atomic,
 )
 
 TIMING_CACHE_FILE = "timing.cache"
@@ -140,7 +140,7 @@ def build_engines(
             continue
         data, seconds, context_memory = builder.build(entry, onnx_path, engine_name, axes, workspace_mb,
                                                       optimization_level)
-        write_atomic(engine_path, data)
+        write_file(engine_path, data)  # a name of ours in the bundle
         builder.save_timing_cache()
         record = {
             "format": ENGINE_RECORD_VERSION, "file": engine_name, "sha256": hashlib.sha256(data).hexdigest(),
@@ -244,7 +244,7 @@ class _Builder:
 
     def save_timing_cache(self) -> None:
         if self.cache_path is not None and self.cache is not None:
-            write_atomic(self.cache_path, bytes(memoryview(self.cache.serialize())))
+            write_file(self.cache_path, bytes(memoryview(self.cache.serialize())))
 
 
 def _check_network_io(network: Any, entry: GraphEntry) -> dict[str, tuple[int, ...]]:

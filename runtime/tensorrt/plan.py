@@ -4,7 +4,7 @@
   user (`--max AXIS=N`), and the min/opt/max shape of every input;
 - the network typing and builder flags of a precision (`runtime/bundle/precisions.py` says what each precision needs);
 - the options that reproduce a build, recorded per engine and compared before an engine is called up to date;
-- the engine record in manifest.json, rewritten atomically.
+- the engine record in manifest.json, rewritten atomically (runtime/files/atomic.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..bundle.manifest import MANIFEST_FILE, AxisRange, GraphEntry, Manifest, ch
 from ..bundle.precisions import get_precision
 from ..bundle.tensors import TensorInfo
 from ..errors import BundleError, MirasolError
-from ..files.ownership import atomic_file
+from ..files.atomic import write_file
 
 ENGINE_SUFFIX = ".engine"
 TYPINGS = ("auto", "strong", "weak")
@@ -184,27 +184,14 @@ def plan_build(precision: str, bundle_precision: str, *, typing: str = "auto", h
     return BuildPlan(precision, False, flags, clear)
 
 
-def write_manifest_atomic(manifest: Manifest, bundle_dir: str | os.PathLike[str]) -> Path:
-    """Write manifest.json through a temporary file in the bundle and os.replace, so readers never see half."""
-    path = Path(bundle_dir) / MANIFEST_FILE
-    write_atomic(path, json.dumps(manifest.to_dict(), indent=2).encode("utf-8"))
-    return path
-
-
 def record_engine(bundle_dir: str | os.PathLike[str], graph: str, record: Mapping[str, Any]) -> Manifest:
     """Set GraphEntry.engine of one graph (re-reading the manifest first) and rewrite the manifest atomically."""
     manifest = Manifest.read(bundle_dir)
     if graph not in manifest.graphs:
         raise BundleError(f"{Path(bundle_dir) / MANIFEST_FILE}: no graph {graph!r}")
     manifest.graphs[graph] = dataclasses.replace(manifest.graphs[graph], engine=dict(record))
-    write_manifest_atomic(manifest, bundle_dir)
+    write_file(Path(bundle_dir) / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2))  # a name of ours
     return manifest
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file next to it and a rename (nothing half-written)."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def _input_axes(entry: GraphEntry) -> list[str]:

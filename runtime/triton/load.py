@@ -28,13 +28,18 @@ from typing import Any
 
 import numpy as np
 
+from ..cli.commandline import COUNT, HelpFormatter, bounded
 from ..errors import MirasolError
+from ..files.atomic import write_file
+from ..files.ownership import check_output_file
 from ..pipeline import Pipeline
 from .model import load_pipeline
 from .repository import add_serving_options, serving_options, write_repository
 from .server import LocalServer
 
 Chunk = tuple[np.ndarray, np.ndarray]
+REPORT_FORMAT = "mirasol-triton-load"  # the --json report's "format", by which a later run knows it may replace it
+REPORT = "Triton load report"
 
 
 def make_chunks(pipe: Pipeline, streams: int, chunks: int, seed: int = 0) -> list[list[Chunk]]:
@@ -163,6 +168,20 @@ def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, 
     return run_threads([worker(i) for i in range(len(data))])
 
 
+def is_load_report(path: Path) -> bool:
+    """Whether `path` holds a report this command wrote (never raises)."""
+    try:
+        data = json.loads(path.read_bytes()[: 64 << 20])
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The --json report, written through the ownership rule (new, or a report of this command)."""
+    write_file(path, json.dumps({"format": REPORT_FORMAT, **report}, indent=2), is_load_report, REPORT)
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     lines = ["| mode | chunks/s | CPU ms/chunk | p50 ms | p95 ms |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['mode']} | {r['chunks_per_s']:.1f} | {r['cpu_ms_per_chunk']:.2f} | {r['p50_ms']:.2f} | "
@@ -172,16 +191,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mirasol.runtime.triton.load",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="bundle directory (e.g. the demo: mirasol-export --out DIR)")
-    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
-    parser.add_argument("--chunks", type=int, default=32, help="chunks per stream")
+    parser.add_argument("--streams", type=bounded(int, 1, 1024), default=8, help="concurrent streams")
+    parser.add_argument("--chunks", type=COUNT, default=32, help="chunks per stream")
     parser.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     parser.add_argument("--json", type=Path, help="also write the results here")
     add_serving_options(parser)
     args = parser.parse_args(argv)
     try:
+        if args.json is not None:
+            check_output_file(args.json, is_load_report, REPORT)  # before any work
         options = serving_options(args)
         pipe = load_pipeline(args.bundle, options.backend, options.threads)
         data = make_chunks(pipe, args.streams, args.chunks)
@@ -216,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
           f"mean batch in the server: {results[3]['mean_batch']:.2f}; "
           f"max |server - in-process| context: {difference:.2e}")
     if args.json:
-        args.json.write_text(json.dumps({"streams": args.streams, "chunks": args.chunks, "options": asdict(options),
-                                         "results": results, "max_context_difference": difference}, indent=2))
+        report = {"streams": args.streams, "chunks": args.chunks, "options": asdict(options), "results": results,
+                  "max_context_difference": difference}
+        try:
+            write_report(args.json, report)
+        except MirasolError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

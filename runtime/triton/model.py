@@ -23,7 +23,8 @@ import numpy as np
 
 from ..backends import BackendSettings, backend_entry
 from ..errors import InputError, MirasolError
-from ..pipeline import Pipeline, Stream
+from ..files.atomic import make_directories, remove_file
+from ..pipeline import Pipeline, Stream, is_state_file
 
 SequenceId = int | str
 
@@ -68,7 +69,7 @@ class Sequences:
         shape = [d for d in returns.shape if d != "batch"]
         self.empty_context = np.zeros([0] + [d if isinstance(d, int) else 0 for d in shape[1:]], dtype=returns.dtype)
         if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            make_directories(self.state_dir, "state directory")
 
     def serve(self, requests: Sequence[Request]) -> list[Reply | MirasolError]:
         """Serve one batch (at most one request per sequence); each request gets its reply or its own error."""
@@ -156,8 +157,8 @@ class Sequences:
         path = self._state_path(sequence)
         if path is not None and not keep_saved:
             try:
-                path.unlink(missing_ok=True)
-            except OSError as bad:  # the stream has ended all the same; the next save replaces the file
+                remove_file(path, is_state_file, "stream state file")  # only a state file: never a user's file
+            except MirasolError as bad:  # the stream has ended all the same; the next save replaces the file
                 self.log(f"mirasol: could not remove the saved state of sequence {sequence!r}: {bad}")
 
     def _reclaim(self, now: float, keep: set[SequenceId]) -> None:

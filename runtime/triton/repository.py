@@ -1,32 +1,36 @@
 """`mirasol-triton`: write a Triton Inference Server model repository that serves a bundle, one stream per sequence.
 
-    DIR/
-      .mirasol-output         marks the repository as ours (writer version, bundle, options; runtime/files/ownership.py)
-      mirasol/                the model (--model-name)
+    DIR/                      the repository: any directory (other models and files in it are left as they are)
+      mirasol/                the model (--model-name), the only folder written
+        .mirasol-output       marks the folder as ours, listing every file in it (writer, bundle, options)
         config.pbtxt          Python backend, sequence batcher (oldest), instances, max batch, parameters
         1/
           model.py            `from mirasol.runtime.triton.model import TritonPythonModel`
-          bundle/             a copy of the bundle (TensorRT engines are built here, on the server)
+          bundle/             a copy of the bundle's listed files (TensorRT engines are built here, on the server)
 
-The repository is written beside DIR and swapped into place (runtime/files/atomic.py); an existing DIR is replaced only
-if it is a repository this tool wrote, or empty (runtime/files/ownership.py's rule, checked before any work).
+The model folder is written beside itself and swapped into place (runtime/files/atomic.py); an existing one is replaced
+only if this tool wrote it and it holds nothing else (runtime/files/ownership.py's rule, checked before any work and
+again at the swap). The bundle is copied file by file: only what its manifest lists, regular files only, no links
+followed, each checked against the manifest's sha256 (runtime/files/copying.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..backends import BACKENDS, REGISTRY, backend_entry
+from ..bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest
 from ..bundle.reader import Bundle
-from ..cli.commandline import version
-from ..errors import ExportError, InputError
-from ..files.atomic import atomic_directory
-from ..files.ownership import check_output_dir, write_marker
+from ..cli.commandline import BATCH, SECONDS, bounded, version
+from ..errors import BundleError, ExportError, InputError, OutputError
+from ..files.atomic import atomic_directory, make_directories, write_file, write_marker
+from ..files.copying import Expected, copy_listed
+from ..files.ownership import check_output_dir, shown
 
-KIND = "Triton model repository"  # of output directory (runtime/files/ownership.py)
+KIND = "Triton model"  # the model folder's kind of output directory (runtime/files/ownership.py)
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 MODEL_PY = '''"""Written by mirasol-triton: the model is mirasol.runtime.triton.model, shipped with the package."""
 from mirasol.runtime.triton.model import TritonPythonModel  # noqa: F401
@@ -49,20 +53,50 @@ class ServingOptions:
     state_dir: str = ""  # where streams are saved after every chunk, for RESUME; "": not saved
 
 
+def check_repository(out: str | Path, model_name: str = ServingOptions.model_name) -> Path:
+    """The model folder `out/<model_name>`, refused (OutputError, nothing written) unless it may be written: `out`
+    a directory or new, the folder new, empty, or a model folder of ours holding nothing else."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputError(f"{shown(out)} exists and is not a directory; give a model repository directory")
+    return check_output_dir(out / model_name, KIND)
+
+
 def write_repository(bundle_dir: str | Path, out: str | Path, options: ServingOptions = ServingOptions()) -> Path:
-    """Write the model repository for `bundle_dir` to `out` (atomically); returns the model's directory."""
+    """Write the model `options.model_name` serving `bundle_dir` into the repository `out` (atomically, that folder
+    only); returns the model's directory."""
     bundle = Bundle.load(bundle_dir)
     options = _checked(options, bundle)
-    out = check_output_dir(out, KIND)
-    with atomic_directory(out, KIND) as work:
-        model = work / options.model_name
-        (model / "1").mkdir(parents=True)
-        shutil.copytree(bundle.path, model / "1" / "bundle")
-        (model / "1" / "model.py").write_text(MODEL_PY)
-        (model / "config.pbtxt").write_text(model_config(bundle, options))
-        write_marker(work, KIND, writer=f"mirasol-edge {version()}", bundle=str(bundle.path),
+    check_repository(out, options.model_name)
+    make_directories(out, "model repository")
+    with atomic_directory(Path(out) / options.model_name, KIND) as model:
+        copy_listed(bundle.path, model / "1" / "bundle", _listed_files(bundle), "bundle file")
+        if Manifest.read(model / "1" / "bundle").to_dict() != bundle.manifest.to_dict():
+            raise BundleError(f"{shown(bundle.path / MANIFEST_FILE)} changed while the bundle was copied; try again")
+        write_file(model / "1" / "model.py", MODEL_PY)
+        write_file(model / "config.pbtxt", model_config(bundle, options))
+        files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
+        write_marker(model, KIND, files=files, writer=f"mirasol-edge {version()}", bundle=str(bundle.path),
                      bundle_fingerprint=bundle.fingerprint, options=asdict(options))
-    return out / options.model_name
+    return Path(out).absolute() / options.model_name
+
+
+def _listed_files(bundle: Bundle) -> dict[str, Expected]:
+    """The files the manifest lists, with what each must be: graphs and their external data (sha256), engines it
+    records and that are present (sha256 and size), and the manifest itself (bounded; compared once copied)."""
+    files = {MANIFEST_FILE: Expected(max_bytes=MAX_MANIFEST_BYTES)}
+    for graph in bundle.graphs.values():
+        files[graph.file] = Expected(graph.sha256)
+        for extra in graph.external_data:
+            if extra not in graph.external_sha256:
+                raise BundleError(f"{shown(bundle.path)}: graph {graph.name!r} lists external data {extra!r} without "
+                                  f"a sha256, so its copy could not be checked; re-export the bundle")
+            files[extra] = Expected(graph.external_sha256[extra])
+        engine = graph.engine if isinstance(graph.engine, dict) else {}
+        name, sha256, size = engine.get("file"), engine.get("sha256"), engine.get("bytes")
+        if isinstance(name, str) and isinstance(sha256, str) and os.path.lexists(bundle.path / name):
+            files[name] = Expected(sha256, size if isinstance(size, int) and not isinstance(size, bool) else None)
+    return files
 
 
 def _checked(options: ServingOptions, bundle: Bundle) -> ServingOptions:
@@ -152,20 +186,20 @@ def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOption
     parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                         help="runtime backend inside the model: " + "; ".join(
                             f"{e.name}: {e.help}" for e in REGISTRY.values()))
-    parser.add_argument("--instances", type=int, default=defaults.instances,
+    parser.add_argument("--instances", type=bounded(int, 1, 1024), default=defaults.instances,
                         help="model instances (processes); a sequence stays on one")
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
+    parser.add_argument("--max-batch", type=BATCH, default=defaults.max_batch,
                         help="most requests (of different sequences) per model call; default: the bundle's maximum")
-    parser.add_argument("--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
+    parser.add_argument("--idle-timeout-s", type=SECONDS, default=defaults.idle_timeout_s,
                         help="a sequence idle this long is dropped by Triton and its stream reclaimed")
-    parser.add_argument("--queue-delay-ms", type=float, default=defaults.queue_delay_ms,
-                        help="how long Triton may hold a request to batch it with others")
-    parser.add_argument("--max-sequences", type=int, default=defaults.max_sequences,
+    parser.add_argument("--queue-delay-ms", type=bounded(float, 0, 1e7), default=defaults.queue_delay_ms,
+                        help="how long Triton may hold a request to batch it with others (0: no wait)")
+    parser.add_argument("--max-sequences", type=bounded(int, 1, 1 << 20), default=defaults.max_sequences,
                         help="sequences served at once per model (more wait until one ends)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=bounded(int, 0, 1 << 20), default=defaults.max_new_tokens,
                         help="answer length when a request gives no MAX_NEW_TOKENS (0: the bundle's default, or what "
                              "the question leaves of the context where that is less)")
-    parser.add_argument("--threads", type=int, default=defaults.threads,
+    parser.add_argument("--threads", type=bounded(int, 0, 1024), default=defaults.threads,
                         help="onnxruntime intra-op threads per instance (0: ONNX Runtime's default)")
     parser.add_argument("--state-dir", default=defaults.state_dir,
                         help="save each stream here after every chunk, so START+RESUME continues it after a "

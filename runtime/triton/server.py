@@ -27,7 +27,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..cli.commandline import HelpFormatter, bounded
 from ..errors import BackendError, MirasolError
+
+PORT = bounded(int, 1, 65535)
 
 HOST = "127.0.0.1"
 
@@ -162,13 +165,13 @@ class LocalServer:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mirasol.runtime.triton.server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m mirasol.runtime.triton.server", formatter_class=HelpFormatter,
         description="Serve a model repository (written by mirasol-triton) with the tritonserver of the "
                     "nvidia-pytriton wheel, on 127.0.0.1, until interrupted.")
     parser.add_argument("repository", type=Path, help="model repository directory")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument("--http-port", type=PORT, default=8000, help="Triton's HTTP port")
+    parser.add_argument("--grpc-port", type=PORT, default=8001, help="Triton's gRPC port")
+    parser.add_argument("--log-verbose", type=bounded(int, 0, 9), default=0, help="Triton's --log-verbose level")
     args = parser.parse_args(argv)
     server = LocalServer(args.repository, args.http_port, args.grpc_port, log_verbose=args.log_verbose)
     available, why = availability()
