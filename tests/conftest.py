@@ -252,3 +252,21 @@ def run_in_threads(session, inputs: list) -> list:
     for t in threads:
         t.join()
     return results
+
+
+@pytest.fixture(scope="session")
+def triton_served(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The one Triton server of the test session (tests/triton_tools.py says what it serves); the Triton test
+    modules share it. Skips where the wheel's server cannot run."""
+    from mirasol.runtime.triton.server import availability
+
+    from .triton_tools import start_served
+
+    available, why = availability()
+    if not available:
+        pytest.skip(f"the Triton server cannot run here: {why}")
+    served = start_served(tiny_bundles["ttm"], tmp_path_factory.mktemp("triton"))
+    try:
+        yield served
+    finally:
+        served.server.stop()
