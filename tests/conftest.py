@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -252,6 +253,13 @@ def run_in_threads(session, inputs: list) -> list:
     for t in threads:
         t.join()
     return results
+
+
+def marked_block(page: Path, name: str) -> str:
+    """The code block of a Markdown page marked `<!-- tested: NAME ... -->` on the line before it (exactly one)."""
+    found = re.findall(rf"<!-- tested: {name}\b[^>]*-->\n```\w+\n(.*?)```", page.read_text(), re.S)
+    assert len(found) == 1, f"{page.name} has {len(found)} blocks marked 'tested: {name}'"
+    return found[0]
 
 
 @pytest.fixture(scope="session")

@@ -321,3 +321,31 @@ def test_sequences_serve_a_one_off_request_on_a_stream_of_its_own(tiny_bundles, 
     assert sequences.streams == {} and list(tmp_path.iterdir()) == []
     [failed] = sequences.serve([Request(0, question=QUESTION)])
     assert isinstance(failed, MirasolError) and "push at least one chunk" in str(failed)
+
+
+def test_launcher_command_line(tmp_path) -> None:
+    """The launcher's options as tritonserver flags, and its refusals (the real server runs them in
+    test_triton_server.py: another loopback address, metrics, the explicit control mode, a log file)."""
+    from mirasol.runtime.triton.server import LocalServer
+
+    server = LocalServer(tmp_path, address="0.0.0.0", metrics_port=9102, model_control_mode="explicit",
+                         load_models=["a", "b"], log_verbose=1)
+    command, _ = server.command(tmp_path / "backends")
+    flags = " ".join(command)
+    for flag in ("--http-address 0.0.0.0", "--grpc-address 0.0.0.0", "--metrics-address 0.0.0.0",
+                 "--metrics-port 9102", "--allow-metrics true", "--model-control-mode explicit", "--load-model=a",
+                 "--load-model=b", "--log-verbose 1"):
+        assert flag in flags
+    assert server.http_url.startswith("127.0.0.1:") and server.metrics_url == "http://127.0.0.1:9102/metrics"
+    assert "--allow-metrics false" in " ".join(LocalServer(tmp_path).command(tmp_path)[0])
+
+    def launcher(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mirasol.runtime.triton.server", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    assert "--model-control-mode" in launcher("-h").stdout
+    for args, message in ((["--load-model", "a"], "--load-model needs --model-control-mode explicit"),
+                          (["--http-port", "70000"], "a port is in [0, 65535]"),
+                          (["--model-control-mode", "sometimes"], "invalid choice")):
+        done = launcher(*args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -84,8 +84,9 @@ def infer(http, client, sequence, model: str = "mirasol", **options):
 
 def statistics(client, model: str = "mirasol") -> tuple[int, int]:
     """(inference count, execution count) of the model so far."""
-    stats = client.get_inference_statistics(model)["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+    as_json = {"as_json": True} if "grpc" in type(client).__module__ else {}  # gRPC's JSON gives int64 as str
+    stats = client.get_inference_statistics(model, **as_json)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 def metrics(server: LocalServer) -> dict[tuple[str, frozenset], float]:

@@ -44,7 +44,7 @@ class ServingOptions:
     idle_timeout_s: float = 60.0
     queue_delay_ms: float = 5.0
     max_sequences: int = 256
-    max_new_tokens: int = 0  # 0: the bundle's default, or what the question leaves
+    max_new_tokens: int = 0  # 0: the bundle's default (never more than a question leaves)
     threads: int = 0  # onnxruntime intra-op threads per instance; 0: ONNX Runtime's default
     state_dir: str = ""  # where streams are saved after every chunk, for RESUME; "": not saved
     decoupled: bool = False  # answers' text sent as generated (gRPC streams only)
@@ -187,8 +187,8 @@ def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOption
     parser.add_argument("--max-sequences", type=int, default=defaults.max_sequences,
                         help="sequences served at once per model (more wait until one ends)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                        help="answer length when a request gives no MAX_NEW_TOKENS (0: the bundle's default, or what "
-                             "the question leaves of the context where that is less)")
+                        help="answer length when a request gives no MAX_NEW_TOKENS or 0 (0 here: the bundle's "
+                             "default); a question that leaves less of the text context gets what it leaves")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="onnxruntime intra-op threads per instance (0: ONNX Runtime's default)")
     parser.add_argument("--state-dir", default=defaults.state_dir,

@@ -128,7 +128,7 @@ class Sequences:
                 contexts[i], pushed = outcome, pushed + 1
                 results[i] = self._attempt(requests[i], lambda: self._save(requests[i]))
         self.counters.chunks(pushed)
-        answers = self._answer(requests, {i: a for i, a in asked.items() if results[i] is None}, start, on_text)
+        answers = self._answer({i: a for i, a in asked.items() if results[i] is None}, start, on_text)
         for i, request in enumerate(requests):
             if results[i] is None and isinstance(answers.get(i), MirasolError):
                 taken = " (the chunk of this request was taken)" if i in pushing else ""
@@ -140,12 +140,13 @@ class Sequences:
                 self._close(request.sequence)
             elif request.sequence in self.streams:
                 self.last_seen[request.sequence] = start
-        errors = [tagged(r, q.sequence, q.request_id) for q, r in zip(requests, results) if isinstance(r, MirasolError)]
-        for error in errors:
-            self.counters.failed(client=isinstance(error, InputError))
+        replies = [tagged(r, q.sequence, q.request_id) if isinstance(r, MirasolError) else r
+                   for q, r in zip(requests, results)]
+        for reply in replies:
+            if isinstance(reply, MirasolError):
+                self.counters.failed(client=isinstance(reply, InputError))
         self.counters.streams(len(self.streams))
-        tagged_errors = iter(errors)
-        return [next(tagged_errors) if isinstance(r, MirasolError) else r for r in results]  # type: ignore[misc]
+        return replies  # type: ignore[return-value]
 
     def _one_off(self, request: Request) -> Request:
         """A request outside any sequence: served on a stream of its own that ends with it (nothing saved)."""
@@ -224,8 +225,8 @@ class Sequences:
             except (MirasolError, OSError) as bad:
                 raise OutputError(f"the chunk was taken, but saving the stream to {path} failed: {bad}") from None
 
-    def _answer(self, requests: list[Request], asked: dict[int, Asked], start: float,
-                on_text: Callable[[int, str], None] | None) -> dict[int, str | MirasolError]:
+    def _answer(self, asked: dict[int, Asked], start: float, on_text: Callable[[int, str], None] | None
+                ) -> dict[int, str | MirasolError]:
         """Every question of the batch, generated together; each answer's text goes to `on_text` as it comes."""
         order = list(asked)
         rows: dict[int, list[int]] = {i: [] for i in order}
