@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -294,3 +295,26 @@ def served(live_bundles: dict[str, Path]):
     server = Server(live_bundles["short"], "--allow-local-sources", "--stall-timeout", "1", "-q")
     yield server
     server.close()
+def marked_block(page: Path, name: str) -> str:
+    """The code block of a Markdown page marked `<!-- tested: NAME ... -->` on the line before it (exactly one)."""
+    found = re.findall(rf"<!-- tested: {name}\b[^>]*-->\n```\w+\n(.*?)```", page.read_text(), re.S)
+    assert len(found) == 1, f"{page.name} has {len(found)} blocks marked 'tested: {name}'"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def triton_served(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The one Triton server of the test session (tests/triton_tools.py says what it serves); the Triton test
+    modules share it. Skips where the wheel's server cannot run."""
+    from mirasol.runtime.triton.server import availability
+
+    from .triton_tools import start_served
+
+    available, why = availability()
+    if not available:
+        pytest.skip(f"the Triton server cannot run here: {why}")
+    served = start_served(tiny_bundles["ttm"], tmp_path_factory.mktemp("triton"))
+    try:
+        yield served
+    finally:
+        served.server.stop()

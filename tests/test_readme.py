@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import VENV_BIN
+from .conftest import VENV_BIN, marked_block
 
 ROOT = Path(__file__).resolve().parents[1]
 # pip's words when it cannot reach a package index (offline): then the fresh-venv tests skip
@@ -30,9 +30,7 @@ OFFLINE = re.compile(r"No matching distribution found|Could not find a version|F
 
 
 def readme_block(name: str) -> str:
-    found = re.findall(rf"<!-- tested: {name}\b[^>]*-->\n```\w+\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(found) == 1, f"README.md has {len(found)} blocks marked 'tested: {name}'"
-    return found[0]
+    return marked_block(ROOT / "README.md", name)
 
 
 def commands(block: str) -> list[str]:

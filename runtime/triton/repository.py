@@ -48,9 +48,12 @@ class ServingOptions:
     idle_timeout_s: float = 60.0
     queue_delay_ms: float = 5.0
     max_sequences: int = 256
-    max_new_tokens: int = 0  # 0: the bundle's default, or what the question leaves
+    max_new_tokens: int = 0  # 0: the bundle's default (never more than a question leaves)
     threads: int = 0  # onnxruntime intra-op threads per instance; 0: ONNX Runtime's default
     state_dir: str = ""  # where streams are saved after every chunk, for RESUME; "": not saved
+    decoupled: bool = False  # answers' text sent as generated (gRPC streams only)
+    gpus: tuple[int, ...] = ()  # the GPUs of the instances (a GPU backend); (): every GPU Triton sees
+    warmup: int = 1  # chunks Triton pushes through each instance when loading it (a stream of their own)
 
 
 def check_repository(out: str | Path, model_name: str = ServingOptions.model_name) -> Path:
@@ -113,12 +116,19 @@ def _checked(options: ServingOptions, bundle: Bundle) -> ServingOptions:
             raise InputError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(options, name)}")
     if options.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens: must be 0 (the bundle's default) or more, got {options.max_new_tokens}")
-    if options.idle_timeout_s <= 0 or options.queue_delay_ms < 0 or options.threads < 0:
-        raise InputError("--idle-timeout-s must be > 0, --queue-delay-ms and --threads >= 0")
+    if options.idle_timeout_s <= 0 or options.queue_delay_ms < 0 or options.threads < 0 or options.warmup < 0:
+        raise InputError("--idle-timeout-s must be > 0, --queue-delay-ms, --threads and --warmup >= 0")
+    if options.gpus and backend_entry(options.backend).device != "gpu":
+        raise InputError(f"--gpus: the {options.backend} backend computes on the CPU (KIND_CPU instances); choose a "
+                         f"GPU backend ({', '.join(e.name for e in REGISTRY.values() if e.device == 'gpu')}) or "
+                         f"leave --gpus out")
+    if any(gpu < 0 for gpu in options.gpus) or len(set(options.gpus)) != len(options.gpus):
+        raise InputError(f"--gpus: GPU indices are different integers >= 0, got {list(options.gpus)}")
     if not options.model_name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"--model-name: {options.model_name!r} must be letters, digits, '-' and '_'")
     state_dir = str(Path(options.state_dir).absolute()) if options.state_dir else ""
-    return ServingOptions(**{**asdict(options), "max_batch": max_batch, "state_dir": state_dir})
+    return ServingOptions(**{**asdict(options), "max_batch": max_batch, "state_dir": state_dir,
+                             "gpus": tuple(options.gpus)})
 
 
 def _quote(text: str) -> str:
@@ -145,6 +155,13 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
                   "state_dir": options.state_dir, "max_new_tokens": str(options.max_new_tokens),
                   "threads": str(options.threads)}
     kind = "KIND_GPU" if backend_entry(options.backend).device == "gpu" else "KIND_CPU"
+    gpus = f" gpus: [ {', '.join(map(str, options.gpus))} ]" if options.gpus else ""
+    chunk = [("VIDEO", video), ("AUDIO", audio)]
+    warmup = [  # zeros are a valid chunk; the model serves correlation ID 0 on a stream of its own
+        f'model_warmup [ {{ name: "chunk" batch_size: 1 count: {options.warmup}',
+        *(f"  inputs {{ key: {_quote(name)} value {{ data_type: {triton_type(info.dtype)} "
+          f"dims: [ {dims(info.shape)} ] zero_data: true }} }}" for name, info in chunk),
+        "} ]"] if options.warmup else []
     lines = [
         f"# Written by mirasol-triton {version()} for the bundle in 1/bundle ({manifest.precision}).",
         f"name: {_quote(options.model_name)}",
@@ -155,13 +172,19 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
         f'  {{ name: "AUDIO" data_type: {triton_type(audio.dtype)} dims: [ {dims(audio.shape)} ] optional: true }},',
         '  { name: "QUESTION" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
         '  { name: "MAX_NEW_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
-        '  { name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true }',
+        '  { name: "RESUME" data_type: TYPE_BOOL dims: [ 1 ] optional: true },',
+        '  { name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] optional: true },',
+        '  { name: "TOP_K" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        '  { name: "TOP_P" data_type: TYPE_FP32 dims: [ 1 ] optional: true },',
+        '  { name: "SEED" data_type: TYPE_INT64 dims: [ 1 ] optional: true }',
         "]",
         "output [",
         f'  {{ name: "CONTEXT" data_type: {triton_type(context.dtype)} dims: [ {dims(context.shape, True)} ] }},',
         '  { name: "ANSWER" data_type: TYPE_STRING dims: [ 1 ] },',
+        *(['  { name: "PIECE" data_type: TYPE_STRING dims: [ 1 ] },'] if options.decoupled else []),
         '  { name: "CHUNKS" data_type: TYPE_INT64 dims: [ 1 ] }',
         "]",
+        *(["model_transaction_policy { decoupled: true }"] if options.decoupled else []),
         "sequence_batching {",
         f"  max_sequence_idle_microseconds: {round(options.idle_timeout_s * 1e6)}",
         "  oldest {",
@@ -174,7 +197,8 @@ def model_config(bundle: Bundle, options: ServingOptions) -> str:
         '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] } ] }',
         "  ]",
         "}",
-        f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]",
+        f"instance_group [ {{ count: {options.instances} kind: {kind}{gpus} }} ]",
+        *warmup,
         *(f"parameters {{ key: {_quote(k)} value {{ string_value: {_quote(v)} }} }}" for k, v in parameters.items()),
     ]
     return "\n".join(lines) + "\n"
@@ -197,13 +221,29 @@ def add_serving_options(parser: argparse.ArgumentParser, defaults: ServingOption
     parser.add_argument("--max-sequences", type=bounded(int, 1, 1 << 20), default=defaults.max_sequences,
                         help="sequences served at once per model (more wait until one ends)")
     parser.add_argument("--max-new-tokens", type=bounded(int, 0, 1 << 20), default=defaults.max_new_tokens,
-                        help="answer length when a request gives no MAX_NEW_TOKENS (0: the bundle's default, or what "
-                             "the question leaves of the context where that is less)")
+                        help="answer length when a request gives no MAX_NEW_TOKENS or 0 (0 here: the bundle's "
+                             "default); a question that leaves less of the text context gets what it leaves")
     parser.add_argument("--threads", type=bounded(int, 0, 1024), default=defaults.threads,
                         help="onnxruntime intra-op threads per instance (0: ONNX Runtime's default)")
     parser.add_argument("--state-dir", default=defaults.state_dir,
                         help="save each stream here after every chunk, so START+RESUME continues it after a "
                              "restart (off when empty)")
+    parser.add_argument("--decoupled", action="store_true", default=defaults.decoupled,
+                        help="a decoupled model: each answer's text is sent as it is generated (PIECE responses), "
+                             "over gRPC streams only (Triton's HTTP endpoint refuses decoupled models)")
+    parser.add_argument("--gpus", type=_gpu_list, default=defaults.gpus, metavar="0,1,...",
+                        help="pin the instances to these GPUs (instance_group gpus; each GPU gets --instances "
+                             "instances); for a GPU backend only; default: every GPU Triton sees")
+    parser.add_argument("--warmup", type=bounded(int, 0, 1 << 20), default=defaults.warmup, metavar="N",
+                        help="chunks (zeros) Triton pushes through each instance when it loads the model, so that "
+                             "the first client does not wait for the graphs' first runs (0: none)")
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices separated by commas (0,1), got {text!r}") from None
 
 
 def serving_options(args: argparse.Namespace) -> ServingOptions:
