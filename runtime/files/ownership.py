@@ -36,8 +36,9 @@ from ..errors import MirasolError, OutputError
 MARKER_FILE = ".mirasol-output"
 MARKER_FORMAT = "mirasol-output"
 MAX_MARKER_BYTES = 1 << 16
-# Files a bundle holds beside those its manifest names: the manifest itself and TensorRT's timing cache.
-BUNDLE_FILES = (MANIFEST_FILE, "timing.cache")
+# Files a bundle holds beside those its manifest names: the manifest itself, TensorRT's timing cache, and the
+# folder of ONNX Runtime's TensorRT provider caches (backends/onnxruntime_device.py; marked by prepare_output_dir).
+BUNDLE_FILES = (MANIFEST_FILE, "timing.cache", "onnxruntime-tensorrt")
 _TEMPORARY = re.compile(r"\..+\.tmp(\.[^.]+)?")  # what atomic_file leaves if its process is killed
 _UMASK = os.umask(0)
 os.umask(_UMASK)
