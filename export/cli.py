@@ -16,6 +16,7 @@ from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.cli.bundle_info import format_graph_sizes
 from mirasol.runtime.cli.commandline import (BATCH, COUNT, SEED, WORKSPACE_MB, UsageError, bounded, command_parser,
                                              existing_dir, run_command)
+from mirasol.runtime.errors import ExportError
 from mirasol.runtime.files.ownership import check_output_dir
 
 from . import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
@@ -69,9 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "'synthetic'")
     parser.add_argument("--calibration-clips", type=COUNT, default=16, metavar="N",
                         help="int8: clips to calibrate on")
-    parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
-                        help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ "
-                             "for TensorRT")
+    parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"],
+                        help="int8: the runtime the quantization is made for: cpu / cpu-dynamic = ONNX Runtime on "
+                             "the CPU; tensorrt = symmetric Q/DQ, the only int8 TensorRT builds (mirasol-build-engines "
+                             "and the onnxruntime-tensorrt backend refuse the others) (default: tensorrt with "
+                             "--engine, else cpu)")
     parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                         help="int8: how activation ranges are chosen from the recorded activations")
     parser.add_argument("--reference-bundle", type=existing_dir, metavar="DIR",
@@ -97,6 +100,11 @@ def _export(args: argparse.Namespace) -> None:
         raise UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
     if get_precision(args.precision).needs_calibration and args.calibration_data is None and not args.params_only:
         raise UsageError(f"--precision {args.precision} needs --calibration-data (media dir, .npz dir or 'synthetic')")
+    if args.int8_target is None:
+        args.int8_target = "tensorrt" if args.engine else "cpu"
+    elif args.engine and args.precision == "int8" and args.int8_target != "tensorrt":
+        raise UsageError(f"--engine builds TensorRT engines, which cannot be built from --int8-target "
+                         f"{args.int8_target} (uint8 activations with zero points): use --int8-target tensorrt")
     import torch
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.model import build_model, count_parameters
@@ -138,16 +146,19 @@ def _export(args: argparse.Namespace) -> None:
     say("\n" + format_graph_sizes(out, manifest))
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))
-    if args.precision != "int8" or args.int8_target == "tensorrt":
+    from mirasol.runtime.tensorrt.plan import int8_problem
+    if int8_problem(manifest, out) is None:  # every bundle TensorRT may build: fp32, fp16, int8 for TensorRT
         from mirasol.export.tensorrt.readiness import check_bundle
         readiness = check_bundle(out)
         say("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings else "\n" + readiness.format()))
         if args.engine:
+            if not readiness.ok:
+                raise ExportError(f"the TensorRT readiness check found errors in {out} (above): no engines built")
             from mirasol.runtime.tensorrt.build import build_engines
-            build_engines(out, precision=None if args.precision == "int8" else args.precision,
-                          axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
+            build_engines(out, axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
     else:
-        say("\nTensorRT readiness: skipped (the int8 cpu recipes are for ONNX Runtime; use --int8-target tensorrt)")
+        say(f"\nTensorRT readiness: not checked, this bundle is not for TensorRT (--int8-target {args.int8_target} is "
+            f"for ONNX Runtime on the CPU; for TensorRT export with --int8-target tensorrt)")
     if args.triton_dir is not None:
         from mirasol.runtime.triton.repository import write_repository
         served = write_repository(out, args.triton_dir)

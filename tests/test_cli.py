@@ -67,8 +67,8 @@ def parser_of(script: str) -> argparse.ArgumentParser:
 
 
 def test_the_eight_commands_are_known() -> None:
-    assert SCRIPTS == ["mirasol-bench", "mirasol-build-engines", "mirasol-demo", "mirasol-export", "mirasol-run",
-                       "mirasol-serve", "mirasol-train", "mirasol-triton"]
+    assert SCRIPTS == ["mirasol-bench", "mirasol-build-engines", "mirasol-demo", "mirasol-doctor", "mirasol-export",
+                       "mirasol-run", "mirasol-serve", "mirasol-train", "mirasol-triton"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -129,7 +129,7 @@ def test_a_missing_extra_is_named(tmp_path: Path, tiny_bundle: Path, script: str
     assert helped.returncode == 0 and helped.stderr == "", helped.stderr
     line = one_error_line(without(EXTRA_MODULES, script, *args))
     if extra is None:  # TensorRT says how it is installed, on a Jetson and elsewhere
-        assert "TensorRT is not installed" in line and "mirasol-edge[tensorrt]" in line
+        assert "TensorRT is not installed" in line and "mirasol-edge[tensorrt-cu12]" in line
     else:
         assert f'which the [{extra}] extra installs: pip install "mirasol-edge[{extra}]"' in line
     assert list(tmp_path.iterdir()) == []

@@ -10,8 +10,10 @@ RMS error vs fp32 on the recorded inputs and the median latency over alternating
 once per round, in a shuffled order), on steady-state inputs: the AV autoregressor with a full cache, the
 text decoder on one-token steps.
 
-`push`: per-chunk `Stream.push` latency of bundles through the runtime Pipeline, in one process, every chunk
-pushed to each bundle's stream in a random order; medians over all chunks after a warm-up.
+`push`: per-chunk `Stream.push` latency of bundles through the runtime Pipeline (default backend options, as
+`mirasol-run` runs them), in one process, every chunk pushed to each bundle's stream in a random order; medians over
+all chunks after a warm-up; and the relative RMS error of each bundle's av_context against the first bundle's over
+the first stream's chunks.
 
 What these measured on the `small` preset is summarised in `mirasol/calibration/int8_targets.py`.
 """
@@ -122,24 +124,31 @@ def bench_push(bundles: dict[str, Path], rounds: int, chunks: int, seed: int, th
     pieces = pipes[first].split_clip(video, audio)
     times: dict[str, list[float]] = {name: [] for name in pipes}
     cpu: dict[str, list[float]] = {name: [] for name in pipes}
+    contexts: dict[str, list[np.ndarray]] = {name: [] for name in pipes}  # the first stream's, for the error
     rng = np.random.default_rng(seed)
     for round_index in range(rounds):
         streams = {name: pipe.stream() for name, pipe in pipes.items()}
         for index, (v, a) in enumerate(pieces):
             for name in rng.permutation(list(pipes)):
                 start, start_cpu = time.perf_counter(), time.process_time()
-                streams[name].push(v, a)
+                context = streams[name].push(v, a)
                 if round_index > 0 or index > 0:  # the first push of all warms up
                     times[name].append(time.perf_counter() - start)
                     cpu[name].append(time.process_time() - start_cpu)
+                if round_index == 0:
+                    contexts[name].append(context)
     result = {name: float(np.median(t)) for name, t in times.items()}
     cpu_result = {name: float(np.median(t)) for name, t in cpu.items()}
+    reference = np.concatenate(contexts[first])
+    error = {name: float(np.linalg.norm(np.concatenate(c) - reference) / np.linalg.norm(reference))
+             for name, c in contexts.items()}
     print(f"per-chunk push latency, median of {len(times[first])} chunks each ({rounds} streams of {len(pieces)} "
           f"chunks, bundles alternating in a random order per chunk, intra-op threads {threads or 'default'}):")
     for name, t in times.items():
         print(f"  {name:<12} wall median {result[name] * 1e3:7.2f} ms (p10 {np.percentile(t, 10) * 1e3:6.2f}, "
               f"p90 {np.percentile(t, 90) * 1e3:6.2f}) {result[first] / result[name]:.2f}x | "
-              f"cpu median {cpu_result[name] * 1e3:7.2f} ms {cpu_result[first] / cpu_result[name]:.2f}x")
+              f"cpu median {cpu_result[name] * 1e3:7.2f} ms {cpu_result[first] / cpu_result[name]:.2f}x | "
+              f"av_context rel. RMS error vs {first} {error[name]:.4f}")
     return result
 
 

@@ -35,8 +35,17 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 # the distribution's extras, by the top-level module a command needs from them
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export", "tqdm": "export",
-          "av": "media", "tensorrt": "tensorrt", "cuda": "tensorrt", "tritonclient": "triton",
+          "av": "media", "tritonclient": "triton",
           "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "websockets": "serve"}
+# modules that one extra per device brings: (the first extra, how to say the others)
+DEVICE_EXTRAS = {
+    "onnxruntime": ("cpu", "or [onnxruntime-cu12] / [onnxruntime-cu13] for ONNX Runtime on an NVIDIA GPU, by the "
+                           "driver's CUDA major; on a Jetson see docs/tensorrt-jetson.md"),
+    "tensorrt": ("tensorrt-cu12", "or [tensorrt-cu13] for a driver of CUDA 13; on a Jetson TensorRT comes with "
+                                  "JetPack: see docs/tensorrt-jetson.md"),
+    "cuda": ("tensorrt-cu12", "or [tensorrt-cu13] for a driver of CUDA 13; on a Jetson (JetPack 6): pip install "
+                              "'cuda-python==12.6.2.post1'"),
+}
 
 
 class UsageError(Exception):
@@ -159,6 +168,10 @@ def existing_dir(text: str) -> Path:
 def missing_extra(error: ImportError) -> str | None:
     """The message for an ImportError of a module an extra brings (None for any other ImportError)."""
     top = (error.name or "").split(".")[0]
+    if top in DEVICE_EXTRAS:
+        extra, others = DEVICE_EXTRAS[top]
+        return (f"this needs {top!r}, which the [{extra}] extra installs ({others}): "
+                f"pip install \"mirasol-edge[{extra}]\"")
     extra = EXTRAS.get(top)
     if extra is None:
         return None

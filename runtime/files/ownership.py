@@ -43,6 +43,9 @@ MARKER_FORMAT = "mirasol-output"
 MAX_MARKER_BYTES = 1 << 20
 # Files a bundle holds beside those its manifest names: the manifest itself and TensorRT's timing cache.
 BUNDLE_FILES = (MANIFEST_FILE, "timing.cache")
+# Folders a bundle may hold: name -> the kind prepare_output_dir marked it with; ours whole when so marked (ONNX
+# Runtime's TensorRT provider writes its engine and timing caches there: backends/onnxruntime_device.py).
+BUNDLE_FOLDERS = {"onnxruntime-tensorrt": "onnxruntime-tensorrt cache"}
 TEMPORARY_TAG = ".mirasol-tmp-"
 BACKUP_TAIL = "-previous"  # a target moved aside while a directory is swapped without renameat2
 _TEMPORARY = re.compile(r"\..{1,40}\.mirasol-(tmp|new)-[0-9a-f]{32}(-previous|\.[A-Za-z0-9_]{1,16})?", re.S)
@@ -144,7 +147,9 @@ def owned_files(directory: Path, kind: str) -> set[str]:
     if kind == "bundle":
         manifest = _bundle_manifest(directory)
         known = _bundle_names(manifest) if manifest is not None else set()
-        return {n for n, what in entries.items() if what == "file" and (n in known or is_temporary(n))}
+        folders = {name for name in BUNDLE_FOLDERS if name in entries and _our_folder(directory, name)}
+        return {n for n, what in entries.items() if (what == "file" and (n in known or is_temporary(n)))
+                or n in folders or n.split("/", 1)[0] in folders}
     about = read_marker(directory)
     listed = about.get("files") if isinstance(about, Mapping) and about.get("kind") == kind else None
     if not isinstance(listed, list):
@@ -172,10 +177,18 @@ def _why_not_a_bundle(directory: Path, entries: list[str]) -> str | None:
     if manifest is None:
         return f"is not a mirasol bundle (no mirasol manifest.json; it holds {_some(entries)})"
     names = _bundle_names(manifest)
-    foreign = [e for e in entries if not (e in names or is_temporary(e)) or not _is_file(directory / e)]
+    foreign = [e for e in entries if not _our_folder(directory, e)
+               and (not (e in names or is_temporary(e)) or not _is_file(directory / e))]
     if foreign:
         return f"is a mirasol bundle that also holds {_some(foreign)}, which mirasol did not write"
     return None
+
+
+def _our_folder(directory: Path, name: str) -> bool:
+    """Whether the entry `name` of a bundle is one of its folders (BUNDLE_FOLDERS), marked ours of that kind."""
+    kind = BUNDLE_FOLDERS.get(name)
+    path = directory / name
+    return kind is not None and stat.S_ISDIR(os.lstat(path).st_mode) and why_not_ours(path, kind) is None
 
 
 def _is_file(path: Path) -> bool:
@@ -315,5 +328,6 @@ def _some(entries: list[str], limit: int = 3) -> str:
     return listed + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
 
 
-__all__ = ["BUNDLE_FILES", "MARKER_FILE", "OutputFile", "check_output_dir", "check_output_file", "is_temporary",
-           "output_errors", "owned_files", "owned_name", "read_marker", "shown", "temporary_name", "why_not_ours"]
+__all__ = ["BUNDLE_FILES", "BUNDLE_FOLDERS", "MARKER_FILE", "OutputFile", "check_output_dir", "check_output_file",
+           "is_temporary", "output_errors", "owned_files", "owned_name", "read_marker", "shown", "temporary_name",
+           "why_not_ours"]
