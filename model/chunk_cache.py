@@ -7,8 +7,10 @@ model's media settings (fps, chunk length, picture size, audio settings) and the
 decoded again only when it changed or a model sees it differently, wherever the dataset moved.
 
 The folder follows the ownership rule (`runtime/files/ownership.py`, kind "chunk cache"): an existing folder that
-is not a chunk cache is refused before any work, and entries are written atomically. It can be deleted at any
-time; nothing but speed is lost.
+is not a chunk cache is refused before any work, and entries are written atomically. A new entry replaces only
+another process's entry of the same media written meanwhile; an unreadable file under an entry's name in the
+cache is ours by that name (`owned_name`) and is decoded again over. The folder can be deleted at any time;
+nothing but speed is lost.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ import numpy as np
 from mirasol.runtime.bundle.json_reader import parse_json
 from mirasol.runtime.bundle.reader import BoundedNpz
 from mirasol.runtime.errors import InputError, MirasolError
-from mirasol.runtime.files.ownership import check_output_dir, prepare_output_dir
+from mirasol.runtime.files.atomic import prepare_output_dir
+from mirasol.runtime.files.ownership import check_output_dir, owned_name
 from mirasol.runtime.media.chunking import MediaParams
-from mirasol.runtime.media.chunks_file import CHUNKS_FORMAT, MAX_CHUNKS_FILE_BYTES, load_chunks, save_chunks
+from mirasol.runtime.media.chunks_file import (CHUNKS_FORMAT, MAX_CHUNKS_FILE_BYTES, is_chunks_file, load_chunks,
+                                               save_chunks)
 from mirasol.runtime.media.video_files import load_clip
 
 CACHE_KIND = "chunk cache"
@@ -78,9 +82,8 @@ class ChunkCache:
             if not self._ready:
                 prepare_output_dir(self.directory, CACHE_KIND)
                 self._ready = True
-            if os.path.lexists(entry):  # an unreadable entry of ours (our name, in our folder): decoded again
-                entry.unlink()
-            save_chunks(entry, video, audio, source)
+            # an unreadable entry (our name, in our folder) is replaced; a new one only by another process's entry
+            save_chunks(entry, video, audio, source, owned_name if os.path.lexists(entry) else is_chunks_file)
             chunks = video.shape[0] // self.params.frames_per_chunk
         return entry, chunks
 

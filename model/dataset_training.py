@@ -22,7 +22,6 @@ uninterrupted run would have (same seed, device and thread count).
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -37,7 +36,7 @@ import torch
 
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 from mirasol.runtime.files.atomic import pause_point
-from mirasol.runtime.files.ownership import atomic_file, check_output_dir, prepare_output_dir
+from mirasol.runtime.files.ownership import check_output_dir
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from .chunk_cache import ChunkCache, default_cache_dir
@@ -45,10 +44,8 @@ from .config import MirasolConfig
 from .dataset import Clip, Dataset, HeldOut, fingerprint, held_out, read_dataset, split_dataset
 from .mirasol import Mirasol, count_parameters
 from .train import (check_outside_package, collate_text, evaluate_detailed, init_model, lr_at, new_optimizer,
-                    qa_loss, take_step, teacher_forced_scores)
-from .training_state import RESUME_FILE, ResumeError, RunState, read_state, restore, save_state
-
-REPORT_FILE = "training.json"
+                    qa_loss, take_step, teacher_forced_scores, write_training_report)
+from .training_state import RESUME_FILE, ResumeError, RunState, read_state, remove_state, restore, save_state
 
 
 @dataclasses.dataclass
@@ -268,16 +265,16 @@ class _Run:
                     state.history["validation"].append([state.step, accuracy])
                     self.log(f"step {state.step}: validation accuracy {accuracy:.3f} (teacher-forced exact match)")
                 if stop.requested is not None:
-                    self.save(f"stopped by {signal.Signals(stop.requested).name}; continue with --resume")
+                    self.checkpoint(f"stopped by {signal.Signals(stop.requested).name}; continue with --resume")
                     raise KeyboardInterrupt
                 if state.step % options.checkpoint_every == 0 or done:
-                    self.save("checkpoint" if not done else "last step")
+                    self.checkpoint("checkpoint" if not done else "last step")
 
-    def save(self, reason: str) -> None:
+    def checkpoint(self, reason: str) -> None:
         """The resumable state, then the model (a kill between them leaves the model one save behind)."""
         size, count = self.settings.clips_per_step, len(self.train)
         self.state.order = {"epoch": self.state.step * size // count, "position": self.state.step * size % count}
-        save_state(prepare_output_dir(self.output, "checkpoint"), self.model, self.optimizer, self.state)
+        save_state(self.output, self.model, self.optimizer, self.state)
         save_checkpoint(self.model, self.output)
         self.log(f"saved step {self.state.step} to {self.output} ({reason})")
         pause_point(f"saved step {self.state.step}")
@@ -306,9 +303,8 @@ class _Run:
             "parameters": count_parameters(self.model)["total"], "torch": torch.__version__,
         }
         save_checkpoint(self.model, self.output)
-        with atomic_file(self.output / REPORT_FILE) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-        (self.output / RESUME_FILE).unlink(missing_ok=True)
+        write_training_report(self.output, report)
+        remove_state(self.output)
         self.log(f"saved {self.output}")
         return report
 

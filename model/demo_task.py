@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from mirasol.runtime.files.atomic import atomic_file, make_directories, prepare_output_dir, write_file
 from mirasol.runtime.media.chunking import MediaParams
+from mirasol.runtime.media.pyav import media_comment
 from mirasol.runtime.media.video_files import load_clip
-from mirasol.runtime.files.atomic import atomic_file, make_directories, prepare_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -301,18 +302,16 @@ class DemoTask:
         the format of `mirasol-train --data` (`mirasol.model.dataset`); returns the clips.jsonl written last.
         `directory` must be new, empty, or a demo dataset written before."""
         folder = prepare_output_dir(directory, "demo dataset")
-        (folder / "videos").mkdir(exist_ok=True)
+        make_directories(folder / "videos", "demo dataset's video folder")
         lines = []
         for index in range(count):
             clip = self.clip(seed, index)
             media = f"videos/demo-{seed}-{index}{self.suffix()}"
-            with atomic_file(folder / media) as tmp:
+            with atomic_file(folder / media, is_demo_clip, "demo clip") as tmp:  # replaces only a clip of ours
                 self.write(clip, tmp)
             lines.append(json.dumps({"media": media, "questions": [{"q": qa.question, "a": qa.answer}
                                                                    for qa in clip.questions]}))
-        with atomic_file(folder / "clips.jsonl") as tmp:
-            tmp.write_text("\n".join(lines) + "\n")
-        return folder / "clips.jsonl"
+        return write_file(folder / "clips.jsonl", "\n".join(lines) + "\n")
 
     def decode(self, path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         """The model's input arrays for a written clip, through the runtime's decoder."""
@@ -398,14 +397,7 @@ def _config_key(config: Any) -> dict[str, Any]:
 
 def is_demo_clip(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a video file `DemoTask.write` wrote (its container's comment tag says so)."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            tags = {key.lower(): value for key, value in container.metadata.items()}
-    except (av.FFmpegError, OSError, UnicodeDecodeError):
-        return False
-    return tags.get("comment") == DEMO_COMMENT
+    return media_comment(path) == DEMO_COMMENT
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"  # the shipped model, never written

@@ -59,6 +59,7 @@ from .mirasol import Mirasol, count_parameters
 # The demo model: the tiny preset's sizes (about 0.45M parameters, under 2 MB of weights), for clips of
 # four one-second chunks (4 frames of 32x32 at 4 fps + 1 s of 16 kHz audio each).
 DEMO_CONFIG: MirasolConfig = get_preset("tiny").replace(preset="demo", num_frames=16, max_text_len=96)
+REPORT_FILE = "training.json"  # beside a trained checkpoint (run_training, mirasol-train --data)
 
 AnswerFn = Callable[[np.ndarray, np.ndarray, str], str]
 
@@ -378,6 +379,11 @@ def check_outside_package(path: str | Path) -> None:
                               f"shipped demo checkpoint lives in it): choose another output directory")
 
 
+def write_training_report(output: Path, report: dict[str, Any]) -> Path:
+    """training.json in the checkpoint directory `output` (a name of ours there), atomically; returns its path."""
+    return write_file(output / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+
+
 def run_training(output: str | Path = TRAIN_OUTPUT, seed: int = 0, train_clips: int = 1500,
                  val_clips: int = 100, test_clips: int = 200, questions_per_clip: int = 5, steps: int = 1500,
                  clips_per_step: int = 16, questions_per_step: int = 8, lr: float = 3e-3,
@@ -421,6 +427,6 @@ def run_training(output: str | Path = TRAIN_OUTPUT, seed: int = 0, train_clips: 
         "total_seconds": round(total_seconds, 1), "parameters": count_parameters(model)["total"],
         "torch": torch.__version__,
     }
-    write_file(output / "training.json", json.dumps(report, indent=2) + "\n")
+    write_training_report(output, report)
     log(f"saved {output} in {total_seconds:.0f}s total")
     return report

@@ -9,7 +9,8 @@ that never stopped (same seed, device and thread count):
   position in the data order. The order itself is a function of (seed, step) (`dataset_training.batch_at`),
   so the step is all a resumed run needs to continue it.
 
-One file written atomically (no pickle): a run killed while saving keeps the previous state whole.
+One file written atomically (no pickle): a run killed while saving keeps the previous state whole. It is replaced,
+and removed when the run ends, only while it is a training state (`is_training_state`: its metadata says so).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mirasol.runtime.errors import MirasolError
-from mirasol.runtime.files.ownership import atomic_file
+from mirasol.runtime.files.atomic import atomic_file, prepare_output_dir, remove_file
 
 from .mirasol import Mirasol
 
@@ -31,6 +32,7 @@ RESUME_FILE = "resume.safetensors"
 STATE_FORMAT = "mirasol-training-state"
 STATE_VERSION = 1
 TIED = "text_decoder.lm_head.weight"  # the same tensor as text_decoder.embed.weight
+WHAT = "training state"
 
 
 class ResumeError(MirasolError):
@@ -49,8 +51,18 @@ class RunState:
     train_seconds: float = 0.0
 
 
+def is_training_state(path: Path) -> bool:
+    """Whether `path` is a resume file a run wrote (its metadata's format says so); never raises."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == STATE_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def save_state(directory: Path, model: Mirasol, optimizer: torch.optim.Optimizer, state: RunState) -> Path:
-    """Write `directory`/resume.safetensors atomically; returns its path."""
+    """Write `directory`/resume.safetensors atomically (`directory`: a checkpoint directory, made if new); returns
+    its path."""
     tensors = {f"model.{name}": t.detach().contiguous().cpu() for name, t in model.state_dict().items()
                if name != TIED}
     for index, values in optimizer.state_dict()["state"].items():
@@ -63,10 +75,15 @@ def save_state(directory: Path, model: Mirasol, optimizer: torch.optim.Optimizer
         for i, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = rng
     metadata = {"format": STATE_FORMAT, "version": str(STATE_VERSION), "state": json.dumps(state.__dict__)}
-    path = directory / RESUME_FILE
-    with atomic_file(path) as tmp:
+    path = prepare_output_dir(directory, "checkpoint") / RESUME_FILE
+    with atomic_file(path, is_training_state, WHAT) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def remove_state(directory: Path) -> None:
+    """Remove `directory`/resume.safetensors (a finished run needs it no more), if it is still a training state."""
+    remove_file(directory / RESUME_FILE, is_training_state, WHAT)
 
 
 def read_state(directory: Path) -> RunState:

@@ -201,6 +201,42 @@ def test_benchmark_reports_of_ours_are_replaced(tmp_path) -> None:
         check_report_paths(None, markdown_path)
 
 
+def test_load_figure_report_is_refused_before_any_work_and_ours_replaced(tmp_path) -> None:
+    """The load figure's --json (`python -m mirasol.runtime.serve.load`), as the benchmark's reports: checked before
+    the bundle is even read (here not a bundle: it would be the error otherwise)."""
+    from mirasol.runtime.serve.load import main, write_report
+
+    rows, empty = tmp_path / "rows.json", tmp_path / "empty"
+    rows.write_text('{"my": "rows"}')
+    empty.mkdir()
+    result = run_cli(main, [str(empty), "--json", str(rows)])
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert f"{rows} exists and is not a load figure report written by mirasol" in errors[0]
+    assert rows.read_text() == '{"my": "rows"}'
+    for run in (1, 2):
+        write_report(tmp_path / "ours.json", {"run": run})
+    assert '"run": 2' in (tmp_path / "ours.json").read_text()
+
+
+def test_the_test_sender_writes_only_into_a_named_pipe(tmp_path) -> None:
+    """Its target is a udp:// port or an existing named pipe: a regular file, a link or nothing is refused untouched
+    (FFmpeg would create or truncate a file there), before the clip is read; its test clips replace only its own."""
+    pytest.importorskip("av")
+    from mirasol.runtime.media.sender import send, write_test_clip
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (tmp_path / "link.ts").symlink_to(notes)
+    for target, words in ((notes, "it is not a named pipe"), (tmp_path / "link.ts", "it is a symlink"),
+                          (tmp_path / "new.ts", "No such file or directory")):
+        with pytest.raises(OutputError, match=words):
+            send(tmp_path / "clip.mp4", str(target), wait_s=1)
+    with pytest.raises(OutputError, match="is not a test clip written by mirasol"):
+        write_test_clip(notes, seconds=0.5, width=64, height=64, fps=8)
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["link.ts", "notes.txt"]
+
+
 def test_every_file_writer_refuses_a_users_file_and_a_link(tmp_path) -> None:
     """The rule for a file, wherever it is used: a user's file and a symlink are refused, before anything is made."""
     mine = tmp_path / "mine.txt"

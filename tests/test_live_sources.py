@@ -186,7 +186,8 @@ def test_reconnect_option(live_bundles, capsys) -> None:
     from mirasol.runtime.cli.run import main
 
     assert main([str(live_bundles["short"]), "--live", "udp://127.0.0.1:9", "--reconnect", "-1"]) == 2
-    assert "reconnect must be a count of attempts >= 0 or 'forever'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --reconnect: expected an integer in [0, 1000000], or 'forever', got '-1'" in err
     assert live_sources.reconnect_attempts("forever") is None and live_sources.reconnect_attempts("3") == 3
 
 

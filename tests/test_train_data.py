@@ -282,6 +282,19 @@ def test_mirasol_demo_writes_a_dataset_in_this_format(cache, tmp_path) -> None:
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_an_unreadable_cache_entry_is_decoded_again(dataset, tmp_path) -> None:
+    """A file under an entry's name in our cache that cannot be read (a disk fault) is ours: decoded again over."""
+    from mirasol.model.chunk_cache import ChunkCache
+    from mirasol.model.train import DEMO_CONFIG
+
+    cache = ChunkCache(tmp_path / "cache", DEMO_CONFIG)
+    media = dataset / "videos" / "clip-000.mp4"
+    entry, chunks = cache.decode(media, "clip-000.mp4")
+    entry.write_bytes(b"half an entry")
+    assert cache.decode(media, "clip-000.mp4") == (entry, chunks) == (entry, 2)
+    assert cache.load(entry)[0].shape[0] == chunks * cache.params.frames_per_chunk
+
+
 @pytest.mark.gpu
 def test_training_on_the_gpu_and_resuming_there(dataset, cache, tmp_path) -> None:
     import torch

@@ -3,12 +3,11 @@ or a report of ours (the JSON's "format", the Markdown's last line), checked bef
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from mirasol.runtime.files.atomic import write_file
-from mirasol.runtime.files.ownership import check_output_file
+from mirasol.runtime.files.ownership import check_output_file, has_json_format
 
 REPORT_FORMAT = "mirasol-bench"  # the JSON report's "format"
 # the Markdown report's last line (a comment: invisible where it is rendered), by which a later run knows it
@@ -20,12 +19,7 @@ MARKDOWN_REPORT = "benchmark Markdown report"
 
 def is_json_report(path: Path) -> bool:
     """Whether `path` holds a JSON report of mirasol-bench (its "format" says so); never raises."""
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(MAX_REPORT_BYTES))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
+    return has_json_format(path, REPORT_FORMAT, MAX_REPORT_BYTES)
 
 
 def is_markdown_report(path: Path) -> bool:

@@ -138,9 +138,15 @@ def keyed(key: str, value: Callable[[str], Any]) -> Callable[[str], tuple[str, A
 
 def or_word(number: Callable[[str], Any], word: str) -> Callable[[str], Any]:
     """The argparse type of a number option that also takes one word (e.g. --reconnect 5 or forever): the number
-    through its own (bounded) type, None for the word."""
+    through its own (bounded) type, None for the word; a refusal names both."""
     def parse(text: str) -> Any:
-        return None if text.strip() == word else number(text)
+        if text.strip() == word:
+            return None
+        try:
+            return number(text)
+        except argparse.ArgumentTypeError:
+            bounds = parse.bounds  # type: ignore[attr-defined]
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}") from None
 
     parse.__name__ = number.__name__
     parse.bounds = f"{number.bounds}, or {word!r}"  # type: ignore[attr-defined]

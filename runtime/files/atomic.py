@@ -15,6 +15,8 @@ before any work and again at the moment the work is put in place. Nothing is eve
   target (or `recover(target)`) puts back.
 - `prepare_output_dir` / `write_marker` / `make_directories` / `remove_file`: a directory written into in place, its
   marker, a folder made, and one of our files removed (only if still ours).
+- `open_pipe(path)`: an existing named pipe opened for writing (a live source's feed); the open never creates,
+  truncates or follows, and what it opened is checked again, so a regular file put there is refused untouched.
 
 The writer holds an flock on each temporary directory of its own (its work directory from the moment it has that
 name, and the old target while it swaps it out), so `recover` touches only leftovers whose writer is gone, whatever
@@ -39,7 +41,7 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import OutputError
 from .ownership import (BACKUP_TAIL, MARKER_FILE, MARKER_FORMAT, TEMPORARY_TAG, OutputFile, check_output_dir,
@@ -199,6 +201,41 @@ def _file_mode(target: Path) -> int:
     except OSError:
         return 0o666 & ~_UMASK
     return mode & 0o7777 if stat.S_ISREG(mode) else 0o666 & ~_UMASK
+
+
+# ---- named pipes ----------------------------------------------------------------------------------------------
+
+def open_pipe(path: str | os.PathLike[str], what: str = "named pipe") -> BinaryIO | None:
+    """The existing named pipe (FIFO) `path`, opened for writing; None while no process has it open for reading
+    (call again to wait). Anything else at `path` (nothing, a regular file, a symlink, a device) raises OutputError:
+    a pipe's writer would otherwise create or truncate a regular file there. The open never creates, truncates or
+    follows a link, and what it opened is checked again, so a file put there meanwhile is refused as it is."""
+    given = Path(path)
+    with output_errors(given, f"cannot write to the {what} {{path}}: {{reason}}"):
+        _require_pipe(os.lstat(given).st_mode, given, what)
+        pause_point("pipe checked, before it is opened", given.absolute())
+        try:
+            fd = os.open(given, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as bad:
+            if bad.errno == errno.ENXIO:  # a pipe no one reads yet
+                return None
+            raise
+        try:
+            _require_pipe(os.fstat(fd).st_mode, given, what)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+def _require_pipe(mode: int, path: Path, what: str) -> None:
+    if stat.S_ISLNK(mode):
+        raise OutputError(f"cannot write to the {what} {shown(path)}: it is a symlink (mirasol never writes through "
+                          f"one; give the path of the pipe itself)")
+    if not stat.S_ISFIFO(mode):
+        raise OutputError(f"cannot write to the {what} {shown(path)}: it is not a named pipe (only an existing pipe "
+                          f"is written into, never a file; create one with mkfifo)")
 
 
 # ---- directories written into in place ------------------------------------------------------------------------
@@ -407,5 +444,5 @@ def directory_mode(target: Path) -> int:
 
 
 __all__ = ["PAUSE_HOOK", "atomic_directory", "atomic_file", "fsync", "is_temporary", "make_directories",
-           "pause_point", "prepare_output_dir", "recover", "remove_file", "rename_no_replace", "write_file",
-           "write_marker"]
+           "open_pipe", "pause_point", "prepare_output_dir", "recover", "remove_file", "rename_no_replace",
+           "write_file", "write_marker"]

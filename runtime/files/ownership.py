@@ -288,6 +288,18 @@ def check_output_file(path: str | os.PathLike[str], is_ours: Callable[[Path], bo
     return OutputFile(absolute, what, is_ours, replaces=True)
 
 
+def has_json_format(path: Path, name: str, max_bytes: int = 64 << 20) -> bool:
+    """Whether `path` holds a JSON object whose "format" is `name`: how a JSON report of ours is known (a benchmark's,
+    a load figure's). Reads at most `max_bytes`, follows no link, never raises."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            data = parse_json(f.read(max_bytes), str(path))
+    except (OSError, MirasolError):
+        return False
+    return isinstance(data, Mapping) and data.get("format") == name
+
+
 def is_ours_now(path: Path, output: OutputFile) -> bool:
     """Whether what is at `path` (not followed) is a regular file `output`'s writer recognises as its own."""
     try:
@@ -329,5 +341,6 @@ def _some(entries: list[str], limit: int = 3) -> str:
 
 
 __all__ = ["BUNDLE_FILES", "BUNDLE_FOLDERS", "MARKER_FILE", "OutputFile", "check_output_dir", "check_output_file",
+           "has_json_format",
            "is_temporary", "output_errors", "owned_files", "owned_name", "read_marker", "shown", "temporary_name",
            "why_not_ours"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +38,13 @@ def check_chunks_output(path: str | os.PathLike[str]) -> None:
     check_output_file(path, is_chunks_file, "chunks file")
 
 
-def save_chunks(path: str | os.PathLike[str], video: np.ndarray, audio: np.ndarray, source: str) -> Path:
-    """Write video [N*F, 3, H, W] and audio [n_mels, N*A] (float32) decoded from `source`, atomically."""
+def save_chunks(path: str | os.PathLike[str], video: np.ndarray, audio: np.ndarray, source: str,
+                is_ours: Callable[[Path], bool] = is_chunks_file) -> Path:
+    """Write video [N*F, 3, H, W] and audio [n_mels, N*A] (float32) decoded from `source`, atomically; an existing
+    file at `path` is replaced only if `is_ours` says it is ours (by default: a chunks file)."""
     header = {"format": CHUNKS_FORMAT, "version": CHUNKS_VERSION, "source": source,
               "video_shape": list(video.shape), "audio_shape": list(audio.shape)}
-    with atomic_file(path, is_chunks_file, "chunks file") as tmp, open(tmp, "wb") as f:
+    with atomic_file(path, is_ours, "chunks file") as tmp, open(tmp, "wb") as f:
         np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
                  video=np.asarray(video, np.float32), audio=np.asarray(audio, np.float32))
     return Path(path).absolute()

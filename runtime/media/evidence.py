@@ -69,7 +69,7 @@ class Evidence:
     def add(self, stamp: ChunkStamp) -> None:
         self.stamps.append(stamp)
 
-    def replace(self, stamps: list[ChunkStamp]) -> None:
+    def restore(self, stamps: list[ChunkStamp]) -> None:
         """The stamps of a restored state (the last `window` of them are kept)."""
         self.stamps.clear()
         self.stamps.extend(stamps)

@@ -86,6 +86,18 @@ def ffmpeg_reason(error: BaseException) -> str:
     return reason if isinstance(reason, str) and reason else str(error)
 
 
+def media_comment(path: str | os.PathLike[str]) -> str | None:
+    """A media file's "comment" tag, by which our writers know the clips they made (`write_test_clip`, mirasol-demo);
+    None when it has none or cannot be read."""
+    av = _import_av()
+    try:
+        with av.open(os.fspath(path)) as container:
+            tags = {key.lower(): value for key, value in container.metadata.items()}
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return None
+    return tags.get("comment")
+
+
 def start_time(container: Any) -> float:
     """The container's start time in seconds (time 0 of every stream), 0 when it has none."""
     start = container.start_time

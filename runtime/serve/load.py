@@ -31,9 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from ..cli.commandline import bounded, command_parser, existing_dir, run_command
+from ..files.atomic import write_file
+from ..files.ownership import check_output_file, has_json_format
 from ..media.feed import Quantiles
 
 SOURCES_PER_SENDER = 16
+REPORT_FORMAT = "mirasol-serve-load"  # the --json report's "format", by which a later run knows it may replace it
+REPORT = "load figure report"
 
 
 class Collector:
@@ -171,10 +175,22 @@ def markdown(rows: list[dict[str, Any]], bound: float) -> str:
     return "\n".join(lines)
 
 
+def is_load_report(path: Path) -> bool:
+    """Whether `path` holds a report this command wrote (never raises)."""
+    return has_json_format(path, REPORT_FORMAT)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """The --json report, written through the ownership rule (new, or a report of this command)."""
+    write_file(path, json.dumps({"format": REPORT_FORMAT, **report}, indent=2) + "\n", is_load_report, REPORT)
+
+
 def _load(args: argparse.Namespace) -> int:
     from ..media.sender import write_test_clip
     from ..pipeline import Pipeline
 
+    if args.json is not None:
+        check_output_file(args.json, is_load_report, REPORT)  # before any work
     counts = sorted({int(n) for n in args.sources.split(",") if n.strip()})
     if not counts or counts[0] < 1:
         raise ValueError(f"--sources: a comma-separated list of counts >= 1, got {args.sources!r}")
@@ -194,9 +210,9 @@ def _load(args: argparse.Namespace) -> int:
                 if not row["holds"]:
                     break
     print(markdown(rows, args.latency_bound))
-    if args.json:
-        args.json.write_text(json.dumps({"bundle": str(args.bundle), "clip": str(args.clip or "write_test_clip "
-                                         "640x360 25 fps"), "seconds": args.seconds, "rows": rows}, indent=2))
+    if args.json is not None:
+        write_report(args.json, {"bundle": str(args.bundle), "clip": str(args.clip or "write_test_clip 640x360 25 fps"),
+                                 "seconds": args.seconds, "rows": rows})
     return 0
 
 
@@ -214,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a standing question on every source, asked every K chunks")
     parser.add_argument("--clip", type=Path, help="the clip each sender loops (default: 640x360, 25 fps, 10 s)")
     parser.add_argument("--threads", type=bounded(int, 1, 1024), help="onnxruntime intra-op threads")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the rows as JSON (a new file, or a report of this command: nothing else is "
+                             "replaced)")
     return run_command(parser, _load, argv)
 
 

@@ -232,7 +232,7 @@ class Service:
     def _swap(self, source_id: str, stream: Any, stamps: list[ChunkStamp]) -> dict[str, Any]:
         source = self._source(source_id)
         source.feed.stream = stream
-        source.feed.evidence.replace(stamps)
+        source.feed.evidence.restore(stamps)
         return {"source": source_id, "restored_chunks": stream.chunks, "stamps": len(stamps)}
 
     # ---- metrics ----

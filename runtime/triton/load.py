@@ -42,7 +42,7 @@ from ..batched_questions import ask_streams
 from ..cli.commandline import COUNT, HelpFormatter, bounded
 from ..errors import MirasolError
 from ..files.atomic import write_file
-from ..files.ownership import check_output_file
+from ..files.ownership import check_output_file, has_json_format
 from ..pipeline import Pipeline, Stream
 from .model import load_pipeline
 from .repository import add_serving_options, serving_options, write_repository
@@ -223,11 +223,7 @@ def through_server(server: LocalServer, data: list[list[Chunk]], protocol: str, 
 
 def is_load_report(path: Path) -> bool:
     """Whether `path` holds a report this command wrote (never raises)."""
-    try:
-        data = json.loads(path.read_bytes()[: 64 << 20])
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == REPORT_FORMAT
+    return has_json_format(path, REPORT_FORMAT)
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
