@@ -106,10 +106,12 @@ class Pipeline:
             for stream in sorted(streams, key=id):  # one order for every caller: no deadlock between them
                 held.enter_context(stream._lock)
             # each stream's own state, or None while it is a member of a stacked group (left as it is)
-            own = [None if s._rows is not None and s._check_batch(b) else s._carried_for(b) for s, b in zip(streams, rows)]
+            own = [None if s._rows is not None and s._check_batch(b) else s._carried_for(b)
+                   for s, b in zip(streams, rows)]
             groups: dict[tuple, list[int]] = {}
-            for i, stream in enumerate(streams):
-                groups.setdefault(stream._rows[0].key if own[i] is None else stacking.key(own[i]), []).append(i)  # type: ignore[index]
+            for i, (stream, mine) in enumerate(zip(streams, own)):
+                key = stacking.key(mine) if mine is not None else stream._rows[0].key  # type: ignore[index]
+                groups.setdefault(key, []).append(i)
             runs = []
             for members in groups.values():
                 for part in self._parts(members, [rows[i] for i in members]):
@@ -233,7 +235,8 @@ class Stream:
         start = time.perf_counter()
         plan, backend = self.pipeline._plans[step_name], self.pipeline.backend
         returned, produced = execute(plan, backend, inputs, batch, stream, question, self.timings)
-        apply(changes(plan, inputs, produced, {"stream": stream, "question": question}, backend))  # type: ignore[dict-item]
+        scopes = {"stream": stream, "question": question}
+        apply(changes(plan, inputs, produced, scopes, backend))  # type: ignore[arg-type]
         self.timings.add(self.timings.step_seconds, step_name, time.perf_counter() - start)
         return returned
 

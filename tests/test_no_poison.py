@@ -23,7 +23,8 @@ def committed_outputs(pipe: Pipeline) -> list[tuple[str, str]]:
     """(graph, output) of everything the push step commits for the stream or returns, read from the manifest."""
     manifest = pipe.bundle.manifest
     push = manifest.steps["push"]
-    found = [(s.source_graph, s.output) for s in manifest.state if s.scope == "stream" and s.source_graph in push.graphs]
+    found = [(s.source_graph, s.output) for s in manifest.state
+             if s.scope == "stream" and s.source_graph in push.graphs]
     graph, _ = manifest.step_tensor("push", push.returns, output=True)
     return sorted(set(found) | {(graph, push.returns)})
 

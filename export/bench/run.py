@@ -26,11 +26,13 @@ from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
+from .batched import batched
 from .ceiling import ceiling
 from .context import Run, chunk_pool
 from .costs import costs
 from .cuda import cuda
 from .floors import floors
+from .machine import cpu_info
 from .memory import memory
 from .source import Progress, Source, build_source, export_bundles
 from .stats import stats_ms, timed
@@ -44,8 +46,8 @@ QUESTION = "What is happening in this clip?"
 SPIN_KEY = "session.intra_op.allow_spinning"
 # the measured sections in the order they run (a later one may read an earlier one's entry in run.report)
 MEASURES: dict[str, Callable[[Run], Any]] = {
-    "streaming": streaming, "overhead": overhead, "flatness": flatness, "text": text, "memory": memory,
-    "ceiling": ceiling, "floors": floors, "costs": costs, "cuda": cuda, "targets": targets}
+    "streaming": streaming, "overhead": overhead, "flatness": flatness, "batched": batched, "text": text,
+    "memory": memory, "ceiling": ceiling, "floors": floors, "costs": costs, "cuda": cuda, "targets": targets}
 SECTIONS = ("export", *MEASURES)
 
 
@@ -136,7 +138,7 @@ def _start(source: Source, paths: dict[str, Path], export_report: dict[str, Any]
             "block": block, "warmup_chunks": warmup, "quick": quick, "new_tokens": new_tokens,
             "question": question, "prompt_tokens": len(prompt), "eos_logit_zeroed": source.eos_zeroed,
             "machine": {"cpus": os.cpu_count(), "available_cpus": available_cpus(), "platform": platform.platform(),
-                        "processor": platform.machine()},
+                        "processor": platform.machine(), "cpu": cpu_info()},
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "note": "ratios are measured in one run, the engines timed in turn (blocks of calls, round-robin); "
