@@ -24,7 +24,7 @@ from .errors import BundleError, InputError
 from .files.ownership import atomic_file, check_output_file
 from .sampling import Sampler, as_integer
 from .stacked import StackedState, Stacking
-from .step_plan import Carried, StepPlan, fresh_state, plan_step
+from .step_plan import Carried, StepPlan, fresh_state, is_finite, plan_step
 from .steps import Timings, apply, changes, execute
 
 STATE_FORMAT = "mirasol-stream-state"
@@ -316,7 +316,7 @@ class Stream:
                 raise InputError(f"{where}: expected shape {list(info.shape)} = {expected}, got {list(value.shape)}")
             if value.dtype != np.dtype(info.dtype):
                 raise InputError(f"{where}: expected dtype {info.dtype}, got {value.dtype}")
-            if not np.isfinite(value).all():
+            if not is_finite(value):
                 raise InputError(f"{where}: contains NaN or inf")
             if batch is None:
                 batch = value.shape[0]
@@ -399,7 +399,7 @@ class Stream:
             self._run("ask", {}, batch, self._carried, asked)
         ids = sequence = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
         generate = self.pipeline._plans["generate"]
-        alive = np.ones(batch, dtype=bool)
+        alive = [True] * batch
         for _ in range(count):
             if not kv_cache:  # the decoder's own state starts afresh and reads the whole sequence
                 restart = self._fresh("question", batch, produced_by=generate)
@@ -409,13 +409,12 @@ class Stream:
             with self._lock:
                 logits = self._run("generate", {"input_ids": ids}, batch, self._carried, asked)[:, -1]  # type: ignore[index]
             tokens = sampler(logits)
-            ended = tokens == tokenizer.EOS
-            row_tokens: list[int | None] = [int(t) if a and not e else None for t, a, e in zip(tokens, alive, ended)]
-            alive &= ~ended
-            if not alive.any():
+            values = tokens.tolist()
+            alive = [a and t != tokenizer.EOS for t, a in zip(values, alive)]
+            if not any(alive):
                 break
-            yield row_tokens
-            ids = tokens[:, None].astype(np.int64)
+            yield [t if a else None for t, a in zip(values, alive)]
+            ids = np.asarray(tokens, dtype=np.int64).reshape(batch, 1)
             if not kv_cache:
                 sequence = np.concatenate([sequence, ids], axis=1)
 

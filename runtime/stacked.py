@@ -18,7 +18,7 @@ from .backends import Backend
 from .bundle.manifest import Manifest
 from .errors import BundleError
 from .step_plan import Carried, StepPlan
-from .steps import Timings, apply, changes, execute, updated
+from .steps import Timings, apply, changes, execute, part_of, updated
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,8 +85,8 @@ class Stacking:
         apply(changes(self.plan, feeds, produced, {"stream": new}, self.backend, [*self.state, *self.counters]))
         contexts, changed = [], []
         for (begin, end), mine in zip(bounds, apart):
-            contexts.append(rows_of(context, self.returns_axis, begin, end, self.backend))
-            changed.append({u.spec.name: updated(u, mine[u.spec.name], rows_of(
+            contexts.append(part_of(context, self.returns_axis, begin, end, self.backend))
+            changed.append({u.spec.name: updated(u, mine[u.spec.name], part_of(
                 produced[u.spec.output], self.axes[u.spec.name], begin, end, self.backend), self.backend)
                 for u in self.apart})
         return StackedState(new, self.axes, bounds, self.key(new)), contexts, changed
@@ -97,11 +97,3 @@ def bounds_of(rows: Sequence[int]) -> tuple[tuple[int, int], ...]:
     ends = np.cumsum(rows).tolist()
     return tuple(zip([0, *ends[:-1]], ends))
 
-
-def rows_of(value: Any, axis: int, begin: int, end: int, backend: Backend) -> Any:
-    """value[..., begin:end, ...] along `axis`: a view of a host array, else the backend's copy."""
-    if isinstance(value, np.ndarray):
-        index: list[slice] = [slice(None)] * value.ndim
-        index[axis] = slice(begin, end)
-        return value[tuple(index)]
-    return backend.slice(value, axis, begin, end)

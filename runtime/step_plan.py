@@ -4,7 +4,7 @@ carried and counted. The per-chunk and per-token loops (`steps.py`) only walk th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +90,10 @@ class StepPlan:
     name: str
     calls: list[GraphCall]
     returns: str | None
-    finite: tuple[tuple[str, str], ...]  # (graph, output) whose values are checked: what is committed or returned
+    finite: tuple[tuple[str, str, Callable[[Any], float]], ...]  # (graph, output, probe): committed or returned
     state: list[StateSpec]  # carried tensors this step produces
     updates: list[Update]  # one per entry of `state`
+    replaced: tuple[tuple[str, str, str], ...]  # (scope, state name, output) of those simply replaced by an output
     counters: list[CounterSpec]  # counters this step advances
     reads: frozenset[str]  # stream-scope state names the step's graphs read
 
@@ -150,11 +151,13 @@ def plan_step(manifest: Manifest, sessions: Mapping[str, GraphSession], step_nam
         keep = frozenset(t.name for t in outputs if t.name in kept)
         calls.append(GraphCall(sessions[graph_name], feeds, keep, checks))
     committed = {step.returns} | {s.output for s in state if s.scope == "stream"}
-    finite = tuple((g, t.name) for g in step.graphs for t in manifest.graphs[g].outputs
+    finite = tuple((g, t.name, float16_probe if t.dtype == "float16" else square_probe)
+                   for g in step.graphs for t in manifest.graphs[g].outputs
                    if t.name in committed and np.dtype(t.dtype).kind == "f"
                    and (t.name == step.returns or t.name not in kept))
     updates = [Update(s, s.update == "append", s.axis if s.axis is not None else 0, s.window) for s in state]
-    return StepPlan(step_name, calls, step.returns, finite, state, updates,
+    replaced = tuple((u.spec.scope, u.spec.name, u.spec.output) for u in updates if not u.append and u.window is None)
+    return StepPlan(step_name, calls, step.returns, finite, state, updates, replaced,
                     [c for c in manifest.counters if c.graph in step.graphs], frozenset(reads))
 
 
@@ -176,17 +179,23 @@ def fresh_state(manifest: Manifest, scope: str, batch: int, produced_by: StepPla
     return carried
 
 
-def finite_probe(value: Any) -> float:
-    """A number that is finite whenever every value of the array is (NaN or inf anywhere make it NaN or inf; a
-    finite array may give inf too, by overflow, so a non-finite probe is settled with `is_finite`)."""
-    if value.dtype == np.float16:  # through its bits: np.isfinite and float16 sums are slow, and a sum overflows
-        return 0.0 if value.size == 0 or int((value.view(np.uint16) & 0x7FFF).max()) < 0x7C00 else math.inf
-    return float(np.add.reduce(value, axis=None))  # IEEE: a NaN or inf term never sums back to finite
+def square_probe(value: Any) -> float:
+    """A number that is finite only if every value of the float array is: the sum of the squares (one BLAS dot of
+    the array with itself: no term is negative, a NaN or inf term never sums back to finite, and no floating-point
+    warning is raised). A finite array may give inf by overflow, so a non-finite probe is settled by `is_finite`."""
+    flat = value.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def float16_probe(value: Any) -> float:
+    """`square_probe` for float16, through the bits (numpy has no fast float16 dot or isfinite)."""
+    return 0.0 if value.size == 0 or int((value.view(np.uint16) & 0x7FFF).max()) < 0x7C00 else math.inf
 
 
 def is_finite(value: Any) -> bool:
     """Whether a float array holds no NaN or inf (exact)."""
-    return math.isfinite(finite_probe(value)) or bool(np.isfinite(value).all())
+    probe = float16_probe if value.dtype == np.float16 else square_probe
+    return math.isfinite(probe(value)) or bool(np.isfinite(value).all())
 
 
 def check_output(value: Any, checked: CheckedOutput, batch: int, step: str) -> None:

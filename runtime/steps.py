@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends import Backend
 from .errors import BackendError, InputError
-from .step_plan import Carried, StepPlan, Update, finite_probe, is_finite
+from .step_plan import Carried, StepPlan, Update, is_finite
 
 EMPTY: dict[str, Any] = {}
 Change = tuple[dict[str, Any], str, Any]  # (table, name, new value)
@@ -60,16 +60,17 @@ def execute(plan: StepPlan, backend: Backend, inputs: Mapping[str, Any], batch: 
 
 
 def check_finite(plan: StepPlan, produced: Mapping[str, Any], returned: np.ndarray | None) -> None:
-    """One fused test over everything the step commits or returns (a sum of per-array probes: finite only if every
+    """One fused test over everything the step commits or returns (the sum of per-array probes, finite only if every
     value is); only where it fails are the arrays checked one by one, to name the first that holds NaN or inf."""
-    values = [(graph, name, returned if name == plan.returns else produced[name]) for graph, name in plan.finite]
     total = 0.0
-    for _, _, value in values:
+    for _, name, probe in plan.finite:
+        value = returned if name == plan.returns else produced[name]
         if isinstance(value, np.ndarray):  # host arrays (a backend's device arrays are checked where they lead)
-            total += finite_probe(value)
+            total += probe(value)
     if math.isfinite(total):
         return
-    for graph, name, value in values:
+    for graph, name, _ in plan.finite:
+        value = returned if name == plan.returns else produced[name]
         if isinstance(value, np.ndarray) and not is_finite(value):
             if plan.name == "push":
                 raise InputError(f"push: graph {graph!r} output {name!r} holds NaN or inf (are the chunk's values of "
@@ -79,14 +80,18 @@ def check_finite(plan: StepPlan, produced: Mapping[str, Any], returned: np.ndarr
 
 
 def updated(update: Update, carried: Any, output: Any, backend: Backend) -> Any:
-    """A carried tensor after a step: the output, or the carried one with the output appended; then windowed."""
-    spec = update.spec
+    """A carried tensor after a step: the output, or the carried one with the output appended; then windowed
+    (what the window drops of the carried tensor is left out before joining, so the result is copied once)."""
+    spec, axis, window = update.spec, update.axis, update.window
     value = output
     try:
         if update.append:
-            value = backend.concatenate([carried, output], update.axis)
-        if update.window is not None and value.shape[update.axis] > update.window:
-            value = backend.slice(value, update.axis, value.shape[update.axis] - update.window)
+            drop = 0 if window is None else carried.shape[axis] + output.shape[axis] - window
+            if 0 < drop < carried.shape[axis]:
+                carried = part_of(carried, axis, drop, carried.shape[axis], backend)
+            value = backend.concatenate([carried, output], axis)
+        if window is not None and value.shape[axis] > window:
+            value = backend.slice(value, axis, value.shape[axis] - window)
     except (ValueError, InputError):
         raise BackendError(f"state {spec.name}: output {spec.source_graph}.{spec.output} of shape {output.shape} "
                            f"does not fit the carried {getattr(carried, 'shape', None)}") from None
@@ -97,10 +102,11 @@ def changes(plan: StepPlan, inputs: Mapping[str, Any], produced: Mapping[str, An
             backend: Backend, names: Collection[str] | None = None) -> list[Change]:
     """The step's new state and counters in the tables of `scopes` ("stream", "question"), not yet applied; only
     the state and counters in `names`, if given."""
-    found: list[Change] = []
+    found: list[Change] = [(scopes[scope].state, name, produced[output]) for scope, name, output in plan.replaced
+                           if names is None or name in names]
     for update in plan.updates:
         spec = update.spec
-        if names is None or spec.name in names:
+        if (names is None or spec.name in names) and (update.append or update.window is not None):
             table = scopes[spec.scope].state
             found.append((table, spec.name, updated(update, table.get(spec.name), produced[spec.output], backend)))
     for counter in plan.counters:
@@ -115,3 +121,12 @@ def changes(plan: StepPlan, inputs: Mapping[str, Any], produced: Mapping[str, An
 def apply(found: list[Change]) -> None:
     for table, name, value in found:
         table[name] = value
+
+
+def part_of(value: Any, axis: int, begin: int, end: int, backend: Backend) -> Any:
+    """value[..., begin:end, ...] along `axis`: a view of a host array, else the backend's copy."""
+    if isinstance(value, np.ndarray):
+        index: list[slice] = [slice(None)] * value.ndim
+        index[axis] = slice(begin, end)
+        return value[tuple(index)]
+    return backend.slice(value, axis, begin, end)
