@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.pipeline import Pipeline, Stream
 
@@ -43,7 +45,9 @@ def batched(run: Run) -> dict[str, Any]:
     rounds = 2 if run.quick else 8
     times = interleave(engines, rounds, block=2)
     section: dict[str, Any] = {"status": "ok", "threads": run.threads, "rounds": rounds, "block": 2,
-                               "bundles": {str(b): notes[b] for b in bundles}, "streams": {}}
+                               "bundles": {str(b): notes[b] for b in bundles},
+                               "not_used": {str(b): note for b, note in notes.items() if b not in bundles},
+                               "streams": {}}
     for n in counts:
         alone = [t / n for t in times[f"alone_{n}"]]
         entry: dict[str, Any] = {"alone": stats_ms(alone), "together": {}}
@@ -73,7 +77,8 @@ def warm(streams: list[Stream], chunks: int, pool: list, pipe: Pipeline | None) 
 
 def batch_bundles(run: Run, sizes: tuple[int, ...]) -> tuple[dict[int, Path], dict[int, str]]:
     """fp32 bundles per max batch: the run's own, and for the other sizes bundles exported here from the same model
-    (without validation of their own: their graphs must be byte for byte those of the run's validated bundle)."""
+    (without validation of their own: their graphs must be those of the run's validated bundle, byte for byte
+    but the metadata where torch.export notes the batch range)."""
     main = run.paths["fp32"]
     own = Manifest.read(main).max_batch
     bundles, notes = {own: main}, {own: "the run's fp32 bundle"}
@@ -88,12 +93,19 @@ def batch_bundles(run: Run, sizes: tuple[int, ...]) -> tuple[dict[int, Path], di
             notes[size] = f"exported in {seconds:.0f} s; its graphs differ from the validated bundle's: not used"
             continue
         bundles[size] = out
-        notes[size] = f"exported in {seconds:.0f} s; same graphs (sha256) as the validated fp32 bundle"
+        notes[size] = f"exported in {seconds:.0f} s; same graphs as the validated fp32 bundle (sha256 but metadata)"
     return dict(sorted(bundles.items())), notes
 
 
 def graph_digests(bundle: Path) -> dict[str, str]:
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(bundle.glob("*.onnx"))}
+    """sha256 per graph of everything but its metadata (where torch.export notes the batch range it was given)."""
+    digests = {}
+    for path in sorted(bundle.glob("*.onnx")):
+        model = onnx.load(str(path))
+        model.ClearField("metadata_props")
+        model.graph.ClearField("metadata_props")
+        digests[path.name] = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    return digests
 
 
 def matmul_bound(run: Run, counts: tuple[int, ...]) -> dict[str, Any]:

@@ -205,7 +205,8 @@ def _batched(report: dict[str, Any]) -> list[str]:
     sizes = list(b["bundles"])
     lines += [f"{b['threads']} threads; per chunk, median over {b['rounds']} rounds of {b['block']} steps; x = chunks/s "
               "together / one by one, same rounds (range over the rounds). Bundles: "
-              + "; ".join(f"max batch {size}: {note}" for size, note in b["bundles"].items()) + ".", "",
+              + "; ".join(f"max batch {size}: {note}" for size, note in {**b["bundles"], **b.get("not_used", {})}.items())
+              + ".", "",
               "| streams | one by one ms | " + " | ".join(f"max batch {s}: ms (runs per call) | x" for s in sizes)
               + " | AV MatMuls alone: x |", "|---:|---:|" + "---:|---:|" * len(sizes) + "---:|"]
     bound = b["matmul_bound"]["speedup"]
