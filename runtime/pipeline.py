@@ -41,8 +41,6 @@ class Pipeline:
         manifest = bundle.manifest
         self.config = manifest.config
         self.sessions = {name: backend.load(g, bundle) for name, g in manifest.graphs.items()}
-        self._state = {s.name: s for s in manifest.state}
-        self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: plan_step(manifest, self.sessions, name, backend.keeps_on_device)
                        for name in manifest.steps}
         located = {name: manifest.step_tensor("push", name) for name in manifest.steps["push"].inputs}
