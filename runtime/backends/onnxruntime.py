@@ -61,9 +61,10 @@ class OnnxRuntimeBackend(Backend):
 
     `arena=False` (the default) turns ONNX Runtime's CPU memory arena off: each run's intermediate tensors go back to
     the system allocator instead of an arena that grows to the largest run and keeps it. Measured on the `small`
-    bundle (2-vCPU AMD EPYC, shared): peak RSS of a load + 16 chunks + 64 tokens 4-5 MB lower, CPU time per chunk
-    and per token the same within the noise (ratios 0.93-1.07 and 0.87-1.12 over 1 and 2 threads); the issue 30
-    note has the runs. `arena=True` gives ONNX Runtime's default.
+    bundle (2-vCPU AMD EPYC, shared): peak RSS of a load + 16 chunks + 64 tokens 5 MB (1 thread) to 14 MB
+    (2 threads) lower; CPU time per chunk and per token the same within the noise (median ratios off/on over six
+    alternating runs: 0.96-1.02 per chunk, 0.97-1.17 per token); the issue 30 note has the runs. `arena=True` gives
+    ONNX Runtime's default.
     """
 
     name = "onnxruntime"
