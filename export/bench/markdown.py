@@ -81,6 +81,10 @@ def _streaming(report: dict[str, Any]) -> list[str]:
         if flipped is not None:
             lines.append(f"with ONNX Runtime's spin-waiting {words}, {rt} is {_f(flipped)}x as fast as loaded by "
                          f"default.")
+    arena = ratio(median(s["engines"].get(rt)), median(s["engines"].get(f"{rt}_arena"))) if rt else None
+    if arena is not None:
+        lines.append(f"with ONNX Runtime's CPU memory arena on, {rt} is {_f(arena)}x as fast as loaded by default "
+                     f"(arena off).")
     if slowdown is not None and slowdown > 1.5:
         lines.append(f"**The CPUs are contended**: {rt} on {report['meta']['threads']} threads is {_f(slowdown)}x "
                      f"slower than on 1. Multi-threaded timings here are dominated by waiting for descheduled "

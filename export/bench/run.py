@@ -149,14 +149,17 @@ def _start(source: Source, paths: dict[str, Path], export_report: dict[str, Any]
     primary = "fp32" if "fp32" in pipes else next(iter(pipes), None)
     if primary is None:
         raise RuntimeError(f"no bundle could be made or loaded: {export_report}")
-    # for information, beside the same-thread comparisons: the primary runtime on one thread, and with ONNX
+    # for information, beside the same-thread comparisons: the primary runtime on one thread, with ONNX
     # Runtime's spin-waiting the other way round from the backend's default (on a busy machine spinning
-    # threads take the CPU the work needs; on a quiet one they save wake-ups)
+    # threads take the CPU the work needs; on a quiet one they save wake-ups), and with ONNX Runtime's CPU arena
+    # on (the backend turns it off: the memory section has its peak RSS)
     extras: dict[str, Pipeline] = {}
     if threads > 1 and not quick:
         extras[f"{primary}_1thread"] = Pipeline.load(paths[primary], threads=1)
         spin, pipe = _flipped_spinning_pipeline(paths[primary], threads)
         extras[f"{primary}_{spin}"] = pipe
+        extras[f"{primary}_arena"] = Pipeline.load(paths[primary], backend=OnnxRuntimeBackend(threads=threads,
+                                                                                              arena=True))
     return Run(source=source, paths=paths, pipes=pipes, extras=extras, primary=primary, load_times=load_times,
                pool=pool, torch_pool=[(torch.from_numpy(v), torch.from_numpy(a)) for v, a in pool],
                question=question, prompt=prompt, new_tokens=new_tokens, chunks=chunks, rounds=rounds, block=block,

@@ -52,19 +52,17 @@ class OrtGraphSession(GraphSession):
 class OnnxRuntimeBackend(Backend):
     """Providers are tried in the order given (CPU by default); options map to ort.SessionOptions.
 
-    `spinning=False` (the default) stops idle intra-op threads from busy-waiting: measured by mirasol-bench on a
-    2-core machine with other work running, spinning made the fp32 runtime 3.5x slower per chunk; on a device
-    the app shares the CPU too. Pass `spinning=True` for a dedicated, quiet CPU.
+    `spinning=False` (the default) stops idle intra-op threads from busy-waiting: on a CPU that other work shares
+    (a device runs the app too) the spinning threads take the cores that work needs, and every run waits for them
+    (docs/benchmark.md has the measurement). Pass `spinning=True` for a dedicated, quiet CPU.
 
     `graph_threads` gives some graphs their own intra-op thread count, e.g. {"text_decoder": 1}: a small graph
     run once per token can be faster on one thread than on several (mirasol-bench's text section measures both).
 
     `arena=False` (the default) turns ONNX Runtime's CPU memory arena off: each run's intermediate tensors go back to
-    the system allocator instead of an arena that grows to the largest run and keeps it. Measured on the `small`
-    bundle (2-vCPU AMD EPYC, shared): peak RSS of a load + 16 chunks + 64 tokens 5 MB (1 thread) to 14 MB
-    (2 threads) lower; CPU time per chunk and per token the same within the noise (median ratios off/on over six
-    alternating runs: 0.96-1.02 per chunk, 0.97-1.17 per token); the issue 30 note has the runs. `arena=True` gives
-    ONNX Runtime's default.
+    the system allocator instead of an arena that grows to the largest run and keeps that memory for the life of
+    the session, which costs peak memory on an 8 GB device and, measured, no speed (docs/benchmark.md).
+    `arena=True` gives ONNX Runtime's default.
     """
 
     name = "onnxruntime"
