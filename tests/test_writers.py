@@ -68,7 +68,7 @@ ALLOWED = {
                                                                "TemporaryDirectory",
     ("runtime/serve/service.py", "Service._read_state", "write_bytes"): "an uploaded state into its own "
                                                                         "TemporaryDirectory (new, 0700, removed after)",
-    ("runtime/triton/model.py", "Sequences._finish", "save"): "Stream.save (atomic_file, raced below)",
+    ("runtime/triton/sequences.py", "Sequences._save", "save"): "Stream.save (atomic_file, raced below)",
     ("runtime/triton/server.py", "LocalServer.start", "copytree"): "into its own mkdtemp folder",
     ("runtime/triton/server.py", "LocalServer.start", "copy2"): "into its own mkdtemp folder",
     ("runtime/triton/server.py", "LocalServer.start", "open"): "appends to the server log its caller names (never "
@@ -198,7 +198,7 @@ def scenarios(tmp_path: Path, tiny_bundle: Path, shared_pipeline) -> list[Scenar
     sequences = """
         import numpy as np
         from mirasol.runtime.pipeline import Pipeline
-        from mirasol.runtime.triton.model import Request, Sequences
+        from mirasol.runtime.triton.sequences import Request, Sequences
         sequences = Sequences(Pipeline.load({bundle}), 60, state_dir={state})
         reply = sequences.serve([Request(1, start=True, chunk=%s)])[0]
     """ % np_chunk
@@ -244,6 +244,13 @@ def scenarios(tmp_path: Path, tiny_bundle: Path, shared_pipeline) -> list[Scenar
             from mirasol.calibration.quantize import CalibrationCache
             CalibrationCache({target})
         """, target=t / "calib1"), FILE, str(t / "calib1" / ".mirasol-output"), "new file"),
+        Scenario("ONNX Runtime TensorRT provider cache folder",
+                 ("runtime/backends/onnxruntime_device.py:OnnxRuntimeDeviceBackend._cache",), _code("""
+            from mirasol.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
+            from mirasol.runtime.bundle.reader import Bundle
+            OnnxRuntimeDeviceBackend("cpu", cache_dir={target})._cache(Bundle.load({bundle}))
+        """, target=t / "provider-cache", bundle=tiny_bundle), FILE, str(t / "provider-cache" / ".mirasol-output"),
+                 "new file"),
         Scenario("calibration sweep", ("calibration/quantize.py:CalibrationCache.save_sweep",), _code("""
             from mirasol.calibration.quantize import CalibrationCache
             CalibrationCache({target}).save_sweep("a" * 24, {{"exclude": []}})
@@ -260,11 +267,11 @@ def scenarios(tmp_path: Path, tiny_bundle: Path, shared_pipeline) -> list[Scenar
                  _code(FAKE_TENSORRT, bundle=t / "trt2"), FILE, str(t / "trt2" / "timing.cache"), "new file"),
         Scenario("engine record in the manifest", ("runtime/tensorrt/plan.py:record_engine",),
                  _code(FAKE_TENSORRT, bundle=t / "trt3"), FILE, str(t / "trt3" / "manifest.json"), "our file"),
-        Scenario("Triton state file (Stream.save, from Sequences._finish)", (), _code(sequences, """
+        Scenario("Triton state file (Stream.save, from Sequences._save)", (), _code(sequences, """
             if isinstance(reply, Exception):
                 raise reply
         """, bundle=tiny_bundle, state=t / "states1"), FILE, str(t / "states1" / "*.npz"), "new file"),
-        Scenario("Triton state removed at END", ("runtime/triton/model.py:Sequences._close",), _code(sequences, """
+        Scenario("Triton state removed at END", ("runtime/triton/sequences.py:Sequences._close",), _code(sequences, """
             sequences.serve([Request(1, end=True)])
         """, bundle=tiny_bundle, state=t / "states2"), REMOVE, str(t / "states2" / "*.npz"), "removal",
                  skip=1),  # START removes a state left from before (none here) too
