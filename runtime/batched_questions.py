@@ -20,7 +20,7 @@ from .errors import InputError, MirasolError
 from .pipeline import Pipeline, Stream
 from .questions import Question, checked_question
 from .sampling import Sampler
-from .step_plan import Carried
+from .step_plan import STREAM_COUNTERS, Carried
 
 # What generate_streams yields for one question: the tokens of its stream's rows at one position (None for a row
 # that has ended), None once its answer is complete, or the error that ended it.
@@ -110,12 +110,10 @@ def _start(pipeline: Pipeline, asked: Sequence[Asked]) -> Iterator[tuple[int, Ev
     """Read each stream's state, group the questions that can be stacked, run their ask step; returns the stacks
     (and yields the error of each question that cannot start)."""
     plan = pipeline._plans["ask"]
-    feeds = [feed for _, graph_feeds in plan.graphs for feed in graph_feeds if feed.scope == "stream"]
-    state_names = sorted({feed.key for feed in feeds if feed.kind == "state"})
-    counter_names = sorted({feed.key for feed in feeds if feed.kind == "counter"})
-    graphs = pipeline.bundle.graphs
-    axes = {n: graphs[pipeline._state[n].graph].input(pipeline._state[n].input).shape.index("batch")
-            for n in state_names}
+    state_names = sorted(plan.reads)
+    counter_names = sorted({key for call in plan.calls for _, source, key in call.feeds if source == STREAM_COUNTERS})
+    batch_axes = pipeline._stacking().axes
+    axes = {n: batch_axes[n] for n in state_names}
     read: dict[int, tuple[Carried, int]] = {}
     with contextlib.ExitStack() as held:
         for stream in sorted({id(a.stream): a.stream for a in asked}.values(), key=id):  # one order for all callers

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,16 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .bundle.reader import Bundle, state_file_format
-from .errors import BackendError, BundleError, InputError
+from .errors import BundleError, InputError
 from .files.atomic import atomic_file
 from .questions import TextPieces, checked_question
 from .sampling import Sampler
-from .step_plan import Carried, StepPlan, check_output, plan_step
+from .stacked import StackedState, Stacking
+from .step_plan import Carried, StepPlan, fresh_state, is_finite, plan_step
+from .steps import Timings, apply, changes, execute
 
 STATE_FORMAT = "mirasol-stream-state"
 STATE_VERSION = 1
-
-
-@dataclass
-class Timings:
-    """Seconds spent per graph in backend run calls, and in whole steps (for overhead accounting)."""
-
-    graph_seconds: dict[str, float] = field(default_factory=dict)
-    graph_calls: dict[str, int] = field(default_factory=dict)
-    step_seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, table: dict[str, float], key: str, seconds: float) -> None:
-        table[key] = table.get(key, 0.0) + seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"graph_seconds": self.graph_seconds, "graph_calls": self.graph_calls,
-                "step_seconds": self.step_seconds}
 
 
 class Pipeline:
@@ -56,8 +41,6 @@ class Pipeline:
         manifest = bundle.manifest
         self.config = manifest.config
         self.sessions = {name: backend.load(g, bundle) for name, g in manifest.graphs.items()}
-        self._state = {s.name: s for s in manifest.state}
-        self._counters = {c.name: c for c in manifest.counters}
         self._plans = {name: plan_step(manifest, self.sessions, name, backend.keeps_on_device)
                        for name in manifest.steps}
         located = {name: manifest.step_tensor("push", name) for name in manifest.steps["push"].inputs}
@@ -66,6 +49,7 @@ class Pipeline:
         self.max_text_len = int(self.config["max_text_len"])
         self.max_batch = manifest.max_batch
         self.default_max_new_tokens = manifest.generation["max_new_tokens"]
+        self._stacking_rules: Stacking | None = None  # push_streams' (made at its first call)
 
     @classmethod
     def load(cls, path: str | Path, backend: str | Backend = "onnxruntime", verify: bool = True,
@@ -100,8 +84,10 @@ class Pipeline:
                      ) -> list[np.ndarray]:
         """Push one chunk (video, audio) into each stream in as few runs of the push step as their state allows.
 
-        Streams whose carried state has the same shape are stacked along the batch axis (at most `max_batch`
-        rows a run); streams of other shapes run in further groups. Returns each stream's av_context as
+        Streams whose state that the push step reads has the same shape are stacked along the batch axis (at most
+        `max_batch` rows a run); streams of other shapes run in further groups. The stacked state stays stacked
+        after the call, so the same streams pushed together again (in the same order) run without copying it;
+        reading a stream's state, or pushing it otherwise, takes its rows out. Returns each stream's av_context as
         `stream.push` would (equal up to float rounding). No stream changes unless every run succeeded.
         """
         if len(streams) != len(chunks):
@@ -111,44 +97,42 @@ class Pipeline:
         if any(stream.pipeline is not self for stream in streams):
             raise InputError("push_streams: every stream must come from this Pipeline")
         prepared = [stream._chunk_feeds(video, audio) for stream, (video, audio) in zip(streams, chunks)]
-        graphs = self.bundle.graphs
-        axes = {s.name: graphs[s.graph].input(s.input).shape.index("batch")
-                for s in self._state.values() if s.scope == "stream"}
-        plan = self._plans["push"]
-        returns_axis = self.bundle.manifest.step_tensor("push", plan.returns, output=True)[1].shape.index("batch")
+        rows = [batch for _, batch, _ in prepared]
+        stacking = self._stacking()
+        contexts: list[np.ndarray] = [np.empty(0)] * len(streams)
         with contextlib.ExitStack() as held:
             for stream in sorted(streams, key=id):  # one order for every caller: no deadlock between them
                 held.enter_context(stream._lock)
-            carried = [stream._carried_for(batch) for stream, (_, batch, _) in zip(streams, prepared)]
+            # each stream's own state, or None while it is a member of a stacked group (left as it is)
+            own = [None if s._rows is not None and s._check_batch(b) else s._carried_for(b)
+                   for s, b in zip(streams, rows)]
             groups: dict[tuple, list[int]] = {}
-            for i, values in enumerate(carried):
-                key = tuple(v.shape[:axes[n]] + v.shape[axes[n] + 1:] for n, v in values.state.items())
+            for i, (stream, mine) in enumerate(zip(streams, own)):
+                key = stacking.key(mine) if mine is not None else stream._rows[0].key  # type: ignore[index]
                 groups.setdefault(key, []).append(i)
-            updated = [Carried() for _ in streams]
-            contexts: list[np.ndarray] = [np.empty(0)] * len(streams)
-            runner = Stream(self)  # runs the stacked step; its own state stays unused
+            runs = []
             for members in groups.values():
-                for part in self._parts(members, [prepared[i][1] for i in members]):
-                    rows = [prepared[i][1] for i in part]
-                    stacked = Carried(
-                        {n: self.backend.concatenate([carried[i].state[n] for i in part], axes[n]) for n in axes},
-                        {n: np.concatenate([carried[i].counters[n] for i in part]) for n in carried[part[0]].counters})
+                for part in self._parts(members, [rows[i] for i in members]):
+                    group = stacking.group_of([streams[i]._rows for i in part], [rows[i] for i in part])
+                    if group is None:
+                        for i in part:
+                            own[i] = own[i] or streams[i]._carried  # out of the group it was in
+                    stacked = group.carried if group else stacking.stack([own[i] for i in part])  # type: ignore[misc]
                     feeds = {n: np.concatenate([prepared[i][0][n] for i in part]) for n in self.chunk_inputs}
-                    context = runner._run("push", feeds, sum(rows), stacked)
-                    offsets = np.cumsum(rows)[:-1]
-                    bounds = list(zip([0, *offsets], [*offsets, sum(rows)]))
-                    for n, value in stacked.state.items():
-                        for i, (begin, end) in zip(part, bounds):
-                            updated[i].state[n] = self.backend.slice(value, axes[n], begin, end)
-                    for n, value in stacked.counters.items():
-                        for i, piece in zip(part, np.split(value, offsets)):
-                            updated[i].counters[n] = piece.copy()
-                    for i, piece in zip(part, np.split(context, offsets, axis=returns_axis)):
-                        contexts[i] = piece
-            for stream, new, (_, batch, _) in zip(streams, updated, prepared):
-                stream._carried, stream.batch = new, batch
-                stream.chunks += 1
+                    new, returned, apart = stacking.run(stacked, feeds, [rows[i] for i in part],
+                                                        [(own[i] or streams[i]._own).state for i in part])
+                    for i, context in zip(part, returned):
+                        contexts[i] = context
+                    runs.append((part, new, apart))
+            for part, new, apart in runs:  # every run succeeded: commit
+                for k, (i, changed) in enumerate(zip(part, apart)):
+                    streams[i]._join(new, k, own[i], changed, rows[i])
         return [context[0] if unbatched else context for context, (_, _, unbatched) in zip(contexts, prepared)]
+
+    def _stacking(self) -> Stacking:
+        if self._stacking_rules is None:
+            self._stacking_rules = Stacking(self.bundle.manifest, self._plans["push"], self.backend)
+        return self._stacking_rules
 
     def _parts(self, members: list[int], rows: list[int]) -> list[list[int]]:
         """Consecutive runs of `members` whose rows add up to at most max_batch each."""
@@ -201,94 +185,56 @@ class Stream:
         self.chunks = 0
         self.dropped_chunks = 0  # chunks a live source captured but never pushed (see `skip`)
         self.timings = Timings()
-        self._carried = Carried()  # stream-scope state and counters (a question's live with the question)
         self._lock = threading.Lock()
+        # stream-scope state and counters (a question's live with the question): the stream's own, or, while it is
+        # a member of a group that push_streams keeps stacked, its rows there plus the rest in _own
+        self._own = Carried()
+        self._rows: tuple[StackedState, int] | None = None
+
+    @property
+    def _carried(self) -> Carried:
+        """The stream's state and counters (under the lock); a member of a stacked group leaves it, its rows copied."""
+        if self._rows is not None:
+            group, member = self._rows
+            mine = group.rows(member, self.pipeline.backend)
+            self._own = Carried(self._own.state | mine.state, self._own.counters | mine.counters)
+            self._rows = None
+        return self._own
+
+    @_carried.setter
+    def _carried(self, carried: Carried) -> None:
+        self._own, self._rows = carried, None
 
     @property
     def state(self) -> dict[str, np.ndarray]:
         """The carried stream-scope tensors by name (read them; the stream replaces them at each step)."""
-        return self._carried.state
+        with self._lock:
+            return self._carried.state
 
     @property
     def counters(self) -> dict[str, np.ndarray]:
-        return self._carried.counters
+        with self._lock:
+            return self._carried.counters
 
     # ---- state ----
     def _fresh(self, scope: str, batch: int, produced_by: StepPlan | None = None) -> Carried:
         """The initial state and counters of `scope` ("stream" or "question") for `batch` rows (only those the
         step `produced_by` produces, if given)."""
-        p = self.pipeline
-        graphs = p.bundle.graphs
-        carried = Carried()
-        for spec in p._state.values():
-            if spec.scope == scope and (produced_by is None or spec in produced_by.state):
-                info = graphs[spec.graph].input(spec.input)
-                shape = [batch if d == "batch" else (0 if i == spec.axis and spec.init == "empty" else d)
-                         for i, d in enumerate(info.shape)]
-                if any(isinstance(d, str) for d in shape):
-                    raise BundleError(f"state {spec.name}: cannot size axes {info.shape} of {spec.graph}.{spec.input}")
-                carried.state[spec.name] = np.zeros(shape, dtype=info.dtype)
-        for counter in p._counters.values():
-            if counter.scope == scope and (produced_by is None or counter in produced_by.counters):
-                carried.counters[counter.name] = np.zeros(batch, dtype=np.int64)
-        return carried
+        return fresh_state(self.pipeline.bundle.manifest, scope, batch, produced_by)
 
     def _run(self, step_name: str, inputs: Mapping[str, np.ndarray], batch: int, stream: Carried,
              question: Carried | None = None) -> np.ndarray | None:
         """Run a step's graphs (under the stream's lock); returns the step's returned output on the host (None for
-        a step that returns nothing). State and counters change only once every graph has succeeded and every output
-        that is carried, returned or fed to a later graph has the manifest's dtype and shape and holds no NaN or inf
-        (outputs the backend keeps on its device are checked for dtype and shape, and through what they lead to:
-        the returned output); otherwise nothing changes and the error names the graph and output."""
-        plan = self.pipeline._plans[step_name]
-        backend = self.pipeline.backend
-        scopes = {"stream": stream, "question": question}
-        produced: dict[str, Any] = {}
-        returned = None
+        a step that returns nothing). State and counters change only once every graph has succeeded, every output
+        that is carried, returned or fed to a later graph has the manifest's dtype and shape, and what the step
+        commits or returns holds no NaN or inf (outputs the backend keeps on its device are checked for dtype and
+        shape, and through what they lead to: the returned output); otherwise nothing changes and the error names
+        the graph and output."""
         start = time.perf_counter()
-        for session, feeds in plan.graphs:
-            values = {}
-            for feed in feeds:
-                if feed.kind == "input":
-                    values[feed.input] = inputs[feed.key]
-                elif feed.kind == "step":
-                    values[feed.input] = produced[feed.key]
-                elif feed.kind == "state":
-                    values[feed.input] = scopes[feed.scope].state[feed.key]  # type: ignore[union-attr]
-                else:
-                    values[feed.input] = scopes[feed.scope].counters[feed.key]  # type: ignore[union-attr]
-            keep = plan.keep[session.name]
-            t0 = time.perf_counter()
-            outputs = session.run(values, keep_on_device=keep) if keep else session.run(values)
-            self.timings.add(self.timings.graph_seconds, session.name, time.perf_counter() - t0)
-            self.timings.graph_calls[session.name] = self.timings.graph_calls.get(session.name, 0) + 1
-            if plan.returns in outputs:
-                returned = backend.to_host(outputs[plan.returns])
-            for checked in plan.checked[session.name]:
-                name = checked.info.name
-                check_output(returned if name == plan.returns else outputs[name], checked, batch, step_name,
-                              InputError if step_name == "push" else BackendError)
-            produced.update(outputs)
-        updates: list[tuple[dict[str, np.ndarray], str, np.ndarray]] = []
-        for spec in plan.state:
-            table = scopes[spec.scope].state  # type: ignore[union-attr]
-            value = produced[spec.output]
-            try:
-                if spec.update == "append":
-                    value = backend.concatenate([table[spec.name], value], spec.axis)  # type: ignore[arg-type]
-                if spec.window is not None and value.shape[spec.axis] > spec.window:
-                    value = backend.slice(value, spec.axis, value.shape[spec.axis] - spec.window)  # type: ignore[arg-type]
-            except (ValueError, InputError):
-                raise BackendError(f"state {spec.name}: output {spec.source_graph}.{spec.output} of shape "
-                                   f"{value.shape} does not fit the carried {table[spec.name].shape}") from None
-            updates.append((table, spec.name, value))
-        for counter in plan.counters:
-            table = scopes[counter.scope].counters  # type: ignore[union-attr]
-            length_of = counter.length_of
-            step = counter.step if length_of is None else inputs[length_of[0]].shape[length_of[1]]
-            updates.append((table, counter.name, table[counter.name] + step))
-        for table, name, value in updates:
-            table[name] = value
+        plan, backend = self.pipeline._plans[step_name], self.pipeline.backend
+        returned, produced = execute(plan, backend, inputs, batch, stream, question, self.timings)
+        scopes = {"stream": stream, "question": question}
+        apply(changes(plan, inputs, produced, scopes, backend))  # type: ignore[arg-type]
         self.timings.add(self.timings.step_seconds, step_name, time.perf_counter() - start)
         return returned
 
@@ -324,9 +270,27 @@ class Stream:
         """The stream-scope state a push of `batch` rows starts from (under the lock): the stream's, or fresh."""
         if self.batch is None:
             return self._fresh("stream", batch)
+        self._check_batch(batch)
+        return self._carried
+
+    def _join(self, group: StackedState, member: int, own: Carried | None, changed: dict[str, Any], batch: int
+              ) -> None:
+        """Commit a push_streams step (under the lock): the stream's rows in `group` (its state itself where it is the
+        only member), and apart, its other tensors with `changed` (from `own`, or while a member, its own apart)."""
+        mine = own or self._own
+        rest = Carried({n: v for n, v in mine.state.items() if n not in group.carried.state} | changed,
+                       {n: v for n, v in mine.counters.items() if n not in group.carried.counters})
+        if len(group.bounds) == 1:
+            self._carried = Carried(rest.state | group.carried.state, rest.counters | group.carried.counters)
+        else:
+            self._own, self._rows = rest, (group, member)
+        self.batch = batch
+        self.chunks += 1
+
+    def _check_batch(self, batch: int) -> bool:
         if batch != self.batch:
             raise InputError(f"push: the stream carries state for batch {self.batch}, the chunk has batch {batch}")
-        return self._carried
+        return True
 
     def skip(self, count: int = 1) -> None:
         """Note `count` chunks of the source that were dropped, not pushed: the carried state only ever
@@ -350,7 +314,7 @@ class Stream:
                 raise InputError(f"{where}: expected shape {list(info.shape)} = {expected}, got {list(value.shape)}")
             if value.dtype != np.dtype(info.dtype):
                 raise InputError(f"{where}: expected dtype {info.dtype}, got {value.dtype}")
-            if not np.isfinite(value).all():
+            if not is_finite(value):
                 raise InputError(f"{where}: contains NaN or inf")
             if batch is None:
                 batch = value.shape[0]
@@ -416,7 +380,7 @@ class Stream:
             self._run("ask", {}, batch, self._carried, asked)
         ids = sequence = np.tile(np.asarray(prompt, dtype=np.int64), (batch, 1))
         generate = self.pipeline._plans["generate"]
-        alive = np.ones(batch, dtype=bool)
+        alive = [True] * batch
         for _ in range(count):
             if not kv_cache:  # the decoder's own state starts afresh and reads the whole sequence
                 restart = self._fresh("question", batch, produced_by=generate)
@@ -426,13 +390,12 @@ class Stream:
             with self._lock:
                 logits = self._run("generate", {"input_ids": ids}, batch, self._carried, asked)[:, -1]  # type: ignore[index]
             tokens = sampler(logits)
-            ended = tokens == tokenizer.EOS
-            row_tokens: list[int | None] = [int(t) if a and not e else None for t, a, e in zip(tokens, alive, ended)]
-            alive &= ~ended
-            if not alive.any():
+            values = tokens.tolist()
+            alive = [a and t != tokenizer.EOS for t, a in zip(values, alive)]
+            if not any(alive):
                 break
-            yield row_tokens
-            ids = tokens[:, None].astype(np.int64)
+            yield [t if a else None for t, a in zip(values, alive)]
+            ids = np.asarray(tokens, dtype=np.int64).reshape(batch, 1)
             if not kv_cache:
                 sequence = np.concatenate([sequence, ids], axis=1)
 

@@ -112,7 +112,23 @@ def check_report(report: dict) -> None:
     if not cuda["available"]:
         assert cuda["note"] == NO_CUDA
 
-    assert len(report["targets"]) == 10
+    batched = report["batched"]
+    if batched["status"] == "ok":
+        assert {"1", "2", "4"} <= set(batched["streams"]) and batched["bundles"]
+        for entry in batched["streams"].values():
+            assert STAT_KEYS <= set(entry["alone"])
+            for size, together in entry["together"].items():
+                assert size in batched["bundles"] and together["speedup"] > 0 and together["runs_per_call"] >= 1
+        assert set(batched["matmul_bound"]["speedup"]) == set(batched["streams"])
+        assert batched["matmul_bound"]["speedup"]["1"] == 1.0
+    if floors["status"] == "ok":
+        for entry in floors["graphs"].values():
+            assert str(report["meta"]["threads"]) in entry["by_threads"] and "1" in entry["by_threads"]
+            assert all(0 < t["ratio"] for t in entry["by_threads"].values())
+    cpu = report["meta"]["machine"]["cpu"]
+    assert cpu["model"] and isinstance(cpu["vector_extensions"], list)
+
+    assert len(report["targets"]) == 13
     for target in report["targets"]:
         assert TARGET_KEYS <= set(target)
         assert target["pass"] in (True, False, None)
@@ -135,11 +151,12 @@ def test_quick_report_has_every_section(quick_report: dict) -> None:
 
 def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
     markdown = to_markdown(quick_report)
-    for heading in ("## Targets", "## Streaming", "## Flatness", "## Text", "## Overhead", "## Memory",
-                    "## Ceiling", "## CUDA"):
+    for heading in ("## Targets", "## Streaming", "## Flatness", "## Batched streams", "## Text", "## Overhead",
+                    "## Memory", "## Ceiling", "## Floors", "## CUDA"):
         assert heading in markdown
     rows = [line for line in markdown.splitlines() if line.endswith(("| PASS |", "| FAIL |", "| n/a |"))]
-    assert len(rows) == 10
+    assert len(rows) == 13
+    assert "CPU: " in markdown and "vector extensions" in markdown
     assert "| fp32 | ok | 0.0 | given; validated against PyTorch: 4 of 4 graphs passed |" in markdown
 
 
@@ -255,3 +272,18 @@ def test_checkpoint_run(tmp_path: Path) -> None:
                            new_tokens=4)
     check_report(report)
     assert report["meta"]["source"].startswith("checkpoint") and not report["meta"]["eos_logit_zeroed"]
+
+
+def test_cpu_info_reads_model_and_vector_extensions(tmp_path: Path) -> None:
+    from mirasol.export.bench.machine import cpu_info, describe
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f "
+                   "avx512_vnni\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd asimddp i8mm bf16\n")
+    assert cpu_info(x86)["model"] == "AMD EPYC 9R14"
+    assert cpu_info(x86)["vector_extensions"] == ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni"]
+    assert cpu_info(arm)["vector_extensions"] == ["asimd", "asimddp", "i8mm", "bf16"]
+    assert "vector extensions: avx2" not in describe(cpu_info(arm))
+    assert cpu_info(tmp_path / "absent")["model"]  # no /proc/cpuinfo: the platform's name

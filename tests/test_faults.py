@@ -2,6 +2,7 @@
 mid-step keeps its state exactly, so the caller can retry and get what a clean run gives."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -227,9 +228,9 @@ class FailingSession(GraphSession):
 
 def inject(pipe: Pipeline, step: str, index: int) -> FailingSession:
     plan = pipe._plans[step]
-    session, feeds = plan.graphs[index]
-    wrapper = FailingSession(session)
-    plan.graphs[index] = (wrapper, feeds)
+    call = plan.calls[index]
+    wrapper = FailingSession(call.session)
+    plan.calls[index] = dataclasses.replace(call, session=wrapper)
     return wrapper
 
 
@@ -242,10 +243,10 @@ def _fault_pipeline(tiny_bundle) -> Pipeline:
 def own_pipeline(_fault_pipeline) -> Pipeline:
     """A Pipeline apart from the shared one (the fault injection must not reach other tests' streams), its
     step plans put back after each test."""
-    saved = {name: list(plan.graphs) for name, plan in _fault_pipeline._plans.items()}
+    saved = {name: list(plan.calls) for name, plan in _fault_pipeline._plans.items()}
     yield _fault_pipeline
-    for name, graphs in saved.items():
-        _fault_pipeline._plans[name].graphs[:] = graphs
+    for name, calls in saved.items():
+        _fault_pipeline._plans[name].calls[:] = calls
 
 
 def _reference(pipe: Pipeline, chunks: int, question: str = QUESTION, tokens: int = 12):

@@ -3,6 +3,7 @@ state, and a MirasolError with a clear message for every probe.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -204,8 +205,7 @@ class _Tampering(GraphSession):
 def _tampered(bundle: Path, step: str, tamper: Callable[[dict[str, np.ndarray]], None]) -> Pipeline:
     pipe = Pipeline.load(bundle)
     plan = pipe._plans[step]
-    session, feeds = plan.graphs[-1]
-    plan.graphs[-1] = (_Tampering(session, tamper), feeds)
+    plan.calls[-1] = dataclasses.replace(plan.calls[-1], session=_Tampering(plan.calls[-1].session, tamper))
     return pipe
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from mirasol.runtime.backends import REGISTRY, backend_entry, onnx_ops
 from mirasol.runtime.backends import onnxruntime_checks as checks
+from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from mirasol.runtime.backends.onnxruntime_device import (
     CACHE_DIR,
     OnnxRuntimeDeviceBackend,
@@ -161,3 +162,15 @@ def test_registry_names_the_device_backends():
         entry = REGISTRY[name]
         assert entry.device == "gpu" and entry.backend_class() is OnnxRuntimeDeviceBackend
         assert entry.fixed_options == {"execution": name.split("-")[1]}
+
+
+@pytest.mark.parametrize("make", [OnnxRuntimeBackend, lambda **options: OnnxRuntimeDeviceBackend("cpu", **options)],
+                         ids=["onnxruntime", "onnxruntime-device"])
+def test_session_options_keep_the_arena_and_spinning_settings(make):
+    """Every ONNX Runtime backend, the device ones derived from the CPU one included, builds its sessions (the
+    graph_threads ones too) with the CPU arena and spin-waiting off by default, and on when asked."""
+    for asked, expected in (({}, (False, "0")), ({"arena": True, "spinning": True}, (True, "1"))):
+        backend = make(graph_threads={"text_decoder": 1}, **asked)
+        for options in (backend.options, *backend._graph_options.values()):
+            assert (options.enable_cpu_mem_arena,
+                    options.get_session_config_entry("session.intra_op.allow_spinning")) == expected

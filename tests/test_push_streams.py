@@ -140,3 +140,100 @@ def test_push_streams_refuses_what_it_cannot_serve(tiny_bundles) -> None:
     with pytest.raises(InputError, match="2 streams but 1 chunks"):
         pipe.push_streams([stream, pipe.stream()], [new_chunk()])
     assert stream.chunks == 0 and pipe.push_streams([], []) == []
+
+
+def count_concatenations(pipe: Pipeline) -> list[int]:
+    """Record how many arrays each `backend.concatenate` call joins (stacking streams or appending to a tensor)."""
+    joined: list[int] = []
+    concatenate = pipe.backend.concatenate
+
+    def counting(values, axis):
+        joined.append(len(values))
+        return concatenate(values, axis)
+
+    pipe.backend.concatenate = counting  # type: ignore[method-assign]
+    return joined
+
+
+def test_streams_pushed_together_again_stay_stacked(tiny_bundles) -> None:
+    """The same four streams pushed together step after step: after the first call their state the push graphs
+    read stays stacked (nothing is joined but each stream's own AV memory append, which is never stacked), and each
+    step gives exactly what restacking the streams at every call gives, and what each stream alone gives."""
+    kept, restacked = Pipeline.load(tiny_bundles["ttm"]), Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(kept, seed=5)
+    data = [[new_chunk() for _ in range(4)] for _ in range(5)]  # past tiny's window of 2 chunks
+    plan = kept._plans["push"]
+    appended = [u for u in plan.updates if u.append]
+    assert appended and not {u.spec.name for u in appended} & plan.reads, "the AV memory is not read by the push"
+    joined = count_concatenations(kept)
+    streams, others, alone = ([p.stream() for _ in range(4)] for p in (kept, restacked, restacked))
+    for t, chunks in enumerate(data):
+        joined.clear()
+        got = kept.push_streams(streams, chunks)
+        assert sorted(joined) == [2] * 4 * len(appended) + ([4] * len(plan.reads) if t == 0 else []), \
+            "stacked once, then only each stream's own appends"
+        again = restacked.push_streams(others, chunks)
+        others[t % 4].state  # reading a stream's state takes its rows out: the next call restacks all four
+        for g, a, s, c in zip(got, again, alone, chunks):
+            assert np.array_equal(g, a)
+            assert np.abs(g - s.push(*c)).max() <= FP32_TOLERANCE
+    for s, o, a in zip(streams, others, alone):
+        assert s.chunks == o.chunks == a.chunks == 5
+        assert s.state.keys() == a.state.keys() and all(np.array_equal(s.state[k], o.state[k]) for k in s.state)
+        assert s.ask(QUESTION, max_new_tokens=8) == a.ask(QUESTION, max_new_tokens=8)
+
+
+def test_a_stacked_stream_used_alone_leaves_its_group_and_the_others_are_untouched(tiny_bundles) -> None:
+    """Streams stacked together, then one pushed alone, asked, or pushed in another order or company: every stream
+    still gets what it gets alone (stream isolation)."""
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(pipe, seed=6)
+    data = [[new_chunk() for _ in range(5)] for _ in range(6)]
+    streams, alone = [pipe.stream() for _ in range(4)], [pipe.stream() for _ in range(4)]
+
+    def expect(i: int, t: int) -> np.ndarray:
+        return alone[i].push(*data[t][i])
+
+    for t in range(2):
+        for i, got in enumerate(pipe.push_streams(streams, data[t][:4])):
+            assert np.abs(got - expect(i, t)).max() <= FP32_TOLERANCE
+    assert np.abs(streams[1].push(*data[2][1]) - expect(1, 2)).max() <= FP32_TOLERANCE  # alone, out of the group
+    assert streams[1]._rows is None and all(streams[i]._rows is not None for i in (0, 2, 3))
+    for i, got in zip((0, 2, 3), pipe.push_streams([streams[i] for i in (0, 2, 3)], [data[2][i] for i in (0, 2, 3)])):
+        assert np.abs(got - expect(i, 2)).max() <= FP32_TOLERANCE
+    assert streams[2].ask(QUESTION, max_new_tokens=8) == alone[2].ask(QUESTION, max_new_tokens=8)
+    order = [3, 1, 0, 2]  # another order, all four again
+    for t in (3, 4):
+        for i, got in zip(order, pipe.push_streams([streams[i] for i in order], [data[t][i] for i in order])):
+            assert np.abs(got - expect(i, t)).max() <= FP32_TOLERANCE
+    for s, a in zip(streams, alone):
+        assert s.chunks == a.chunks == 5 and s.ask(QUESTION, max_new_tokens=8) == a.ask(QUESTION, max_new_tokens=8)
+
+
+def test_a_failed_call_leaves_stacked_streams_as_they_were(tiny_bundles) -> None:
+    """Streams stacked by earlier calls, then a call that fails in its second run: each stream's state is what it
+    was (compared with twins pushed the same way), and the next call goes on as if the failure never happened."""
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(pipe, seed=7)
+    data = [[new_chunk() for _ in range(6)] for _ in range(4)]
+    streams, twins = [pipe.stream() for _ in range(6)], [pipe.stream() for _ in range(6)]
+    for t in range(2):
+        pipe.push_streams(streams, data[t])
+        pipe.push_streams(twins, data[t])
+    session = pipe.sessions["av_autoregressor"]
+    run, calls = session.run, []
+
+    def failing_second_run(feeds, output_names=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise BackendError("av_autoregressor: injected failure")
+        return run(feeds, output_names)
+
+    session.run = failing_second_run  # type: ignore[method-assign]
+    with pytest.raises(BackendError, match="injected"):
+        pipe.push_streams(streams, data[2])
+    session.run = run  # type: ignore[method-assign]
+    assert all(s._rows is not None for s in streams), "the stacked groups survive a failed call"
+    for got, expected in zip(pipe.push_streams(streams, data[2]), pipe.push_streams(twins, data[2])):
+        assert np.array_equal(got, expected)
+    assert_unchanged(snapshot(twins), streams)

@@ -27,9 +27,11 @@ def seconds_per_call(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def matmuls_session(matrices: list[np.ndarray], rows: int, threads: int) -> Callable[[], object]:
     """A call running x [rows, K] @ W for every W of `matrices` in one ONNX Runtime session (the W as initializers,
-    as in the exported graphs; one seeded x per distinct K)."""
+    as in the exported graphs; one seeded x per distinct K), with the session options of the runtime's graphs."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     sizes = sorted({w.shape[0] for w in matrices})
     graph = helper.make_graph(
@@ -39,9 +41,7 @@ def matmuls_session(matrices: list[np.ndarray], rows: int, threads: int) -> Call
         [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(matrices)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = OnnxRuntimeBackend(threads=threads).options  # the session options the runtime's graphs get
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {f"x{k}": rng.standard_normal((rows, k), dtype=np.float32) for k in sizes}

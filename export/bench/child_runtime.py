@@ -1,7 +1,7 @@
 """Child: load a bundle with the runtime alone (never torch), stream a clip, ask; time and peak RSS.
 
     python -m mirasol.export.bench.child_runtime '{"bundle": ..., "threads": ..., "chunks": ..., "question": ...,
-                                                     "new_tokens": ...}'
+                                                     "new_tokens": ..., "arena": false}'
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def main(args: dict[str, Any]) -> None:
     from mirasol.runtime.pipeline import Pipeline
     imported = time.perf_counter() - start
     t = time.perf_counter()
-    pipe = Pipeline.load(args["bundle"], threads=args["threads"])
+    pipe = Pipeline.load(args["bundle"], threads=args["threads"], arena=args.get("arena", False))
     load = time.perf_counter() - t
     c = pipe.config
     rng = np.random.default_rng(0)

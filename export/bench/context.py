@@ -18,7 +18,8 @@ from .source import Progress, Source
 # information rows beside the same-thread comparisons (multi-threaded runs, not --quick): name suffix -> note
 EXTRA_NOTES = {"1thread": "1 thread, for information",
                "nospin": "ONNX Runtime spin-waiting off (session.intra_op.allow_spinning=0), for information",
-               "spin": "ONNX Runtime spin-waiting on (session.intra_op.allow_spinning=1), for information"}
+               "spin": "ONNX Runtime spin-waiting on (session.intra_op.allow_spinning=1), for information",
+               "arena": "ONNX Runtime's CPU memory arena on (its own default; the backend's is off), for information"}
 EXTRA_SUFFIXES = tuple(f"_{k}" for k in EXTRA_NOTES)
 
 

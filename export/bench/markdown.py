@@ -5,6 +5,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .machine import describe
 from .stats import median, ratio
 
 
@@ -39,7 +40,9 @@ def _header(report: dict[str, Any]) -> list[str]:
 
 
 def _targets(report: dict[str, Any]) -> list[str]:
-    lines = ["", "## Targets", "", "| target | measured | needs | result |", "|---|---:|---:|---|"]
+    meta = report["meta"]
+    lines = ["", "## Targets", "", f"CPU: {describe(meta['machine'].get('cpu', {}))}; {meta['threads']} threads.", "",
+             "| target | measured | needs | result |", "|---|---:|---:|---|"]
     for t in report["targets"]:
         result = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         note = f" ({t['note']})" if t["note"] else ""
@@ -78,6 +81,10 @@ def _streaming(report: dict[str, Any]) -> list[str]:
         if flipped is not None:
             lines.append(f"with ONNX Runtime's spin-waiting {words}, {rt} is {_f(flipped)}x as fast as loaded by "
                          f"default.")
+    arena = ratio(median(s["engines"].get(rt)), median(s["engines"].get(f"{rt}_arena"))) if rt else None
+    if arena is not None:
+        lines.append(f"with ONNX Runtime's CPU memory arena on, {rt} is {_f(arena)}x as fast as loaded by default "
+                     f"(arena off).")
     if slowdown is not None and slowdown > 1.5:
         lines.append(f"**The CPUs are contended**: {rt} on {report['meta']['threads']} threads is {_f(slowdown)}x "
                      f"slower than on 1. Multi-threaded timings here are dominated by waiting for descheduled "
@@ -177,17 +184,44 @@ def _ceiling(report: dict[str, Any]) -> list[str]:
 
 def _floors(report: dict[str, Any]) -> list[str]:
     f = report["floors"]
-    lines = ["", "## Floors (each graph's weight MatMuls alone, ONNX Runtime, batch 1)", ""]
+    lines = ["", "## Floors (each graph's weight MatMuls alone against the graph, ONNX Runtime, batch 1)", ""]
     if f.get("status") != "ok":
         return lines + [f"{f.get('status')}: {f.get('reason')}"]
-    lines += ["| graph | MatMuls | rows | weights MB | floor ms | floor GFLOP/s | of GEMM rate | of bandwidth | "
-              "step ms (this run) | floor / step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["Both sides one session run on the same step's inputs, median per call, same threads, timed in turn.",
+              "", "| graph | MatMuls | rows | weights MB | threads | floor ms | graph ms | floor / graph | "
+              "floor GFLOP/s | of GEMM rate | of bandwidth |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, g in f["graphs"].items():
-        lines.append(f"| {name} | {g['matmuls']} | {g['rows']} | {_f(g['weight_bytes'] / 2 ** 20, 1)} | "
-                     f"{_f(g['floor_ms'], 3)} ({g['floor_threads']} thread(s)) | "
-                     f"{_f(g['flops'] / (g['floor_ms'] / 1e3) / 1e9, 1)} | {_f(g['floor_fraction_of_gemm'], 3)} | "
-                     f"{_f(g['floor_fraction_of_bandwidth'], 3)} | {_f(g['graph_ms'], 3)} | "
-                     f"{_f(g['floor_share_of_graph'], 3)} |")
+        for threads, t in g["by_threads"].items():
+            here = int(threads) == g["floor_threads"]
+            lines.append(f"| {name} | {g['matmuls']} | {g['rows']} | {_f(g['weight_bytes'] / 2 ** 20, 1)} | {threads} | "
+                         f"{_f(t['floor_ms'], 3)} | {_f(t['graph_ms'], 3)} | {_f(t['ratio'], 3)} | "
+                         f"{_f(g['flops'] / (t['floor_ms'] / 1e3) / 1e9, 1)} | "
+                         f"{_f(g['floor_fraction_of_gemm'], 3) if here else ''} | "
+                         f"{_f(g['floor_fraction_of_bandwidth'], 3) if here else ''} |")
+    return lines
+
+
+def _batched(report: dict[str, Any]) -> list[str]:
+    b = report["batched"]
+    lines = ["", "## Batched streams (`push_streams` against the same streams pushed one by one)", ""]
+    if b.get("status") != "ok":
+        return lines + [f"{b.get('status')}: {b.get('reason')}"]
+    sizes = list(b["bundles"])
+    lines += [f"{b['threads']} threads; per chunk, median over {b['rounds']} rounds of {b['block']} steps; x = chunks/s "
+              "together / one by one, same rounds (range over the rounds). Bundles: "
+              + "; ".join(f"max batch {size}: {note}" for size, note in {**b["bundles"], **b.get("not_used", {})}.items())
+              + ".", "",
+              "| streams | one by one ms | " + " | ".join(f"max batch {s}: ms (runs per call) | x" for s in sizes)
+              + " | AV MatMuls alone: x |", "|---:|---:|" + "---:|---:|" * len(sizes) + "---:|"]
+    bound = b["matmul_bound"]["speedup"]
+    for n, entry in b["streams"].items():
+        cells = [f"{_f(t['median_ms'])} ({t['runs_per_call']}) | {_f(t['speedup'])} "
+                 f"[{_f(t['speedup_min'])}-{_f(t['speedup_max'])}]" for t in entry["together"].values()]
+        lines.append(f"| {n} | {_f(entry['alone']['median_ms'])} | " + " | ".join(cells) + f" | {_f(bound.get(n))} |")
+    m = b["matmul_bound"]
+    lines.append(f"\nAV MatMuls alone: the {m['matmuls']} weight MatMuls of the {m['graph']} graph at N x "
+                 f"{m['rows_per_chunk']} rows, per chunk, x faster than at one chunk's rows: what batching can gain "
+                 "on them at most (every other node of the step only adds time to both sides).")
     return lines
 
 
@@ -243,8 +277,8 @@ def _cuda(report: dict[str, Any]) -> list[str]:
 
 # the document's parts in order: a header, the targets, then one part per section
 RENDERERS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
-    _header, _targets, _export, _streaming, _flatness, _text, _overhead, _memory, _ceiling, _floors, _costs,
-    _cuda)
+    _header, _targets, _export, _streaming, _flatness, _batched, _text, _overhead, _memory, _ceiling, _floors,
+    _costs, _cuda)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

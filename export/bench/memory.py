@@ -21,6 +21,9 @@ def memory(run: Run) -> dict[str, Any]:
                                "note": "peak RSS = VmHWM of a fresh interpreter doing the work, then exiting"}
     children = [(f"runtime_process_{p}", "child_runtime", {**args, "bundle": str(path)})
                 for p, path in run.paths.items()]
+    if run.primary in run.paths and not run.quick:  # ONNX Runtime's arena, which the backend turns off
+        children.append((f"runtime_process_{run.primary}_arena", "child_runtime",
+                         {**args, "bundle": str(run.paths[run.primary]), "arena": True}))
     children.append(("pytorch_process", "child_pytorch", args))
     for name, module, child_args in children:
         try:

@@ -26,11 +26,13 @@ from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
+from .batched import batched
 from .ceiling import ceiling
 from .context import Run, chunk_pool
 from .costs import costs
 from .cuda import cuda
 from .floors import floors
+from .machine import cpu_info
 from .report_files import REPORT_FORMAT
 from .memory import memory
 from .source import Progress, Source, build_source, export_bundles
@@ -44,8 +46,8 @@ QUESTION = "What is happening in this clip?"
 SPIN_KEY = "session.intra_op.allow_spinning"
 # the measured sections in the order they run (a later one may read an earlier one's entry in run.report)
 MEASURES: dict[str, Callable[[Run], Any]] = {
-    "streaming": streaming, "overhead": overhead, "flatness": flatness, "text": text, "memory": memory,
-    "ceiling": ceiling, "floors": floors, "costs": costs, "cuda": cuda, "targets": targets}
+    "streaming": streaming, "overhead": overhead, "flatness": flatness, "batched": batched, "text": text,
+    "memory": memory, "ceiling": ceiling, "floors": floors, "costs": costs, "cuda": cuda, "targets": targets}
 SECTIONS = ("export", *MEASURES)
 
 
@@ -136,7 +138,7 @@ def _start(source: Source, paths: dict[str, Path], export_report: dict[str, Any]
             "block": block, "warmup_chunks": warmup, "quick": quick, "new_tokens": new_tokens,
             "question": question, "prompt_tokens": len(prompt), "eos_logit_zeroed": source.eos_zeroed,
             "machine": {"cpus": os.cpu_count(), "available_cpus": available_cpus(), "platform": platform.platform(),
-                        "processor": platform.machine()},
+                        "processor": platform.machine(), "cpu": cpu_info()},
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "note": "ratios are measured in one run, the engines timed in turn (blocks of calls, round-robin); "
@@ -147,14 +149,17 @@ def _start(source: Source, paths: dict[str, Path], export_report: dict[str, Any]
     primary = "fp32" if "fp32" in pipes else next(iter(pipes), None)
     if primary is None:
         raise RuntimeError(f"no bundle could be made or loaded: {export_report}")
-    # for information, beside the same-thread comparisons: the primary runtime on one thread, and with ONNX
+    # for information, beside the same-thread comparisons: the primary runtime on one thread, with ONNX
     # Runtime's spin-waiting the other way round from the backend's default (on a busy machine spinning
-    # threads take the CPU the work needs; on a quiet one they save wake-ups)
+    # threads take the CPU the work needs; on a quiet one they save wake-ups), and with ONNX Runtime's CPU arena
+    # on (the backend turns it off: the memory section has its peak RSS)
     extras: dict[str, Pipeline] = {}
     if threads > 1 and not quick:
         extras[f"{primary}_1thread"] = Pipeline.load(paths[primary], threads=1)
         spin, pipe = _flipped_spinning_pipeline(paths[primary], threads)
         extras[f"{primary}_{spin}"] = pipe
+        extras[f"{primary}_arena"] = Pipeline.load(paths[primary], backend=OnnxRuntimeBackend(threads=threads,
+                                                                                              arena=True))
     return Run(source=source, paths=paths, pipes=pipes, extras=extras, primary=primary, load_times=load_times,
                pool=pool, torch_pool=[(torch.from_numpy(v), torch.from_numpy(a)) for v, a in pool],
                question=question, prompt=prompt, new_tokens=new_tokens, chunks=chunks, rounds=rounds, block=block,

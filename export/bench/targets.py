@@ -54,6 +54,25 @@ def targets(run: Run) -> list[dict[str, Any]]:
                 int8_note or tokens_note),
         _target(f"{primary} overhead outside backend run calls (fraction of stream wall time)",
                 report["overhead"]["fraction_outside_run_calls"], "<=", 0.03),
+        *_graph_targets(report),
         _target("runtime-only process peak RSS vs PyTorch process (ratio)",
                 memory["rss_ratio_runtime_vs_pytorch"], "<=", 0.5),
     ]
+
+
+def _graph_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Batched streams (8 through push_streams, one run of a bundle of max batch 8) and each graph against its
+    weight-MatMul floor (per call, same threads)."""
+    batched = report.get("batched", {})
+    eight = batched.get("streams", {}).get("8", {}).get("together", {}).get("8")
+    floors = report.get("floors", {})
+    lines = [_target("8 streams through push_streams vs one by one (x chunks/s; bundle of max batch 8)",
+                     eight and eight["speedup"], ">=", 3.0,
+                     "" if eight else batched.get("reason") or "not measured: no 8-stream row with a bundle of max "
+                     "batch 8 (a --quick run, or a given bundle)")]
+    for graph, words in (("av_autoregressor", "AV step"), ("text_decoder", "text decoder token")):
+        entry = floors.get("graphs", {}).get(graph, {})
+        lines.append(_target(f"{words}: its weight MatMuls alone / the whole graph (per call, "
+                             f"{floors.get('threads', '?')} threads)", entry.get("floor_share_of_graph"), ">=", 0.8,
+                             "" if entry else f"floors {floors.get('status')}: {floors.get('reason')}"))
+    return lines

@@ -52,12 +52,17 @@ class OrtGraphSession(GraphSession):
 class OnnxRuntimeBackend(Backend):
     """Providers are tried in the order given (CPU by default); options map to ort.SessionOptions.
 
-    `spinning=False` (the default) stops idle intra-op threads from busy-waiting: measured by mirasol-bench on a
-    2-core machine with other work running, spinning made the fp32 runtime 3.5x slower per chunk; on a device
-    the app shares the CPU too. Pass `spinning=True` for a dedicated, quiet CPU.
+    `spinning=False` (the default) stops idle intra-op threads from busy-waiting: on a CPU that other work shares
+    (a device runs the app too) the spinning threads take the cores that work needs, and every run waits for them
+    (docs/benchmark.md has the measurement). Pass `spinning=True` for a dedicated, quiet CPU.
 
     `graph_threads` gives some graphs their own intra-op thread count, e.g. {"text_decoder": 1}: a small graph
     run once per token can be faster on one thread than on several (mirasol-bench's text section measures both).
+
+    `arena=False` (the default) turns ONNX Runtime's CPU memory arena off: each run's intermediate tensors go back to
+    the system allocator instead of an arena that grows to the largest run and keeps that memory for the life of
+    the session, which costs peak memory on an 8 GB device and, measured, no speed (docs/benchmark.md).
+    `arena=True` gives ONNX Runtime's default.
     """
 
     name = "onnxruntime"
@@ -69,7 +74,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, providers: Sequence[str | tuple[str, dict]] | None = None, threads: int | None = None,
                  inter_op_threads: int | None = None, optimization: str = "all", profile_dir: str | None = None,
-                 spinning: bool = False, graph_threads: Mapping[str, int] | None = None) -> None:
+                 spinning: bool = False, graph_threads: Mapping[str, int] | None = None, arena: bool = False) -> None:
         available = ort.get_available_providers()
         self.providers = list(providers or ["CPUExecutionProvider"])
         for provider in self.providers:
@@ -83,16 +88,17 @@ class OnnxRuntimeBackend(Backend):
         for graph, count in self.graph_threads.items():
             if not isinstance(count, int) or count < 1:
                 raise BackendError(f"graph_threads[{graph!r}] must be a positive int, got {count!r}")
-        self.options = self._session_options(threads, inter_op_threads, optimization, profile_dir, spinning)
+        self.options = self._session_options(threads, inter_op_threads, optimization, profile_dir, spinning, arena)
         self._graph_options = {
-            graph: self._session_options(count, inter_op_threads, optimization, profile_dir, spinning)
+            graph: self._session_options(count, inter_op_threads, optimization, profile_dir, spinning, arena)
             for graph, count in self.graph_threads.items()}
 
     @staticmethod
     def _session_options(threads: int | None, inter_op_threads: int | None, optimization: str,
-                         profile_dir: str | None, spinning: bool) -> ort.SessionOptions:
+                         profile_dir: str | None, spinning: bool, arena: bool = False) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        options.enable_cpu_mem_arena = arena
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if threads:
             options.intra_op_num_threads = threads

@@ -134,7 +134,8 @@ class OrtDeviceSession(GraphSession):
 class OnnxRuntimeDeviceBackend(OnnxRuntimeBackend):
     """ONNX Runtime with the state on the device. `execution`: "cuda", "tensorrt" or "cpu" (the CPU provider running
     the same binding code); `device`: the GPU; `tf32`: allow TF32 in fp32 bundles; `workspace_mb`: the TensorRT
-    provider's builder workspace; `cache_dir`: where the TensorRT provider keeps engines (default: in the bundle)."""
+    provider's builder workspace; `cache_dir`: where the TensorRT provider keeps engines (default: in the bundle);
+    `spinning` and `arena` as for the CPU backend (they set the host side of the sessions)."""
 
     keeps_on_device = True
 
@@ -145,7 +146,7 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeBackend):
     def __init__(self, execution: str = "cuda", *, device: int = 0, threads: int | None = None,
                  graph_threads: Mapping[str, int] | None = None, optimization: str = "all", tf32: bool = False,
                  workspace_mb: int = 1024, cache_dir: str | os.PathLike[str] | None = None,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, arena: bool = False) -> None:
         if execution not in EXECUTIONS:
             raise BackendError(f"execution must be one of {sorted(EXECUTIONS)}, got {execution!r}")
         check_install(execution)
@@ -160,7 +161,7 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeBackend):
         if execution != "cpu":
             preload_libraries(execution)
         super().__init__(providers=[EXECUTIONS[execution]], threads=threads, optimization=optimization,
-                         spinning=spinning, graph_threads=graph_threads)
+                         spinning=spinning, graph_threads=graph_threads, arena=arena)
 
     # -- sessions ---------------------------------------------------------------------------------------------------
     def cuda_options(self) -> dict[str, Any]:
