@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from mirasol.runtime.bundle.json_reader import no_duplicate_keys
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 from mirasol.runtime.errors import MirasolError
 
@@ -211,14 +212,14 @@ class _Line:
             self.problem(f"the line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
             return None, [], None
         try:
-            data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+            data = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
         except UnicodeDecodeError as bad:
             self.problem(f"not UTF-8 text (byte {bad.start + 1})")
             return None, [], None
         except json.JSONDecodeError as bad:
             self.problem(f"not valid JSON: {bad.msg} at column {bad.colno}")
             return None, [], None
-        except ValueError as bad:  # a key twice
+        except ValueError as bad:  # a key twice (DuplicateKeyError), an integer too long to read
             self.problem(str(bad))
             return None, [], None
         if not isinstance(data, dict):
@@ -286,15 +287,6 @@ class _Line:
         if len(self.problems) > before:
             return None
         return Question(text["q"], text["a"], start, end)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"key {twice!r} appears twice in one object")
-    return data
 
 
 def _span_problem(question: Question, index: int, chunks: int, chunk_seconds: float) -> str | None:

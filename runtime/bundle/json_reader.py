@@ -15,18 +15,10 @@ MAX_DIM = 2**31 - 1  # any size or axis bound in a manifest
 def parse_json(raw: bytes | str, where: str) -> Any:
     """Strict JSON: UTF-8, no duplicate keys, bounded nesting; errors are BundleErrors. (NaN and Infinity, which
     json.dumps writes for such floats in validation reports, are read as floats.)"""
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        data = dict(pairs)
-        if len(data) != len(pairs):
-            seen: set[str] = set()
-            twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-            raise _Refused(f"key {twice!r} appears twice in one object")
-        return data
-
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, object_pairs_hook=no_duplicates)  # NaN/Infinity (a report's errors) are read
-    except _Refused as bad:
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)  # NaN/Infinity (a report's errors) are read
+    except DuplicateKeyError as bad:
         raise BundleError(f"{where} is not valid JSON: {bad}") from None
     except RecursionError:
         raise BundleError(f"{where} is not valid JSON: nested too deeply") from None
@@ -34,8 +26,18 @@ def parse_json(raw: bytes | str, where: str) -> Any:
         raise BundleError(f"{where} is not valid JSON: {bad}") from None
 
 
-class _Refused(ValueError):
-    pass
+class DuplicateKeyError(ValueError):
+    """A JSON object names a key twice (json.loads alone would keep the last one silently)."""
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads(..., object_pairs_hook=no_duplicate_keys)`: the object, or DuplicateKeyError naming the key."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKeyError(f"key {twice!r} appears twice in one object")
+    return data
 
 
 def short(value: Any, limit: int = 80) -> str:
