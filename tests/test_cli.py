@@ -296,5 +296,6 @@ def test_a_blank_answer_says_why(tmp_path: Path, capsys) -> None:
     out, err = capsys.readouterr()
     assert out.strip() == "" and len(out) > 1
     assert err.splitlines() == [f"warning: the answer is blank ({len(out) - 1} tokens of whitespace or none): a "
-                                f"bundle of a random-init preset answers nothing meaningful; the demo model "
-                                f"(mirasol-export's default) or a trained checkpoint does"]
+                                f"model that has not learned its task (a random-init preset, a checkpoint trained a "
+                                f"few steps) answers nothing meaningful; the demo model (mirasol-export's default) or "
+                                f"a trained checkpoint does"]

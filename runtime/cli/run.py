@@ -171,9 +171,9 @@ def _answer_clip(args: argparse.Namespace, pipe: Pipeline, load_seconds: float) 
     else:
         print(answer)
         if not answer.strip():
-            warnings.warn(f"the answer is blank ({len(tokens)} tokens of whitespace or none): a bundle of a "
-                          f"random-init preset answers nothing meaningful; the demo model (mirasol-export's default) "
-                          f"or a trained checkpoint does", stacklevel=1)
+            warnings.warn(f"the answer is blank ({len(tokens)} tokens of whitespace or none): a model that "
+                          f"has not learned its task (a random-init preset, a checkpoint trained a few steps) answers "
+                          f"nothing meaningful; the demo model (mirasol-export's default) or a trained checkpoint does", stacklevel=1)
     return 0
 
 
