@@ -34,8 +34,10 @@ softmax saves nothing on either target and costs accuracy.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -47,6 +49,7 @@ from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata
 
+from .external_data import lazy_weights
 from .onnx_graph import remove_dead, sort_topologically
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
@@ -106,9 +109,11 @@ class Int8Recipe:
                 and not (self.const_b_only and n.op_type == "MatMul" and not constant_b(n))}
 
     def quantize(self, model: onnx.ModelProto, ranges: TensorsData | None,
-                 exclude: set[str] | frozenset[str] = frozenset()) -> onnx.ModelProto:
+                 exclude: set[str] | frozenset[str] = frozenset(), weights_dir: Path | None = None
+                 ) -> onnx.ModelProto:
         """A quantized copy of `model` (shape-inferred fp32) with `ranges` (None for dynamic); `exclude`d nodes
-        stay fp32."""
+        stay fp32. A weightless `model` (`external_data.load_weightless`) has its weights read from `weights_dir`
+        one at a time; the copy holds the new int8 weights, and points at the fp32 files for the others."""
         if self.uses_ranges and ranges is None:
             raise ExportError(f"int8 recipe {self.name} needs calibrated ranges")
         if self.const_b_only:  # the QDQ quantizer ignores MatMulConstBOnly: exclude activation x activation MatMuls
@@ -134,7 +139,8 @@ class Int8Recipe:
                                       QuantizationMode.IntegerOps, False, **args)
         else:
             raise ExportError(f"unknown quantization format {self.quant_format!r}")
-        quantizer.quantize_model()
+        with lazy_weights(weights_dir) if weights_dir is not None else contextlib.nullcontext():
+            quantizer.quantize_model()
         quantized = quantizer.model.model
         if self.quant_format == "QDQ":
             _float_outside_quantized_ops(quantized.graph, quantized_nodes)

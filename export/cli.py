@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "ttm)")
     parser.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                         help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated "
-                             "Q/DQ")
+                             "Q/DQ; int4: weight-only int4 blocks (no calibration)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="bundle directory to write (replaced atomically; an existing one must be a bundle or "
                              "empty) (default: bundles/<model>-<precision>)")
@@ -63,15 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fp16-io", action="store_true", help="with fp16: graph inputs/outputs in fp16 too "
                                                                 "(default: fp32)")
     parser.add_argument("--calibration-data", metavar="SOURCE",
-                        help="int8: a directory of media files or .npz chunk files (mirasol-run --save-chunks), or "
-                             "'synthetic'")
+                        help="int8 and --kv-cache int8: a directory of media files or .npz chunk files (mirasol-run "
+                             "--save-chunks), or 'synthetic'; int4: where its accuracy report's held-out clips come "
+                             "from (default synthetic)")
     parser.add_argument("--calibration-clips", type=bounded(int, 1), default=16, metavar="N",
-                        help="int8: clips to calibrate on")
+                        help="int8, --kv-cache int8: clips to calibrate on")
     parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
                         help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ "
                              "for TensorRT")
     parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                         help="int8: how activation ranges are chosen from the recorded activations")
+    parser.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                        help="how the AV autoregressor's KV cache is carried between chunks: float (as the graph "
+                             "computes) or int8 (half of fp16's bytes; fixed per-(head, channel) scales calibrated on "
+                             "--calibration-data, dequantized in the graph)")
     parser.add_argument("--reference-bundle", type=existing_dir, metavar="DIR",
                         help="fp16/int8: an fp32 bundle of this model to start from instead of exporting one "
                              "(checked against the model)")
@@ -95,6 +100,8 @@ def _export(args: argparse.Namespace) -> None:
         raise UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
     if get_precision(args.precision).needs_calibration and args.calibration_data is None and not args.params_only:
         raise UsageError(f"--precision {args.precision} needs --calibration-data (media dir, .npz dir or 'synthetic')")
+    if args.kv_cache == "int8" and args.calibration_data is None and not args.params_only:
+        raise UsageError("--kv-cache int8 needs --calibration-data for its scales (media dir, .npz dir or 'synthetic')")
     import torch
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.model import build_model, count_parameters
@@ -127,12 +134,12 @@ def _export(args: argparse.Namespace) -> None:
         from mirasol.runtime.triton.repository import KIND
         check_output_dir(args.triton_dir, KIND)  # before the export, not after it
     calibration = None
-    if args.precision == "int8":
+    if args.calibration_data is not None:
         calibration = CalibrationOptions(args.calibration_data, clips=args.calibration_clips,
                                          target=args.int8_target, method=args.calibration_method)
     manifest = export_bundle(model, out, precision=args.precision, opset=args.opset, validate=args.validate,
                              max_batch=args.max_batch, reference=args.reference_bundle, fp16_io=args.fp16_io,
-                             calibration=calibration, release_model=True, progress=progress)
+                             calibration=calibration, kv=args.kv_cache, release_model=True, progress=progress)
     say("\n" + format_graph_sizes(out, manifest))
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))

@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnx
+from mirasol.calibration.external_data import write_graph
 from mirasol.calibration.fp16 import to_fp16
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.model import Mirasol
 from mirasol.runtime.errors import ExportError
 
-from .onnx_export import EXTERNAL_DATA_BYTES, export_graph, graph_metadata
+from .onnx_export import export_graph, graph_metadata
 from .specs import GraphSpec
 
 Progress = Callable[[str], None]
@@ -61,14 +62,15 @@ class GraphSource(Protocol):
     def report(self, context: ExportContext, bundle: Path, graph_reports: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def save_graph(model: onnx.ModelProto, path: Path, precision: str) -> None:
-    """Write a transformed graph, its precision in metadata_props; weights over 2 GB go beside it (`.data`)."""
+def save_graph(model: onnx.ModelProto, path: Path, precision: str, weights_dir: Path | None = None) -> None:
+    """Write a transformed graph, its precision in metadata_props; weights over 2 GB go beside it (`.data`).
+    `weights_dir`: where the tensors it still reads from another graph's files are (a weightless transform of an
+    fp32 graph: `mirasol.calibration.external_data`). The model is consumed."""
     props = {p.key: p.value for p in model.metadata_props}
     props["mirasol.precision"] = precision
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
-    large = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES
-    onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    write_graph(model, path, weights_dir)
 
 
 class TracedGraphs:

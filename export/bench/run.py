@@ -54,6 +54,26 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# vector extensions int8 and int4 kernels use, as /proc/cpuinfo names them -> how the report names them
+VECTOR_EXTENSIONS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI",
+                     "avx512_bf16": "AVX512-BF16", "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16",
+                     "asimddp": "NEON dot product", "i8mm": "Armv8 I8MM", "sve": "SVE"}
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and the vector extensions it has (of VECTOR_EXTENSIONS; int8 and int4 gains depend on them),
+    from /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor() or None, "vector_extensions": None}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    model = fields.get("model name") or fields.get("Model") or fields.get("CPU part")
+    return {"cpu_model": model, "vector_extensions": [name for flag, name in VECTOR_EXTENSIONS.items() if flag in flags]}
+
+
 def run_benchmark(preset: str | None = None, checkpoint: str | Path | None = None, bundle: str | Path | None = None,
                   chunks: int | None = None, repeats: int | None = None, threads: int | None = None,
                   precisions: Sequence[str] | None = None, quick: bool = False, new_tokens: int | None = None,
@@ -136,7 +156,7 @@ def _start(source: Source, paths: dict[str, Path], export_report: dict[str, Any]
             "block": block, "warmup_chunks": warmup, "quick": quick, "new_tokens": new_tokens,
             "question": question, "prompt_tokens": len(prompt), "eos_logit_zeroed": source.eos_zeroed,
             "machine": {"cpus": os.cpu_count(), "available_cpus": available_cpus(), "platform": platform.platform(),
-                        "processor": platform.machine()},
+                        "processor": platform.machine(), **cpu_description()},
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "note": "ratios are measured in one run, the engines timed in turn (blocks of calls, round-robin); "
