@@ -42,6 +42,33 @@ def load_weightless(path: str | Path) -> onnx.ModelProto:
         raise ExportError(f"cannot read ONNX graph {path}: {bad}") from None
 
 
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with ONNX shape inference's value_info (edited in place). Inference runs on a copy that holds no
+    large tensor values (a graph whose weights are inline, up to 2 GB, is not copied three times over)."""
+    stub = onnx.ModelProto()
+    stub.ir_version = model.ir_version
+    stub.opset_import.extend(model.opset_import)
+    stub.functions.extend(model.functions)
+    graph = stub.graph
+    graph.name = model.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        copy = graph.initializer.add()
+        if tensor.ByteSize() < INLINE_BYTES:  # shapes and constants inference may read
+            copy.CopyFrom(tensor)
+            continue
+        copy.name, copy.data_type = tensor.name, tensor.data_type
+        copy.dims.extend(tensor.dims)
+        copy.data_location = TensorProto.EXTERNAL
+        entry = copy.external_data.add()
+        entry.key, entry.value = "location", "values-not-needed"
+    inferred = onnx.shape_inference.infer_shapes(stub)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
 def external_info(tensor: TensorProto) -> tuple[str, int, int] | None:
     """(location, offset, length) of a tensor stored outside the proto, else None."""
     if tensor.data_location != TensorProto.EXTERNAL:

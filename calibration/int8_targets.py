@@ -6,7 +6,7 @@
   that follow), a dedicated Q/DQ pair per consumer, removable activations kept. Measured (sweep, report) by
   emulating the Q/DQ in fp32, which is what TensorRT's int8 kernels compute: ONNX Runtime's CPU kernels would
   not (see below).
-- `cpu`: ONNX Runtime on x86 with AVX2 and no VNNI (this machine), chosen by measurement
+- `cpu`: ONNX Runtime on x86, chosen by measurement on a machine with AVX2 and no VNNI
   (`python -m mirasol.export.bench.int8_options graphs|push`, `small` preset): QDQ with calibrated ranges, uint8
   activations, int8 weights in 7 bits (reduce_range), per-tensor, MatMul outputs left float (ONNX Runtime
   fuses DQ -> MatMul into MatMulIntegerToFloat), only MatMuls by a constant weight.

@@ -40,7 +40,7 @@ from mirasol.runtime.bundle.manifest import GraphEntry
 from mirasol.runtime.bundle.reader import Bundle
 from mirasol.runtime.errors import ExportError
 
-from .external_data import load_weightless, weightless_session
+from .external_data import load_weightless, weightless_session, with_shapes
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
@@ -53,7 +53,7 @@ FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
 def calibrated_tensors(model: onnx.ModelProto, op_types: Sequence[str]) -> list[str]:
     """The float, non-constant inputs and outputs of `op_types` nodes (as ONNX Runtime's calibrators select them).
     `model` may be weightless: shape inference reads only the tensors' types and shapes."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = with_shapes(model)
     types = {vi.name: vi.type.tensor_type.elem_type
              for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     constants = {t.name for t in model.graph.initializer}
@@ -86,7 +86,7 @@ class RangeCollector:
 
     def augment(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """`model` (weightless) with this collector's outputs added."""
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = with_shapes(model)
         infos = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
         existing = {o.name for o in model.graph.output}
         if self._histograms is not None:

@@ -26,17 +26,15 @@ from mirasol.model import Mirasol, release_weights
 from mirasol.calibration.kv_cache import KV_CACHES
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.runtime.files.atomic import atomic_directory, pause_point
-from mirasol.runtime.bundle.tensors import TensorInfo
-from mirasol.runtime.bundle.reader import sha256_file
 from mirasol.runtime.errors import ExportError, MirasolError
-from mirasol.runtime.bundle.manifest import GraphEntry, Manifest
+from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.files.ownership import check_output_dir
 from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from . import DEFAULT_OPSET, kv_cache
 from .precision_transforms import TRANSFORMS
-from .graph_sources import ExportContext, GraphSource, PrecisionOptions
+from .graph_sources import ExportContext, GraphSource, PrecisionOptions, graph_entry
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
 from .validate import compare_graph, record_references
 
@@ -51,22 +49,6 @@ def producer_versions(opset: int) -> dict[str, str]:
             return "unknown"
     return {"mirasol-edge": version("mirasol-edge"), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": str(opset), "python": platform.python_version()}
-
-
-def graph_entry(spec: GraphSpec, directory: Path) -> GraphEntry:
-    """The manifest entry of a graph file in `directory`, its IO dtypes read from the file itself."""
-    path = directory / spec.file
-    model = onnx.load(str(path), load_external_data=False)
-    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
-              for i in (*model.graph.input, *model.graph.output)}
-    external = tuple(sorted({e.value for init in model.graph.initializer for e in init.external_data
-                             if e.key == "location"}))
-    return GraphEntry(
-        name=spec.name, file=spec.file, sha256=sha256_file(path),
-        inputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.inputs),
-        outputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.outputs),
-        axes=derived_axes(spec), external_data=external,
-        external_sha256={name: sha256_file(directory / name) for name in external})
 
 
 def onnx_check(directory: Path, manifest: Manifest) -> None:

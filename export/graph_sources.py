@@ -21,10 +21,13 @@ from mirasol.calibration.external_data import write_graph
 from mirasol.calibration.fp16 import to_fp16
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.model import Mirasol
+from mirasol.runtime.bundle.manifest import GraphEntry
+from mirasol.runtime.bundle.reader import sha256_file
+from mirasol.runtime.bundle.tensors import TensorInfo
 from mirasol.runtime.errors import ExportError
 
 from .onnx_export import export_graph, graph_metadata
-from .specs import GraphSpec
+from .specs import GraphSpec, derived_axes
 
 Progress = Callable[[str], None]
 
@@ -108,3 +111,19 @@ class Fp16Graphs:
 
     def report(self, context: ExportContext, bundle: Path, graph_reports: dict[str, Any]) -> dict[str, Any]:
         return {"fp16": graph_reports}
+
+
+def graph_entry(spec: GraphSpec, directory: Path) -> GraphEntry:
+    """The manifest entry of a graph file in `directory`, its IO dtypes read from the file itself."""
+    path = directory / spec.file
+    model = onnx.load(str(path), load_external_data=False)
+    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+              for i in (*model.graph.input, *model.graph.output)}
+    external = tuple(sorted({e.value for init in model.graph.initializer for e in init.external_data
+                             if e.key == "location"}))
+    return GraphEntry(
+        name=spec.name, file=spec.file, sha256=sha256_file(path),
+        inputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.inputs),
+        outputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.outputs),
+        axes=derived_axes(spec), external_data=external,
+        external_sha256={name: sha256_file(directory / name) for name in external})

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnxruntime as ort
 
 from mirasol.calibration.data import load_clips
-from mirasol.calibration.external_data import load_weightless
+from mirasol.calibration.external_data import load_weightless, with_shapes
 from mirasol.calibration.int8_targets import get_int8_recipe
 from mirasol.calibration.kv_cache import kv_codecs
 from mirasol.calibration.quantize import (CACHE_VERSION, KEEP_FACTOR, MAX_KEEP_WEIGHT_SHARE, METHODS, QUESTION_TOKENS,
@@ -108,7 +107,7 @@ class Int8Graphs:
         start = time.perf_counter()
         fp32_path = context.fp32_source() / manifest.graphs[name].file
         weights = fp32_path.parent
-        model = onnx.shape_inference.infer_shapes(load_weightless(fp32_path))
+        model = with_shapes(load_weightless(fp32_path))
         if self.sweeps[name] is None:
             assert self.samples is not None and self._scratch is not None
             if not self.samples.kept(name):

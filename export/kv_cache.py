@@ -32,6 +32,7 @@ from mirasol.runtime.bundle.precisions import PRECISIONS, Tolerance
 from mirasol.runtime.errors import ExportError
 from mirasol.runtime.pipeline import Pipeline
 
+from .graph_sources import graph_entry
 from .specs import GraphSpec
 from .validate import validation_cases
 
@@ -60,8 +61,6 @@ def apply(directory: Path, manifest: Manifest, specs: dict[str, GraphSpec], fp32
           calibration: CalibrationOptions, config: Any, progress=lambda _: None) -> dict[str, Any]:
     """Carry the KV cache of the bundle being written in `directory` in int8; updates `manifest` (not written)
     and returns what `quantization.kv_cache` reports."""
-    from .bundle import graph_entry
-
     start = time.perf_counter()
     states = kv_states(manifest)
     scales = calibrate_scales(fp32_bundle, calibration, config, progress)

@@ -14,21 +14,21 @@ from onnxruntime.quantization.calibrate import CalibrationDataReader, HistogramC
 
 from mirasol.calibration import external_data
 from mirasol.calibration.data import load_clips
-from mirasol.calibration.external_data import load_weightless, read_tensor, write_graph
+from mirasol.calibration.external_data import load_weightless, read_tensor, with_shapes, write_graph
 from mirasol.calibration.int8_targets import CPU, WEIGHT_OPS
 from mirasol.calibration.quantize import CalibrationOptions, stream_clips
 from mirasol.calibration.ranges import entropy_threshold, ranges_of
 from mirasol.calibration.record import FeedRecorder, RecordingBackend
 from mirasol.calibration.report import cosine
 from mirasol.calibration.samples import SampleStore
-from mirasol.export.bundle import export_bundle, graph_entry
+from mirasol.export.bundle import export_bundle
+from mirasol.export.graph_sources import graph_entry
 from mirasol.export.specs import graph_specs
 from mirasol.model import MirasolConfig
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.pipeline import Pipeline
 
-from .conftest import make_model
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_quantizer_reads_external_weights_lazily(external_bundles: dict[str, Pat
     """ONNX Runtime's quantizer on a weightless graph (weights read one at a time) gives the int8 weights it
     gives on the whole graph in memory."""
     path = external_bundles["fp32-external"] / "text_decoder.onnx"
-    weightless = onnx.shape_inference.infer_shapes(load_weightless(path))
+    weightless = with_shapes(load_weightless(path))
     whole = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     recorder_ranges = ranges_of(path, [_text_feed(whole)], "minmax", WEIGHT_OPS)
     lazy = CPU.quantize(weightless, recorder_ranges, weights_dir=path.parent)

@@ -1,14 +1,7 @@
 """The costs section: FLOPs and bytes per chunk and per token for every preset (the cost model of `flops.py`), and
-a roofline ESTIMATE for NVIDIA Jetson Orin modules from their published peak figures, next to what this run
-measured on this machine.
+a roofline ESTIMATE for NVIDIA Jetson Orin modules from their published peak figures (`jetsons.py`), next to what
+this run measured on this machine.
 
-Published figures used (GPU only; the DLAs are not used by this toolkit):
-- Jetson AGX Orin 64GB: GPU 170 sparse INT8 TOPS (2048 CUDA cores, 64 Tensor Cores, 1.3 GHz), LPDDR5 204.8 GB/s
-  (NVIDIA Jetson AGX Orin Series Technical Brief v1.2);
-- Jetson Orin NX 16GB: 100 TOPS of which the two DLAs give 40, so GPU 60 sparse INT8 TOPS (1024 cores, 32 Tensor
-  Cores, 918 MHz), 102.4 GB/s (Jetson Orin NX Series data sheet);
-- Jetson Orin Nano 8GB with JetPack 6.1+ ("Super" clocks): 67 sparse INT8 TOPS (1024 cores, 1020 MHz), 102 GB/s
-  (Jetson Orin Nano Super Developer Kit data sheet, Dec 2024).
 Dense INT8 is half the sparse figure and dense FP16 half of dense INT8 (Ampere Tensor Cores); int4 weights are
 weight-only (dequantized into fp16 GEMMs), so int4 computes at the FP16 peak and reads its weight bytes. The estimate
 is max(FLOPs / dense peak, (weights + state) bytes / bandwidth): a floor that real kernels reach a fraction of.
@@ -16,7 +9,6 @@ What fits in each module's memory, and how many streams, is `fit.py`'s budget ("
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from mirasol.model import PRESETS
@@ -25,25 +17,8 @@ from mirasol.runtime.bundle.precisions import PRECISIONS
 from .context import Run
 from .fit import fit_table
 from .flops import step_costs
+from .jetsons import JETSONS, Device
 from .stats import median
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    sparse_int8_tops: float  # the GPU's published peak
-    bandwidth_gb_per_second: float
-    memory_gb: float  # shared by the CPU and the GPU
-
-    def peak(self, precision: str) -> float:
-        """Dense operations per second at `precision` ("int8"; "fp16", and int4 weight-only, which computes in
-        fp16)."""
-        dense_int8 = self.sparse_int8_tops * 1e12 / 2
-        return dense_int8 if precision == "int8" else dense_int8 / 2
-
-
-JETSONS = (Device("Jetson AGX Orin 64GB", 170, 204.8, 64), Device("Jetson Orin NX 16GB", 60, 102.4, 16),
-           Device("Jetson Orin Nano 8GB (Super)", 67, 102, 8))
 
 
 def estimate(cost: dict[str, int], device: Device, precision: str) -> float:

@@ -15,6 +15,7 @@ A Jetson's memory is shared by the CPU and the GPU. What one process serving str
 
 A preset fits when reserve + weights + activations + one stream's state <= the module's memory; the streams are
 as many as the rest holds. Activations and state are in fp16 (what a TensorRT engine of these bundles carries).
+`mirasol-bench` reports it (costs section); `python -m mirasol.export.bench.fit` prints it alone.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any
 from mirasol.runtime.bundle.precisions import PRECISIONS
 
 from .flops import step_parameters
+from .jetsons import JETSONS
 
 RESERVE_BYTES = 2.5e9  # JetPack (headless) ~1 GB + CUDA context, TensorRT, cuBLAS/cuDNN ~1.5 GB: an assumption
 TENSORRT_SCRATCH_BYTES = 256 * 2 ** 20  # per execution context: an assumption
@@ -118,3 +120,14 @@ def fit_markdown(report: dict[str, Any]) -> list[str]:
 
 def _streams(count: int) -> str:
     return ">999" if count > 999 else str(count)
+
+
+def main() -> None:
+    from mirasol.model import PRESETS
+
+    table = fit_table(dict(PRESETS), {device.name: device.memory_gb * 1e9 for device in JETSONS})
+    print("\n".join(fit_markdown({"costs": {"jetson_fit": table}})[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -269,16 +269,16 @@ class GraphChecker:
         for node in nodes:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
-            has_qdq = True
             label = node.name or f"{node.op_type}({', '.join(node.output)})"
             self._check_qdq_params(node, label, graph)
-            if node.input[0] in int4:
-                self._check_int4_weight(node, label, int4[node.input[0]], consumers, graph)
-                continue
             if (node.op_type == "DequantizeLinear" and node.input[0] in inputs) or (
                     node.op_type == "QuantizeLinear" and node.output[0] in outputs):
                 io_qdq.append(node.input[0] if node.op_type == "DequantizeLinear" else node.output[0])
                 continue  # int8 network I/O (a carried int8 KV cache): quantized at the boundary, not for a MatMul
+            has_qdq = True
+            if node.input[0] in int4:
+                self._check_int4_weight(node, label, int4[node.input[0]], consumers, graph)
+                continue
             if node.op_type == "QuantizeLinear":
                 for user in consumers.get(node.output[0], []):
                     if user.op_type != "DequantizeLinear":
