@@ -7,7 +7,8 @@ the file they came from) and:
 
 - `read_tensor` reads one tensor's values from its file when they are needed, and nothing keeps them;
 - `weightless_session` makes an ONNX Runtime session of a weightless proto (the proto's bytes, plus the folder its
-  tensors live in): ONNX Runtime reads the weights once, for itself;
+  tensors live in): ONNX Runtime reads the weights once, for itself (a proto that still holds its weights is
+  written out with them beside it first);
 - `lazy_weights` lets ONNX Runtime's quantizers (which read a weight through `tensor_proto_to_array`, from bytes in
   the proto) read each weight from its file instead;
 - `write_graph` writes the result: tensors still in their source file are copied piece by piece, large tensors made
@@ -125,18 +126,28 @@ def read_tensor(tensor: TensorProto, base_dir: str | Path) -> np.ndarray:
     return values.reshape(tuple(tensor.dims))
 
 
-def weightless_session(model: onnx.ModelProto, weights_dir: str | Path, threads: int | None = None,
-                       optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+def weightless_session(model: onnx.ModelProto, weights_dir: str | Path, work: Path, threads: int | None = None
                        ) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of `model`, whose external tensors ONNX Runtime reads from `weights_dir`."""
+    """An ONNX Runtime CPU session of `model`, whose external tensors ONNX Runtime reads from `weights_dir`.
+
+    A weightless proto goes to ONNX Runtime as bytes (with the folder its tensors are in). One that holds its weights
+    (a graph under 2 GB is written whole) is first written to `work` with its weights beside it, and loaded from
+    there: given a model's bytes, ONNX Runtime keeps a copy of them as long as the session lives (onnxruntime issue
+    21165): 3 GB more for mirasol3b's combiner and text decoder. The CPU arena is off: activations go back when a
+    call ends instead of being kept at their largest for each of the graphs loaded side by side."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = optimization
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime's backend
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     if threads:
         options.intra_op_num_threads = threads
-    data = model.SerializeToString()  # weightless: far below protobuf's limit
-    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if any(tensor_bytes(t) >= INLINE_BYTES and external_info(t) is None for t in model.graph.initializer):
+        path = work / f"{model.graph.name or 'graph'}.weights-beside.onnx"
+        write_graph(model, path, weights_dir, external=True)
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
 
 
 # The modules of ONNX Runtime's quantization package that read weights through this name.

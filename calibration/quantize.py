@@ -106,11 +106,11 @@ def _ask(pipe: Pipeline, stream: Any, question: str) -> None:
         stream.token_ids(question, min(QUESTION_TOKENS, room))
 
 
-def calibrate(bundle: Path, clip_set: ClipSet, collectors: dict[str, RangeCollector],
+def calibrate(bundle: Path, clip_set: ClipSet, collectors: dict[str, RangeCollector], work: Path,
               observers: Sequence[Observer] = (), bar: bool | None = None, threads: int | None = None) -> int:
     """Stream the calibration clips through the fp32 bundle: `collectors` fold ranges per graph, `observers` see
-    every call; the chunks pushed."""
-    backend = RecordingBackend(RangeBackend(collectors, threads), list(observers))
+    every call (`work`: scratch space for graphs written out); the chunks pushed."""
+    backend = RecordingBackend(RangeBackend(collectors, work, threads), list(observers))
     pipe = Pipeline.load(bundle, backend=backend, verify=False)
     try:
         return stream_clips(pipe, clip_set.calibration, bar)

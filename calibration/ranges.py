@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -209,8 +210,9 @@ class RangeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, collectors: Mapping[str, RangeCollector], threads: int | None = None) -> None:
+    def __init__(self, collectors: Mapping[str, RangeCollector], work: Path, threads: int | None = None) -> None:
         self.collectors = dict(collectors)
+        self.work = work  # where a graph whose weights are inline is written out with them beside it
         self.threads = threads
         self.plain = OnnxRuntimeBackend(threads=threads)
 
@@ -221,7 +223,7 @@ class RangeBackend(Backend):
         path = Path(bundle.file(entry.file))
         model = collector.augment(load_weightless(path))
         try:
-            session = weightless_session(model, path.parent, self.threads)
+            session = weightless_session(model, path.parent, self.work, self.threads)
         except Exception as failure:  # noqa: BLE001 - onnxruntime raises its own types
             raise ExportError(f"cannot calibrate graph {entry.name!r} ({path}): {failure}") from None
         return RangeSession(entry, session, collector)
@@ -233,10 +235,12 @@ def ranges_of(path: str | Path, feeds: Iterable[Mapping[str, np.ndarray]], metho
     call, as the clips run)."""
     path = Path(path)
     collector = RangeCollector(method, calibrated_tensors(load_weightless(path), op_types))
-    session = weightless_session(collector.augment(load_weightless(path)), path.parent)
-    names = collector.outputs
-    for feed in feeds:
-        collector.add(dict(zip(names, session.run(names, dict(feed)))))
+    with tempfile.TemporaryDirectory(prefix="mirasol-ranges-") as work:
+        session = weightless_session(collector.augment(load_weightless(path)), path.parent, Path(work))
+        names = collector.outputs
+        for feed in feeds:
+            collector.add(dict(zip(names, session.run(names, dict(feed)))))
+        del session
     return collector.result()
 
 

@@ -91,7 +91,9 @@ class Int8Graphs:
         uncalibrated = [(name, g.file) for name, g in manifest.graphs.items()
                         if self.ranges[name] is None and self.recipe.uses_ranges]
         collectors = collectors_for(bundle, uncalibrated, options.method, self.recipe.op_types)
-        chunks = calibrate(bundle, self.clip_set, collectors, [self.samples], options.bar, options.threads)
+        with tempfile.TemporaryDirectory(prefix="mirasol-augmented-") as work:
+            chunks = calibrate(bundle, self.clip_set, collectors, Path(work), [self.samples], options.bar,
+                               options.threads)
         for name, collector in collectors.items():
             self.ranges[name] = collector.result()
             self.cache.save_ranges(self.range_keys[name], self.ranges[name])
