@@ -26,8 +26,10 @@ in ranking where they are not noise):
   head stays float: the sweep keeps it float in `cpu` too). Per chunk (combiner + AV autoregressor through
   the Pipeline) `cpu` and `cpu-dynamic` tie (1.83x and 1.88x CPU time, 1.80x and 1.82x wall); `cpu` is the
   calibrated one and 10% faster per generated token.
-- the TensorRT recipe run on ONNX Runtime's CPU is 3-5x slower than fp32 when emulated, and inaccurate when
-  not (the saturation above): it is for TensorRT only.
+- the TensorRT recipe run on ONNX Runtime's CPU is slower than fp32 (3-5x emulated; with ONNX Runtime's own int8
+  kernels still slower per chunk, docs/tensorrt-jetson.md has the command): it is for TensorRT only, and the only
+  one TensorRT builds (symmetric int8). `mirasol-export` makes `cpu` by default and `tensorrt` when it builds
+  engines; `mirasol-build-engines` refuses the others, from the recipe the manifest records.
 
 Only MatMul/Gemm/Conv are quantized: they hold the weights and the FLOPs; quantizing normalizations or
 softmax saves nothing on either target and costs accuracy.

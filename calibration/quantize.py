@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 
-from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
+from mirasol.runtime.files.atomic import atomic_file, prepare_output_dir, write_file
 from mirasol.runtime.pipeline import Pipeline
 
 from .data import Clip, ClipSet, iter_loaded
@@ -212,7 +212,8 @@ class CalibrationCache:
     def save_ranges(self, key: str, ranges: TensorsData) -> None:
         path = self._path(key, "ranges")
         if path is not None:
-            save_tensors_data(ranges, path)
+            with atomic_file(path) as tmp:  # onnxruntime's writer opens its path as it is: a temporary of ours
+                save_tensors_data(ranges, str(tmp))
 
     def sweep(self, key: str) -> dict[str, Any] | None:
         path = self._path(key, "sweep")
@@ -226,8 +227,7 @@ class CalibrationCache:
     def save_sweep(self, key: str, value: dict[str, Any]) -> None:
         path = self._path(key, "sweep")
         if path is not None:
-            with atomic_file(path) as tmp:
-                tmp.write_text(json.dumps(value, default=float))
+            write_file(path, json.dumps(value, default=float))
 
     def _path(self, key: str, kind: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{key}.{kind}.json"

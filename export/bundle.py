@@ -74,7 +74,7 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
             start = time.perf_counter()
             graph_reports[spec.name] = source.write(context, spec, work / spec.file)
             progress(f"wrote {spec.file} ({precision.name}) in {time.perf_counter() - start:.1f}s")
-            pause_point(f"{spec.name} written")
+            pause_point(f"{spec.name} written", Path(out))
 
         for spec in context.specs.values():  # first what needs the model: tracing, and PyTorch's side of validation
             if source.needs_model:

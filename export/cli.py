@@ -14,10 +14,12 @@ from pathlib import Path
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.cli.bundle_info import format_graph_sizes
-from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
+from mirasol.runtime.cli.commandline import (BATCH, COUNT, SEED, WORKSPACE_MB, UsageError, bounded, command_parser,
+                                             existing_dir, run_command)
+from mirasol.runtime.errors import ExportError
 from mirasol.runtime.files.ownership import check_output_dir
 
-from . import DEFAULT_OPSET
+from . import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 PRESETS = ("tiny", "small", "base", "mirasol3b")
 
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="model size with a seeded random init (default: the shipped demo checkpoint)")
     parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
                         help="a checkpoint directory (config.json + model.safetensors) instead of a preset")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init (with --preset)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the random init (with --preset)")
     parser.add_argument("--combiner", choices=["transformer", "ttm"],
                         help="with --preset: this combiner instead of the preset's (tiny: transformer, the others: "
                              "ttm)")
@@ -55,10 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="bundle directory to write (replaced atomically; an existing one must be a bundle or "
                              "empty) (default: bundles/<model>-<precision>)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--opset", type=bounded(int, MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
+                        help="ONNX opset (what the exporter writes and TensorRT 10 parses)")
     parser.add_argument("--validate", action=argparse.BooleanOptionalAction, default=True,
                         help="check every graph against PyTorch at several sizes of each dynamic axis")
-    parser.add_argument("--max-batch", type=bounded(int, 1), default=4, metavar="N",
+    parser.add_argument("--max-batch", type=BATCH, default=4, metavar="N",
                         help="largest batch the graphs' profiles allow")
     parser.add_argument("--fp16-io", action="store_true", help="with fp16: graph inputs/outputs in fp16 too "
                                                                 "(default: fp32)")
@@ -66,11 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="int8 and --kv-cache int8: a directory of media files or .npz chunk files (mirasol-run "
                              "--save-chunks), or 'synthetic'; int4: where its accuracy report's held-out clips come "
                              "from (default synthetic)")
-    parser.add_argument("--calibration-clips", type=bounded(int, 1), default=16, metavar="N",
+    parser.add_argument("--calibration-clips", type=COUNT, default=16, metavar="N",
                         help="int8, --kv-cache int8: clips to calibrate on")
-    parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"], default="cpu",
-                        help="int8: cpu = ONNX Runtime on x86 (measured fastest here); tensorrt = symmetric Q/DQ "
-                             "for TensorRT")
+    parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"],
+                        help="int8: the runtime the quantization is made for: cpu / cpu-dynamic = ONNX Runtime on "
+                             "the CPU; tensorrt = symmetric Q/DQ, the only int8 TensorRT builds (mirasol-build-engines "
+                             "and the onnxruntime-tensorrt backend refuse the others) (default: tensorrt with "
+                             "--engine, else cpu)")
     parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                         help="int8: how activation ranges are chosen from the recorded activations")
     parser.add_argument("--kv-cache", choices=["float", "int8"], default="float",
@@ -83,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engine", action="store_true",
                         help="also build TensorRT engines for this GPU (needs TensorRT; or later: "
                              "mirasol-build-engines)")
-    parser.add_argument("--workspace-mb", type=bounded(int, 1), default=1024, metavar="MB",
+    parser.add_argument("--workspace-mb", type=WORKSPACE_MB, default=1024, metavar="MB",
                         help="--engine: TensorRT workspace limit")
     parser.add_argument("--triton", dest="triton_dir", type=Path, metavar="DIR",
                         help="also write a Triton model repository serving the bundle here (defaults of "
@@ -102,6 +107,11 @@ def _export(args: argparse.Namespace) -> None:
         raise UsageError(f"--precision {args.precision} needs --calibration-data (media dir, .npz dir or 'synthetic')")
     if args.kv_cache == "int8" and args.calibration_data is None and not args.params_only:
         raise UsageError("--kv-cache int8 needs --calibration-data for its scales (media dir, .npz dir or 'synthetic')")
+    if args.int8_target is None:
+        args.int8_target = "tensorrt" if args.engine else "cpu"
+    elif args.engine and args.precision == "int8" and args.int8_target != "tensorrt":
+        raise UsageError(f"--engine builds TensorRT engines, which cannot be built from --int8-target "
+                         f"{args.int8_target} (uint8 activations with zero points): use --int8-target tensorrt")
     import torch
     from mirasol.calibration.quantize import CalibrationOptions
     from mirasol.model import build_model, count_parameters
@@ -131,8 +141,8 @@ def _export(args: argparse.Namespace) -> None:
     if args.params_only:
         return
     if args.triton_dir is not None:
-        from mirasol.runtime.triton.repository import KIND
-        check_output_dir(args.triton_dir, KIND)  # before the export, not after it
+        from mirasol.runtime.triton.repository import check_repository
+        check_repository(args.triton_dir)  # before the export, not after it
     calibration = None
     if args.calibration_data is not None:
         calibration = CalibrationOptions(args.calibration_data, clips=args.calibration_clips,
@@ -143,16 +153,19 @@ def _export(args: argparse.Namespace) -> None:
     say("\n" + format_graph_sizes(out, manifest))
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))
-    if args.precision != "int8" or args.int8_target == "tensorrt":
+    from mirasol.runtime.tensorrt.plan import int8_problem
+    if int8_problem(manifest, out) is None:  # every bundle TensorRT may build: fp32, fp16, int8 for TensorRT
         from mirasol.export.tensorrt.readiness import check_bundle
         readiness = check_bundle(out)
         say("\nTensorRT readiness: " + ("ok" if readiness.ok and not readiness.warnings else "\n" + readiness.format()))
         if args.engine:
+            if not readiness.ok:
+                raise ExportError(f"the TensorRT readiness check found errors in {out} (above): no engines built")
             from mirasol.runtime.tensorrt.build import build_engines
-            build_engines(out, precision=None if args.precision == "int8" else args.precision,
-                          axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
+            build_engines(out, axis_max={"batch": args.max_batch}, workspace_mb=args.workspace_mb, progress=progress)
     else:
-        say("\nTensorRT readiness: skipped (the int8 cpu recipes are for ONNX Runtime; use --int8-target tensorrt)")
+        say(f"\nTensorRT readiness: not checked, this bundle is not for TensorRT (--int8-target {args.int8_target} is "
+            f"for ONNX Runtime on the CPU; for TensorRT export with --int8-target tensorrt)")
     if args.triton_dir is not None:
         from mirasol.runtime.triton.repository import write_repository
         served = write_repository(out, args.triton_dir)

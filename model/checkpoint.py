@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
+from mirasol.runtime.files.atomic import atomic_file, prepare_output_dir, write_file
 
 from .config import MirasolConfig, get_preset
 from .mirasol import Mirasol
@@ -18,8 +18,7 @@ WEIGHTS_FILE = "model.safetensors"
 def save_checkpoint(model: Mirasol, directory: str | Path) -> Path:
     """Write config.json and model.safetensors into `directory` (new, empty, or a checkpoint of ours)."""
     directory = prepare_output_dir(directory, "checkpoint")
-    with atomic_file(directory / CONFIG_FILE) as tmp:
-        tmp.write_text(model.config.to_json())
+    write_file(directory / CONFIG_FILE, model.config.to_json())
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()
              if name != "text_decoder.lm_head.weight"}  # tied to text_decoder.embed.weight
     with atomic_file(directory / WEIGHTS_FILE) as tmp:

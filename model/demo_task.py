@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from mirasol.runtime.files.atomic import atomic_file, make_directories, prepare_output_dir, write_file
 from mirasol.runtime.media.chunking import MediaParams
+from mirasol.runtime.media.pyav import media_comment
 from mirasol.runtime.media.video_files import load_clip
-from mirasol.runtime.files.ownership import atomic_file, prepare_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -95,6 +96,11 @@ class DemoClip:
     video: np.ndarray | None = field(default=None, repr=False)  # [N*F, 3, H, W] float32 in [0, 1]
     audio: np.ndarray | None = field(default=None, repr=False)  # [n_mels, N*A] float32 log-mel
     path: Path | None = None  # the written file, when kept
+
+    @property
+    def label(self) -> list[int]:
+        """How evaluation reports name the clip: [seed, index]."""
+        return [self.seed, self.index]
 
 
 def all_questions(events: Sequence[Event]) -> list[QA]:
@@ -291,6 +297,22 @@ class DemoTask:
             container.mux(audio.encode(None))
         return path
 
+    def write_dataset(self, directory: str | os.PathLike[str], count: int, seed: int) -> Path:
+        """Clips 0..count-1 of `seed` as video files in `directory`/videos, with every question each answers, in
+        the format of `mirasol-train --data` (`mirasol.model.dataset`); returns the clips.jsonl written last.
+        `directory` must be new, empty, or a demo dataset written before."""
+        folder = prepare_output_dir(directory, "demo dataset")
+        make_directories(folder / "videos", "demo dataset's video folder")
+        lines = []
+        for index in range(count):
+            clip = self.clip(seed, index)
+            media = f"videos/demo-{seed}-{index}{self.suffix()}"
+            with atomic_file(folder / media, is_demo_clip, "demo clip") as tmp:  # replaces only a clip of ours
+                self.write(clip, tmp)
+            lines.append(json.dumps({"media": media, "questions": [{"q": qa.question, "a": qa.answer}
+                                                                   for qa in clip.questions]}))
+        return write_file(folder / "clips.jsonl", "\n".join(lines) + "\n")
+
     def decode(self, path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         """The model's input arrays for a written clip, through the runtime's decoder."""
         return load_clip(path, self.config, max_chunks=self.num_chunks)
@@ -303,11 +325,11 @@ class DemoTask:
         """One clip with its decoded arrays; the file is kept in `directory` if given, else deleted."""
         clip = self.clip(seed, index, questions_per_clip)
         keep = directory is not None
-        folder = Path(directory) if keep else Path(tempfile.mkdtemp(prefix="mirasol-demo-"))
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_directories(directory) if keep else Path(tempfile.mkdtemp(prefix="mirasol-demo-"))
         path = folder / f"demo-{seed}-{index}{self.suffix()}"
         try:
-            self.write(clip, path)
+            with atomic_file(path, is_demo_clip, "demo clip") as tmp:  # replaces only a clip of ours
+                self.write(clip, tmp)
             clip.video, clip.audio = self.decode(path)
         finally:
             if not keep:
@@ -357,7 +379,7 @@ class DemoTask:
                     leftover.unlink()
                 work.rmdir()
         if cache is not None:
-            with atomic_file(cache) as tmp:
+            with atomic_file(cache) as tmp:  # a name of ours in a clip cache of ours
                 np.savez(tmp, video=np.stack([c.video for c in clips]).astype(np.float16),
                          audio=np.stack([c.audio for c in clips]))
             for clip in clips:  # the same values a cache hit gives
@@ -375,14 +397,7 @@ def _config_key(config: Any) -> dict[str, Any]:
 
 def is_demo_clip(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a video file `DemoTask.write` wrote (its container's comment tag says so)."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            tags = {key.lower(): value for key, value in container.metadata.items()}
-    except (av.FFmpegError, OSError, UnicodeDecodeError):
-        return False
-    return tags.get("comment") == DEMO_COMMENT
+    return media_comment(path) == DEMO_COMMENT
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo"  # the shipped model, never written

@@ -29,8 +29,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def written_out_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
                           ) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim), masked) v, as the exported graphs compute it: in plain MatMul, Softmax and
-    Where nodes. SDPA's ONNX decomposition adds shape arithmetic and NaN handling around them (measured here:
-    ~30% more nodes in the text decoder), which every call pays for in a runtime without a fused kernel."""
+    Where nodes. SDPA's ONNX decomposition adds shape arithmetic and NaN handling around them (about 30% more
+    nodes in the text decoder), which every call pays for in a runtime without a fused kernel."""
     scores = (q @ key.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

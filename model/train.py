@@ -36,7 +36,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ from torch import nn
 
 import mirasol
 from mirasol.runtime.errors import OutputError
-from mirasol.runtime.files.ownership import atomic_file, check_output_dir
+from mirasol.runtime.files.atomic import write_file
+from mirasol.runtime.files.ownership import check_output_dir
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from .checkpoint import save_checkpoint
@@ -58,6 +59,7 @@ from .mirasol import Mirasol, count_parameters
 # The demo model: the tiny preset's sizes (about 0.45M parameters, under 2 MB of weights), for clips of
 # four one-second chunks (4 frames of 32x32 at 4 fps + 1 s of 16 kHz audio each).
 DEMO_CONFIG: MirasolConfig = get_preset("tiny").replace(preset="demo", num_frames=16, max_text_len=96)
+REPORT_FILE = "training.json"  # beside a trained checkpoint (run_training, mirasol-train --data)
 
 AnswerFn = Callable[[np.ndarray, np.ndarray, str], str]
 
@@ -88,13 +90,26 @@ def collate_text(pairs: Sequence[tuple[str, str]], max_len: int) -> tuple[torch.
     return inputs, targets
 
 
-def _clip_tensors(clips: Sequence[DemoClip]) -> tuple[torch.Tensor, torch.Tensor]:
-    for clip in clips:
-        if clip.video is None or clip.audio is None:
-            raise ValueError(f"clip ({clip.seed}, {clip.index}) has no decoded arrays; use DemoTask.make_clips")
-    video = torch.from_numpy(np.stack([c.video for c in clips])).float()
-    audio = torch.from_numpy(np.stack([c.audio for c in clips])).float()
-    return video, audio
+def _clip_tensors(clips: Sequence[DemoClip], device: torch.device | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    videos, audios = [c.video for c in clips], [c.audio for c in clips]
+    for clip, video, audio in zip(clips, videos, audios):
+        if video is None or audio is None:
+            raise ValueError(f"clip {clip.label} has no decoded arrays; use DemoTask.make_clips")
+    video = torch.from_numpy(np.stack(videos)).float()
+    audio = torch.from_numpy(np.stack(audios)).float()
+    return video.to(device), audio.to(device)
+
+
+def _batches(items: Sequence[Any], size: int, shape: Callable[[Any], Any]) -> Iterator[list[int]]:
+    """Indices of `items` in lists of at most `size` whose `shape(item)` is the same, shapes in the order they
+    first appear (clips of one length batch together; demo clips all have one length: plain batches in order)."""
+    groups: dict[Any, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(shape(item), []).append(index)
+    for indices in groups.values():
+        for start in range(0, len(indices), size):
+            yield indices[start:start + size]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -102,24 +117,27 @@ def _model_answers(model: Mirasol, clips: Sequence[DemoClip], max_new_tokens: in
                    ) -> list[list[str]]:
     """Greedy answers of a PyTorch model to every question of every clip."""
     tok = ByteTokenizer()
-    answers: list[list[str]] = []
+    answers: list[list[str]] = [[] for _ in clips]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        for start in range(0, len(clips), batch):
-            group = clips[start:start + batch]
-            video, audio = _clip_tensors(group)
+        for indices in _batches(clips, batch, lambda clip: clip.video.shape):
+            video, audio = _clip_tensors([clips[i] for i in indices], device)
             av_context = model.av_autoregressor.forward_clip(model.encode_chunks(video, audio))
-            for row, clip in enumerate(group):
-                answers.append([tok.decode(model.generate(av_context[row:row + 1], tok.prompt(qa.question),
-                                                          max_new_tokens)) for qa in clip.questions])
+            for row, index in enumerate(indices):
+                answers[index] = [tok.decode(model.generate(av_context[row:row + 1], tok.prompt(qa.question),
+                                                            max_new_tokens)) for qa in clips[index].questions]
     model.train(was_training)
     return answers
 
 
 def evaluate_detailed(model_or_answer_fn: Mirasol | AnswerFn, clips: Sequence[DemoClip],
                       max_new_tokens: int = 16) -> dict[str, Any]:
-    """Exact-match accuracy (after strip / lower-case) overall and per question kind, with the mistakes."""
+    """Exact-match accuracy (after strip / lower-case) overall and per question kind, with the mistakes.
+
+    `clips`: DemoClips, or any objects with `video`, `audio`, `label` and `questions` (each with `question`,
+    `answer` and `kind`), such as a dataset's held-out questions (`mirasol.model.dataset`)."""
     if isinstance(model_or_answer_fn, Mirasol):
         answers = _model_answers(model_or_answer_fn, clips, max_new_tokens)
     else:
@@ -129,11 +147,11 @@ def evaluate_detailed(model_or_answer_fn: Mirasol | AnswerFn, clips: Sequence[De
     mistakes = []
     for clip, clip_answers in zip(clips, answers):
         for qa, answer in zip(clip.questions, clip_answers):
-            ok = answer.strip().lower() == qa.answer
+            ok = answer.strip().lower() == qa.answer.strip().lower()
             per_kind[qa.kind][0] += ok
             per_kind[qa.kind][1] += 1
             if not ok:
-                mistakes.append({"clip": [clip.seed, clip.index], "question": qa.question, "expected": qa.answer,
+                mistakes.append({"clip": clip.label, "question": qa.question, "expected": qa.answer,
                                  "got": answer})
     correct = sum(c for c, _ in per_kind.values())
     total = sum(n for _, n in per_kind.values())
@@ -162,12 +180,14 @@ def teacher_forced_scores(model: Mirasol, clips: Sequence[DemoClip], batch: int 
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        for start in range(0, len(pairs), batch):
-            group = pairs[start:start + batch]
-            video, audio = _clip_tensors([c for c, _ in group])
+        for indices in _batches(pairs, batch, lambda pair: pair[0].video.shape):
+            group = [pairs[i] for i in indices]
+            video, audio = _clip_tensors([c for c, _ in group], device)
             inputs, targets = collate_text([(qa.question, qa.answer) for _, qa in group],
                                            model.config.max_text_len)
+            inputs, targets = inputs.to(device), targets.to(device)
             _, logits = model(video, audio, inputs)
             hit = ((logits.argmax(-1) == targets) | (targets == ByteTokenizer.PAD)).all(dim=1)
             for (_, qa), ok in zip(group, hit.tolist()):
@@ -258,6 +278,34 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def init_model(config: MirasolConfig, seed: int) -> Mirasol:
+    """A fresh model to train, seeded."""
+    torch.manual_seed(seed)
+    model = Mirasol(config)
+    # nn.Embedding's default N(0, 1) init, tied to the output head, starts the loss near 20 (huge logits)
+    torch.nn.init.normal_(model.text_decoder.embed.weight, std=0.02)
+    return model
+
+
+def new_optimizer(named_parameters: Sequence[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+                  ) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices except the embedding (none on biases, norms, the embedding)."""
+    decay = [p for n, p in named_parameters if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named_parameters if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def take_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor, lr: float) -> None:
+    """One optimiser step on `loss` at learning rate `lr`, the model's gradients clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 def train_model(config: MirasolConfig, train_clips: Sequence[DemoClip], steps: int, clips_per_step: int = 16,
                 questions_per_step: int = 8, lr: float = 3e-3, warmup: int = 100, weight_decay: float = 0.01,
                 seed: int = 0, val_clips: Sequence[DemoClip] = (), eval_every: int = 100,
@@ -267,17 +315,11 @@ def train_model(config: MirasolConfig, train_clips: Sequence[DemoClip], steps: i
     questions each (distinct, random), loss `qa_loss` (the text term of `Mirasol.loss`, each clip encoded
     once). Returns the model (eval mode) and a history. Stops early once the validation accuracy, checked
     every `eval_every` steps, reaches `target` (teacher-forced exact match, equal to greedy exact match)."""
-    torch.manual_seed(seed)
-    model = Mirasol(config)
-    # nn.Embedding's default N(0, 1) init, tied to the output head, starts the loss near 20 (huge logits)
-    torch.nn.init.normal_(model.text_decoder.embed.weight, std=0.02)
+    model = init_model(config, seed)
     probes = AttributeProbes(config) if probe_weight > 0 else None
     model.train()
     named = list(model.named_parameters()) + (list(probes.named_parameters(prefix="probes")) if probes else [])
-    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    optimizer = new_optimizer(named, lr, weight_decay)
     rng = np.random.default_rng([seed, 7])
     first = train_clips[0]
     assert first.video is not None and first.audio is not None
@@ -304,15 +346,10 @@ def train_model(config: MirasolConfig, train_clips: Sequence[DemoClip], steps: i
         inputs, targets = collate_text(pairs, config.max_text_len)
         video = torch.from_numpy(video_all[picks]).float()
         audio = torch.from_numpy(audio_all[picks]).float()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
         losses = qa_losses(model, video, audio, torch.tensor(rows), inputs, targets, probes,
                            labels_all[torch.from_numpy(picks)])
         loss = losses["text"] + probe_weight * losses["probes"] if probes is not None else losses["text"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        take_step(optimizer, model, loss, lr_at(step, steps, lr, warmup))
         running += float(losses["text"].detach())
         if (step + 1) % 50 == 0:
             history["loss"].append([step + 1, running / 50])
@@ -340,6 +377,11 @@ def check_outside_package(path: str | Path) -> None:
         if target == package or package in target.parents:
             raise OutputError(f"{path} is inside the installed package {package}; nothing is written there (the "
                               f"shipped demo checkpoint lives in it): choose another output directory")
+
+
+def write_training_report(output: Path, report: dict[str, Any]) -> Path:
+    """training.json in the checkpoint directory `output` (a name of ours there), atomically; returns its path."""
+    return write_file(output / REPORT_FILE, json.dumps(report, indent=2) + "\n")
 
 
 def run_training(output: str | Path = TRAIN_OUTPUT, seed: int = 0, train_clips: int = 1500,
@@ -385,7 +427,6 @@ def run_training(output: str | Path = TRAIN_OUTPUT, seed: int = 0, train_clips: 
         "total_seconds": round(total_seconds, 1), "parameters": count_parameters(model)["total"],
         "torch": torch.__version__,
     }
-    with atomic_file(output / "training.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_training_report(output, report)
     log(f"saved {output} in {total_seconds:.0f}s total")
     return report

@@ -6,7 +6,6 @@ state is updated. The plan is resolved once at load; the per-chunk and per-token
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import os
@@ -22,8 +21,9 @@ import numpy as np
 from .backends import Backend, get_backend
 from .bundle.reader import Bundle, state_file_format
 from .errors import BackendError, BundleError, InputError
-from .files.ownership import atomic_file, check_output_file
-from .sampling import Sampler, as_integer
+from .files.atomic import atomic_file
+from .questions import TextPieces, checked_question
+from .sampling import Sampler
 from .step_plan import Carried, StepPlan, check_output, plan_step
 
 STATE_FORMAT = "mirasol-stream-state"
@@ -380,13 +380,12 @@ class Stream:
         docstring), and an abandoned generator costs nothing but its own question state."""
         if (self.batch or 1) != 1:
             raise InputError(f"ask_iter: streams text for batch 1; this stream has batch {self.batch}")
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = TextPieces()
         for (token,) in self._generate(question, max_new_tokens, Sampler(temperature, top_k, top_p, seed)):
-            if token is not None and token < 256:
-                text = decoder.decode(bytes([token]))
-                if text:
-                    yield text
-        tail = decoder.decode(b"", final=True)
+            text = pieces.add(token)
+            if text:
+                yield text
+        tail = pieces.end()
         if tail:
             yield tail
 
@@ -405,26 +404,10 @@ class Stream:
                   ) -> Iterator[list[int | None]]:
         """Per generated position, the token of each batch row (None once that row has ended). The question's
         state lives here, not on the stream; the stream's lock is held for each graph step only."""
-        tokenizer = self.pipeline.tokenizer
-        if not isinstance(question, str):
-            raise InputError(f"ask: the question must be a str, got {type(question).__name__}")
-        if not question.strip():
-            raise InputError("ask: the question is empty")
-        try:
-            question.encode("utf-8")
-        except UnicodeEncodeError as bad:
-            raise InputError(f"ask: the question is not valid text: {bad}") from None
-        prompt = tokenizer.prompt(question)
-        room = self.pipeline.max_text_len - len(prompt)
-        if room < 1:
-            raise InputError(f"ask: the question is {len(prompt)} tokens with its markers; the text decoder's "
-                             f"context holds {self.pipeline.max_text_len}")
-        if max_new_tokens is None:
-            max_new_tokens = min(self.pipeline.default_max_new_tokens, room)
-        count = as_integer(max_new_tokens)
-        if count is None or not 1 <= count <= room:
-            raise InputError(f"ask: max_new_tokens must be an int in [1, {room}] for this question "
-                             f"(context {self.pipeline.max_text_len} - prompt {len(prompt)}), got {max_new_tokens!r}")
+        p = self.pipeline
+        tokenizer = p.tokenizer
+        checked = checked_question(tokenizer, p.max_text_len, p.default_max_new_tokens, question, max_new_tokens)
+        prompt, count = checked.prompt, checked.max_new_tokens
         with self._lock:
             if self.chunks == 0:
                 raise InputError("ask: push at least one chunk before asking")
@@ -460,13 +443,12 @@ class Stream:
         An existing `path` is replaced only if it is a stream state file; when several streams save to one path,
         the last complete save wins. A path that cannot be written raises OutputError (nothing is left behind).
         """
-        check_output_file(path, is_state_file, "stream state file")
         with self._lock:  # one consistent snapshot (carried arrays are replaced by each step, never changed)
             header = {"format": STATE_FORMAT, "version": STATE_VERSION, "bundle": self.pipeline.bundle.fingerprint,
                       "batch": self.batch, "chunks": self.chunks}
             arrays = {f"state/{k}": v for k, v in self._carried.state.items()}
             arrays.update({f"counter/{k}": v for k, v in self._carried.counters.items()})
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        with atomic_file(path, is_state_file, "stream state file") as tmp, open(tmp, "wb") as f:
             np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
         return Path(path)
 

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -252,3 +253,68 @@ def run_in_threads(session, inputs: list) -> list:
     for t in threads:
         t.join()
     return results
+
+
+# ---- live sources and the service: bundles and clips, built once per session ----
+@pytest.fixture(scope="session")
+def live_bundles(tmp_path_factory: pytest.TempPathFactory, demo_fp32_bundle: Path) -> dict[str, Path]:
+    """The shipped demo model (answers the demo clips correctly) and a tiny model with 0.25 s chunks."""
+    from mirasol.export.bundle import export_bundle
+
+    from .live_tools import SHORT
+
+    torch.manual_seed(0)
+    short = tmp_path_factory.mktemp("live-bundles") / "short"
+    export_bundle(Mirasol(SHORT).eval(), short)
+    return {"demo": demo_fp32_bundle, "short": short}
+
+
+@pytest.fixture(scope="session")
+def short_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Demo clips of 8 and 12 chunks for the 0.25 s-chunk model, rendered at 16 fps."""
+    from mirasol.model.demo_task import DemoTask
+
+    from .live_tools import SHORT
+
+    root = tmp_path_factory.mktemp("live-short")
+    clips = {}
+    for n in (8, 12):
+        task = DemoTask(SHORT, num_chunks=n, render_fps=16)
+        clips[n] = task.write(task.clip(1, n), root / f"short-{n}.mp4")
+    return clips
+
+
+
+@pytest.fixture(scope="session")
+def served(live_bundles: dict[str, Path]):
+    """One `mirasol-serve` process for the service's tests (the 0.25 s-chunk bundle, a token, local sources
+    allowed, stall timeout 1 s); stopped at the end of the session."""
+    pytest.importorskip("starlette")
+    from .serve_tools import Server
+
+    server = Server(live_bundles["short"], "--allow-local-sources", "--stall-timeout", "1", "-q")
+    yield server
+    server.close()
+def marked_block(page: Path, name: str) -> str:
+    """The code block of a Markdown page marked `<!-- tested: NAME ... -->` on the line before it (exactly one)."""
+    found = re.findall(rf"<!-- tested: {name}\b[^>]*-->\n```\w+\n(.*?)```", page.read_text(), re.S)
+    assert len(found) == 1, f"{page.name} has {len(found)} blocks marked 'tested: {name}'"
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def triton_served(tiny_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The one Triton server of the test session (tests/triton_tools.py says what it serves); the Triton test
+    modules share it. Skips where the wheel's server cannot run."""
+    from mirasol.runtime.triton.server import availability
+
+    from .triton_tools import start_served
+
+    available, why = availability()
+    if not available:
+        pytest.skip(f"the Triton server cannot run here: {why}")
+    served = start_served(tiny_bundles["ttm"], tmp_path_factory.mktemp("triton"))
+    try:
+        yield served
+    finally:
+        served.server.stop()

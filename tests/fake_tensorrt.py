@@ -12,7 +12,14 @@ run end to end in CI. What it enforces, like the real thing:
   allocation large enough for the tensor, and a context made with USER_MANAGED memory must have been given
   enough (update_device_memory_size_for_shapes) through set_device_memory;
 - execute_async_v3 is queued on its stream and runs at cudaStreamSynchronize;
-- an engine deserializes only in the TensorRT version that built it.
+- an engine deserializes only in the TensorRT version that built it;
+- the network has a layer per ONNX node (type, inputs, outputs with their types); layer precisions and output types
+  can be set only on a weakly typed network; a weakly typed network built with FP16 allowed is flagged (a warning in
+  the log, "weak_unpinned" in the engine) when a rotary-angle layer (Cos, Sin and the float layers feeding them) is
+  not pinned to fp32 with OBEY_PRECISION_CONSTRAINTS;
+- stricter than documented, as Polygraphy's runner behaves: a context whose input shapes changed runs only after
+  set_device_memory was called again;
+- engines are built on the calling thread's current device (cudaSetDevice), recorded in the engine.
 The fake's engine is JSON (its build plan: flags, typing, profile, the ONNX path), so tests can read what was built.
 """
 from __future__ import annotations
@@ -28,7 +35,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .fake_cuda import ALIGNMENT, Device, IllegalAddress, make_cudart
+from .fake_cuda import ALIGNMENT, Device, IllegalAddress, make_cudart, make_cudriver
+from .fake_tensorrt_network import make_network
 
 VERSIONS = ("10.3.0", "11.4.0.106")  # the wheels tests/tensorrt_api/tensorrt_names.tsv was extracted from
 
@@ -53,8 +61,9 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
     class DataType(enum.IntEnum):
         FLOAT, HALF, INT8, INT32, BOOL, UINT8, FP8, BF16, INT64, INT4 = range(10)
 
-    precision_flags = {} if trt11 else {"FP16": 0, "INT8": 1}  # TensorRT 11 removed them
-    BuilderFlag = enum.IntEnum("BuilderFlag", {**precision_flags, "TF32": 7})  # noqa: N806
+    # TensorRT 11 removed the precision flags and weak typing (NvInfer.h of 10.3: kTF32 = 6, kOBEY_... = 9)
+    precision_flags = {} if trt11 else {"FP16": 0, "INT8": 1, "OBEY_PRECISION_CONSTRAINTS": 9}
+    BuilderFlag = enum.IntEnum("BuilderFlag", {**precision_flags, "TF32": 6})  # noqa: N806
     creation_flags = {} if trt11 else {"EXPLICIT_BATCH": 0}
     NetworkDefinitionCreationFlag = enum.IntEnum(  # noqa: N806
         "NetworkDefinitionCreationFlag", {**creation_flags, "STRONGLY_TYPED": 1})
@@ -89,53 +98,13 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
         return int(np.prod(shape, dtype=np.int64)) * np.dtype(nptype(dtype)).itemsize
 
     class IHostMemory(bytes):
-        pass
+        nbytes = property(lambda self: len(self))
 
-    class ITensor:
-        __slots__ = ("name", "shape", "dtype", "is_shape_tensor")
-
-        def __init__(self, name: str, shape: tuple[int, ...], dtype: DataType) -> None:
-            self.name, self.shape, self.dtype, self.is_shape_tensor = name, shape, dtype, False
-
-    class INetworkDefinition:
-        def __init__(self, flags: int) -> None:
-            known = sum(1 << int(f) for f in NetworkDefinitionCreationFlag)
-            if flags & ~known:
-                raise ValueError(f"create_network: unknown NetworkDefinitionCreationFlag bits {flags & ~known:#x}")
-            self._strongly_typed = trt11 or bool(flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
-            self._inputs: list[ITensor] = []
-            self._outputs: list[ITensor] = []
-            self._path = ""
-
-        num_inputs = property(lambda self: len(self._inputs))
-        num_outputs = property(lambda self: len(self._outputs))
-
-        def get_input(self, index: int) -> ITensor:
-            return self._inputs[index]
-
-        def get_output(self, index: int) -> ITensor:
-            return self._outputs[index]
-
-    class OnnxParser:
-        def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
-            self._network, self._errors = network, []
-
-        num_errors = property(lambda self: len(self._errors))
-
-        def get_error(self, index: int) -> str:
-            return self._errors[index]
-
-        def parse_from_file(self, model: str) -> bool:
-            proto = onnx.load(model, load_external_data=False)
-            initializers = {i.name for i in proto.graph.initializer}
-
-            def tensor(value: Any) -> ITensor:
-                dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
-                return ITensor(value.name, dims, onnx_types[value.type.tensor_type.elem_type])
-            self._network._inputs = [tensor(v) for v in proto.graph.input if v.name not in initializers]
-            self._network._outputs = [tensor(v) for v in proto.graph.output]
-            self._network._path = model
-            return True
+    network = make_network(DataType, onnx_types, NetworkDefinitionCreationFlag, trt11)
+    ITensor, LayerType, UnaryOperation, ILayer, IUnaryLayer, INetworkDefinition, OnnxParser = (  # noqa: N806
+        network.ITensor, network.LayerType, network.UnaryOperation, network.ILayer, network.IUnaryLayer,
+        network.INetworkDefinition, network.OnnxParser)
+    unpinned_rotary = network.unpinned_rotary
 
     class IOptimizationProfile:
         def __init__(self) -> None:
@@ -233,6 +202,12 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
             precision = sorted(f.name for f in config._flags if f.name in ("FP16", "INT8"))
             if network._strongly_typed and precision:
                 return refuse(f"BuilderFlag {precision} cannot be set for a strongly typed network")
+            if network._refused:
+                return refuse("; ".join(network._refused))
+            unpinned = [] if network._strongly_typed or "FP16" not in precision else unpinned_rotary(network, config)
+            if unpinned:
+                gpu.log.append(f"[TRT] [W] weakly typed network with FP16: rotary-angle layers {unpinned} are not "
+                               f"pinned to fp32 (layer precision, output types and OBEY_PRECISION_CONSTRAINTS)")
             if len(config._profiles) != 1:
                 return refuse(f"expected one optimization profile, got {len(config._profiles)}")
             profile = config._profiles[0]._shapes
@@ -250,7 +225,9 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
                 "fake_tensorrt": version, "path": network._path, "profile": profile,
                 "inputs": [t.name for t in network._inputs], "outputs": [t.name for t in network._outputs],
                 "dtypes": {t.name: int(t.dtype) for t in (*network._inputs, *network._outputs)},
-                "flags": sorted(f.name for f in config._flags), "strongly_typed": network._strongly_typed}).encode())
+                "flags": sorted(f.name for f in config._flags), "strongly_typed": network._strongly_typed,
+                "pinned_fp32": sorted(layer.name for layer in network._layers if layer._precision == DataType.FLOAT),
+                "weak_unpinned": unpinned, "device": gpu.current_device()}).encode())
 
     def activation_bytes(shapes: dict[str, Any], dtypes: dict[str, DataType]) -> int:
         """The fake engine's activation memory for these input shapes: it grows with them."""
@@ -318,6 +295,8 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
                     a <= d <= b for a, d, b in zip(low, shape, high)):
                 refuse(f"set_input_shape({name!r}, {shape}): outside the profile {low}..{high}")
                 return False
+            if self._shapes.get(name) != shape:
+                self._memory = None  # the fake asks for set_device_memory after every shape change
             self._shapes[name] = shape
             return True
 
@@ -391,7 +370,8 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
         def __init__(self, logger: Logger) -> None:
             self._logger = logger
 
-        def deserialize_cuda_engine(self, serialized_engine: bytes) -> ICudaEngine | None:
+        def deserialize_cuda_engine(self, serialized_engine: Any) -> ICudaEngine | None:
+            gpu.deserialized_from.append(type(serialized_engine).__name__)
             plan = json.loads(bytes(serialized_engine))
             if plan.get("fake_tensorrt") != version:
                 return refuse(f"the engine was built by TensorRT {plan.get('fake_tensorrt')}, this is {version}")
@@ -400,7 +380,8 @@ def make_tensorrt(gpu: Device, version: str = "10.3.0") -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     for value in (ILogger, Logger, DataType, BuilderFlag, NetworkDefinitionCreationFlag, MemoryPoolType, TensorIOMode,
-                  ExecutionContextAllocationStrategy, IHostMemory, ITensor, INetworkDefinition, OnnxParser,
+                  ExecutionContextAllocationStrategy, IHostMemory, ITensor, LayerType, UnaryOperation, ILayer,
+                  IUnaryLayer, INetworkDefinition, OnnxParser,
                   IOptimizationProfile, ITimingCache, IProgressMonitor, IBuilderConfig, Builder, ICudaEngine,
                   IExecutionContext, Runtime, nptype):
         setattr(trt, value.__name__, value)
@@ -428,9 +409,10 @@ def surface(module: types.ModuleType) -> set[str]:
 class FakeGPU:
     """A fake TensorRT + CUDA runtime installed into sys.modules for a test (see `install`)."""
 
-    def __init__(self, version: str, total_memory: int) -> None:
-        self.device = Device(total_memory)
+    def __init__(self, version: str, total_memory: int, **device: Any) -> None:
+        self.device = Device(total_memory, **device)
         self.cudart = make_cudart(self.device)
+        self.cudriver = make_cudriver()
         self.trt = make_tensorrt(self.device, version)
 
 
@@ -440,25 +422,32 @@ def built_plan(bundle: Path, graph: str) -> dict[str, Any]:
     return json.loads((bundle / record["file"]).read_bytes())
 
 
-def install(monkeypatch: Any, version: str = "10.3.0", total_memory: int = 8 << 30) -> FakeGPU:
-    """Make `import tensorrt` and `cuda.bindings.runtime` the fakes for one test, and reset what our modules cached
-    (the cuda-python module, memory-pool support, utility streams, TensorRT loggers, the GPU's identity)."""
+def install(monkeypatch: Any, version: str = "10.3.0", total_memory: int = 8 << 30, **device: Any) -> FakeGPU:
+    """Make `import tensorrt`, `cuda.bindings.runtime` and `cuda.bindings.driver` the fakes for one test, and reset
+    what our modules cached (the cuda-python module, memory-pool support, utility streams, TensorRT loggers, the
+    GPUs' identity). `device`: the fake Device's options (count, runtime_version, driver_version, jetson); the code
+    sees a Jetson when `jetson` is true."""
     import sys  # noqa: PLC0415
 
     from mirasol.runtime.tensorrt import cuda
     from mirasol.runtime.tensorrt import env as tensorrt_env  # noqa: PLC0415
 
-    fake = FakeGPU(version, total_memory)
+    fake = FakeGPU(version, total_memory, **device)
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = fake.cudart  # type: ignore[attr-defined]
+    bindings.driver = fake.cudriver  # type: ignore[attr-defined]
     package = types.ModuleType("cuda")
     package.bindings = bindings  # type: ignore[attr-defined]
     for name, module in {"cuda": package, "cuda.bindings": bindings, "cuda.bindings.runtime": fake.cudart,
-                         "tensorrt": fake.trt}.items():
+                         "cuda.bindings.driver": fake.cudriver, "tensorrt": fake.trt}.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(cuda, "_cudart_module", None)
     monkeypatch.setattr(cuda, "_mempool", {})
+    monkeypatch.setattr(cuda, "_release_streams", {})
     monkeypatch.setattr(cuda, "_local", threading.local())
+    jetson = {"l4t": "36.4.3", "jetpack": None, "model": "Fake Orin"} if fake.device.jetson else None
+    monkeypatch.setattr(cuda, "jetson_release", lambda: jetson)
     monkeypatch.setattr(tensorrt_env, "_loggers", {})
-    monkeypatch.setattr(tensorrt_env, "_gpu_cache", {0: {"name": "Fake Orin", "compute_capability": "8.7"}})
+    monkeypatch.setattr(tensorrt_env, "_gpu_cache", {i: {"name": "Fake Orin", "compute_capability": "8.7"}
+                                                      for i in range(fake.device.count)})
     return fake

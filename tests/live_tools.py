@@ -1,76 +1,112 @@
-"""Tools for the live tests and the README's live figures: a real-time MPEG-TS sender, a slowed backend.
+"""Tools for the live tests and the docs' live figures: demo clips, a real-time sender, a slowed backend, helpers.
 
     python -m tests.live_tools clip OUT.mp4 --chunks 30                 # a longer demo clip
     python -m tests.live_tools send CLIP.mp4 udp://127.0.0.1:5000     # or a named pipe's path
     python -m tests.live_tools slowed BUNDLE --chunks 30 --delay 1.5 [--policy block] [--json]
 
-`clip` writes a held-out demo clip (as `mirasol-demo`, of any number of 1 s chunks). `send` remuxes
-the clip's packets (no re-encoding: the same H.264 and AAC data as the file) into MPEG-TS at real-time
-pace; to a UDP port it first waits until a receiver has bound that port on loopback, so nothing is
-lost before the receiver listens. `slowed` writes a demo clip of `--chunks`
-chunks, plays it at real pace through `LiveRun` with every combiner call slowed by `--delay` seconds
-(inference slower than real time) and prints the summary.
+`clip` writes a held-out demo clip (as `mirasol-demo`, of any number of 1 s chunks). `send` is
+`mirasol.runtime.media.sender` (the clip's packets remuxed into MPEG-TS at real-time pace; to a UDP port
+once a receiver has bound it). `slowed` writes a demo clip of `--chunks` chunks, plays it at real pace
+through `LiveRun` with every combiner call slowed by `--delay` seconds (inference slower than real time)
+and prints the summary. The helpers below (subprocesses read line by line, free ports) serve the live and
+service tests.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import queue
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from mirasol.model import get_preset
 from mirasol.runtime.backends import Backend, GraphSession, get_backend
 from mirasol.runtime.bundle.reader import Bundle
 from mirasol.runtime.bundle.manifest import GraphEntry
+from mirasol.runtime.media.sender import send
 
-LOOPBACK = "127.0.0.1"
-
-
-def udp_port_bound(port: int) -> bool:
-    """Whether a socket is bound to UDP `port` on this machine (Linux: /proc/net/udp)."""
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        if any(int(line.split()[1].rsplit(":", 1)[1], 16) == port for line in lines):
-            return True
-    return False
+REPO = Path(__file__).resolve().parent.parent
+SHORT = get_preset("tiny").replace(fps=16.0, audio_patch_frames=5)  # 0.25 s chunks: real-time tests in seconds
+SHORT_CHUNK_S = SHORT.frames_per_chunk / SHORT.fps
 
 
-def send(clip: str, target: str, wait_s: float = 30.0) -> None:
-    """Remux `clip` as MPEG-TS to `target` (udp://127.0.0.1:PORT or a named pipe) at real-time pace."""
+class Lines:
+    """A subprocess pipe read line by line in a thread, with deadlines."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def until(self, predicate, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"timed out after {timeout} s; lines so far: {self.seen[-20:]}") from None
+            if line is None:
+                raise AssertionError(f"the stream ended; lines: {self.seen[-20:]}")
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def rest(self, timeout: float) -> list[str]:
+        """The lines until the pipe closes."""
+        deadline = time.monotonic() + timeout
+        out = []
+        while (line := self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
+            out.append(line)
+        self.seen.extend(out)
+        return out
+
+
+def mirasol_run(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mirasol.runtime.cli.run", *args], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def sender(clip: Path, *targets: str, video_only: bool = False, loops: int = 1) -> subprocess.Popen:
+    """`python -m mirasol.runtime.media.sender CLIP TARGET...` (real-time MPEG-TS to loopback UDP or a named pipe)."""
+    return subprocess.Popen([sys.executable, "-m", "mirasol.runtime.media.sender", str(clip), *targets,
+                             "--loops", str(loops), *(["--video-only"] if video_only else [])], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def events(lines: list[str], kind: str) -> list[dict]:
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def write_ts(clip: Path, out: Path) -> Path:
+    """The clip's packets remuxed into an MPEG-TS file (what the sender sends, all at once)."""
     import av
 
-    url = target
-    if target.startswith("udp://"):
-        parts = urlsplit(target)
-        if parts.hostname != LOOPBACK:
-            raise SystemExit(f"send: only loopback ({LOOPBACK}) targets, got {parts.hostname}")
-        deadline = time.monotonic() + wait_s
-        while not udp_port_bound(parts.port):  # type: ignore[arg-type]
-            if time.monotonic() > deadline:
-                raise SystemExit(f"send: nothing listens on UDP port {parts.port} after {wait_s} s")
-            time.sleep(0.01)
-        url = f"{target}{'&' if '?' in target else '?'}pkt_size=1316"
-    with av.open(clip) as source, av.open(url, "w", format="mpegts") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in source.streams if s.type in ("video", "audio")}
-        start, first = time.monotonic(), None
-        for packet in source.demux(*[source.streams[i] for i in streams]):
-            if packet.dts is None:  # the demuxer's end-of-stream marker
-                continue
-            t = float(packet.dts * packet.time_base)
-            first = t if first is None else first
-            delay = start + t - first - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            packet.stream = streams[packet.stream.index]
-            out.mux(packet)
+    with av.open(str(clip)) as source, av.open(str(out), "w", format="mpegts") as ts:
+        streams = {s.index: ts.add_stream_from_template(s) for s in source.streams}
+        for packet in source.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                ts.mux(packet)
+    return out
 
 
 class SlowSession(GraphSession):
@@ -132,9 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     clip = commands.add_parser("clip", help="write a held-out demo clip of --chunks 1 s chunks (mp4)")
     clip.add_argument("out")
     clip.add_argument("--chunks", type=int, default=30, help="chunks in the clip (default: %(default)s)")
-    sender = commands.add_parser("send", help="remux a clip as MPEG-TS to a loopback UDP port or a named pipe")
-    sender.add_argument("clip")
-    sender.add_argument("target", help=f"udp://{LOOPBACK}:PORT or the path of a named pipe")
+    sending = commands.add_parser("send", help="remux a clip as MPEG-TS to a loopback UDP port or a named pipe")
+    sending.add_argument("clip")
+    sending.add_argument("target", help="udp://127.0.0.1:PORT or the path of a named pipe")
     slowed = commands.add_parser("slowed", help="a demo clip at real pace through a slowed bundle; prints the summary")
     slowed.add_argument("bundle")
     slowed.add_argument("--chunks", type=int, default=30, help="chunks in the clip (default: %(default)s)")

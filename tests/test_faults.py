@@ -19,7 +19,7 @@ from mirasol.runtime.backends import GraphSession
 from mirasol.runtime.errors import BackendError
 from mirasol.runtime.pipeline import Pipeline
 
-from .conftest import QUESTION, VENV_BIN, assert_same_stream_state, chunk, copy_bundle, snapshot, stream_snapshot
+from .conftest import QUESTION, assert_same_stream_state, chunk, copy_bundle, snapshot, stream_snapshot
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -27,17 +27,34 @@ from .conftest import QUESTION, VENV_BIN, assert_same_stream_state, chunk, copy_
 # ---------------------------------------------------------------------------------------------------------------
 
 def _leftovers(target: Path) -> list[str]:
-    return sorted(p.name for p in target.parent.glob(f".{target.name}.tmp-*"))
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.mirasol-"))
+
+
+# mirasol-export in a process of its own whose pause hook (set here, never from the environment) waits at a stage
+PAUSED_EXPORT = textwrap.dedent("""
+    import sys, time
+    import mirasol.runtime.files.atomic as atomic
+    from mirasol.export.cli import main
+
+    def pause(stage, path):
+        if stage == sys.argv[1]:
+            print(f"paused at {stage}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
+
+    atomic.PAUSE_HOOK = pause
+    sys.exit(main(sys.argv[2:]))
+""")
 
 
 def _kill_export_at(target: Path, point: str, limit: float = 300) -> float:
     """Run `mirasol-export --preset tiny --no-validate --out target` (another seed: other graphs) and SIGKILL it at
-    `point`: a time ("after N s") or a named stage of the export, where it waits (MIRASOL_PAUSE_AT); returns when
-    it was killed."""
+    `point`: a time ("after N s") or a named stage of the export, where its pause hook waits; returns when it was
+    killed."""
     stage = None if point.startswith("after ") else point
-    env = {**os.environ, **({"MIRASOL_PAUSE_AT": stage} if stage else {})}
-    process = subprocess.Popen([str(VENV_BIN / "mirasol-export"), "--preset", "tiny", "--seed", "7", "--no-validate",
-                                "--out", str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_EXPORT, stage or "", "--preset", "tiny", "--seed", "7",
+                                "--no-validate", "--out", str(target)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     start = time.monotonic()
     try:
         if stage is None:
@@ -97,40 +114,18 @@ ATOMIC_KILLER = textwrap.dedent("""
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    swapped = []
-    real_exchange = atomic._exchange
-    def exchange(a, b):
-        if point.startswith("fallback"):
-            return False
-        swapped.append(real_exchange(a, b))
-        return swapped[-1]
-    atomic._exchange = exchange
+    if point.startswith("fallback"):  # a platform without renameat2's exchange: two renames
+        real = atomic._renameat2
+        atomic._renameat2 = lambda a, b, flags: flags != atomic._RENAME_EXCHANGE and real(a, b, flags)
+    stages = {"synced, before the swap": "checked, before the swap",
+              "swapped, old copy not yet removed": "swapped, old copy not yet removed",
+              "fallback: old moved out, new not in": "old moved aside",
+              "fallback: new in, old not yet removed": "swapped, old copy not yet removed"}
 
-    real_fsync_tree = atomic._fsync_tree
-    def fsync_tree(directory):
-        real_fsync_tree(directory)
-        if point == "synced, before the swap":
+    def pause(stage, path):
+        if stages.get(point) == stage:
             die()
-    atomic._fsync_tree = fsync_tree
-
-    real_rmtree = atomic.shutil.rmtree
-    def rmtree(path, *args, **kwargs):
-        if point == "swapped, old copy not yet removed" and swapped:
-            die()
-        return real_rmtree(path, *args, **kwargs)
-    atomic.shutil.rmtree = rmtree
-
-    real_rename = Path.rename
-    renames = []
-    def rename(self, other):
-        result = real_rename(self, other)
-        renames.append(other)
-        if point == "fallback: old moved out, new not in" and len(renames) == 1:
-            die()
-        if point == "fallback: new in, old not yet removed" and len(renames) == 2:
-            die()
-        return result
-    Path.rename = rename
+    atomic.PAUSE_HOOK = pause
 
     with atomic.atomic_directory(target) as work:
         for i in range(3):
@@ -178,17 +173,24 @@ def test_atomic_swap_killed_at_each_step(tiny_bundle, tmp_path, point) -> None:
     assert _leftovers(target) == [], "the next export removes what the killed one left"
 
 
-def test_stale_temporary_directory_of_a_reused_pid_is_removed(tmp_path) -> None:
-    """Containers restart their processes at the same low pids: our own pid on a leftover means stale."""
+def test_stale_temporary_directory_is_removed_and_only_ours(tmp_path) -> None:
+    """A leftover no live writer holds (whatever PID wrote it) is removed; a user's folder of a similar name is not
+    (our temporaries are our exact prefix and 32 random hex digits)."""
     from mirasol.runtime.files.atomic import atomic_directory
 
     target = tmp_path / "bundle"
-    stale = tmp_path / f".bundle.tmp-{os.getpid()}-abc123"
+    stale = tmp_path / f".bundle.mirasol-tmp-{'ab12' * 8}"
     stale.mkdir()
     (stale / "half.onnx").write_bytes(b"half")
+    users = [tmp_path / name for name in (".bundle.tmp-thesis", f".bundle.mirasol-tmp-{os.getpid()}-abc123",
+                                          ".bundle.mirasol-tmp-notes")]
+    for folder in users:
+        folder.mkdir()
+        (folder / "thesis.tex").write_text("years of work")
     with atomic_directory(target) as work:
         (work / "manifest.json").write_text("{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", *(u.name for u in users)])
+    assert all((u / "thesis.tex").read_text() == "years of work" for u in users)
 
 
 def test_new_bundle_keeps_the_targets_permissions(tmp_path) -> None:

@@ -1,18 +1,15 @@
 """Live sources in real time (runtime/media/live.py, live_sources.py, mirasol-run --live), with real media.
 
-Sources on loopback only: a helper process (tests/live_tools.py) remuxes a demo mp4 into MPEG-TS at
-real-time pace to a UDP port or a named pipe. The slowed-backend tests play a clip at its real pace
+Sources on loopback only: a helper process (`python -m mirasol.runtime.media.sender`) remuxes a demo mp4
+into MPEG-TS at real-time pace to a UDP port or a named pipe. The slowed-backend tests play a clip at its real pace
 through a bundle whose combiner sleeps, so inference is slower than real time.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -20,34 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from mirasol.model import Mirasol, get_preset
 from mirasol.model.demo_task import DEMO_CHECKPOINT, TEST_SEED, DemoTask
+from mirasol.model import get_preset
 from mirasol.runtime.errors import InputError
 from mirasol.runtime.media.live import ChunkQueue, LiveRun, Quantiles
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.media.live_sources import FileSource, Source, StreamSource, TimedChunk, open_source
 
-from .live_tools import SlowBackend
+from .live_tools import SHORT, SHORT_CHUNK_S, Lines, SlowBackend, events, free_udp_port, mirasol_run, sender
 
 pytest.importorskip("av")
-
-REPO = Path(__file__).resolve().parent.parent
-SHORT = get_preset("tiny").replace(fps=16.0, audio_patch_frames=5)  # 0.25 s chunks: real-time tests in seconds
-SHORT_CHUNK_S = SHORT.frames_per_chunk / SHORT.fps
 
 
 # ---------------------------------------------------------------- fixtures: bundles and clips, built once
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, demo_fp32_bundle) -> dict[str, Path]:
-    """The shipped demo model (answers the demo clips correctly) and a tiny model with 0.25 s chunks."""
-    from mirasol.export.bundle import export_bundle
-
-    torch.manual_seed(0)
-    short = tmp_path_factory.mktemp("live-bundles") / "short"
-    export_bundle(Mirasol(SHORT).eval(), short)
-    return {"demo": demo_fp32_bundle, "short": short}
+def bundles(live_bundles) -> dict[str, Path]:
+    return live_bundles
 
 
 @pytest.fixture(scope="module")
@@ -58,74 +44,7 @@ def demo_clip(tmp_path_factory):
     return task.write(clip, tmp_path_factory.mktemp("live-clips") / "demo.mp4"), clip.questions
 
 
-@pytest.fixture(scope="module")
-def short_clips(tmp_path_factory) -> dict[int, Path]:
-    """Demo clips of 8 and 12 chunks for the 0.25 s-chunk model, rendered at 16 fps."""
-    root = tmp_path_factory.mktemp("live-short")
-    clips = {}
-    for n in (8, 12):
-        task = DemoTask(SHORT, num_chunks=n, render_fps=16)
-        clips[n] = task.write(task.clip(1, n), root / f"short-{n}.mp4")
-    return clips
-
-
 # ---------------------------------------------------------------- helpers
-class Lines:
-    """A subprocess pipe read line by line in a thread, with deadlines."""
-
-    def __init__(self, pipe) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
-
-    def _read(self, pipe) -> None:
-        for line in pipe:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def until(self, predicate, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"timed out after {timeout} s; lines so far: {self.seen[-20:]}") from None
-            if line is None:
-                raise AssertionError(f"the stream ended; lines: {self.seen[-20:]}")
-            self.seen.append(line)
-            if predicate(line):
-                return line
-
-    def rest(self, timeout: float) -> list[str]:
-        """The lines until the pipe closes."""
-        deadline = time.monotonic() + timeout
-        out = []
-        while (line := self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
-            out.append(line)
-        self.seen.extend(out)
-        return out
-
-
-def mirasol_run(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mirasol.runtime.cli.run", *args], cwd=REPO, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def sender(clip: Path, target: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.live_tools", "send", str(clip), target], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def events(lines: list[str], kind: str) -> list[dict]:
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-
 def file_answers(bundle: Path, clip: Path, questions: list[str]) -> list[str]:
     from mirasol.runtime.media.video_files import load_clip
 
@@ -173,7 +92,7 @@ def test_udp_live_answers_equal_the_file_answers(bundles, demo_clip) -> None:
     chunks = [r for r in records if r["event"] == "chunk"]
     assert [c["index"] for c in chunks] == [0, 1, 2, 3]
     assert all(c["latency_ms"] > 0 and c["latency_ms"] == pytest.approx(
-        c["decode_ms"] + c["queue_wait_ms"] + c["push_ms"], abs=1.0) for c in chunks)
+        c["receive_ms"] + c["queue_wait_ms"] + c["push_ms"], abs=1.0) for c in chunks), chunks
     answers = [r for r in records if r["event"] == "answer"]
     assert [a["question"] for a in answers] == questions and all(a["chunks"] == 4 for a in answers)
     live = [a["answer"] for a in answers]

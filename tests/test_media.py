@@ -1,8 +1,12 @@
 """Media decoding (runtime/media/video_files.py) and the numpy log-mel (runtime/media/spectrogram.py)."""
 from __future__ import annotations
 
+import json
 import tracemalloc
+from collections.abc import Callable
 from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,25 +272,64 @@ def test_unreadable_files_raise_input_error(tmp_path, demo_file, content):
         load_clip(path, CONFIG)
 
 
-def test_streaming_keeps_memory_bounded(tmp_path):
-    """Two minutes of video: decoding holds a chunk at a time, not the file."""
-    path = tmp_path / "long.mkv"
-    seconds = 120
+LONG_SECONDS = 120
+LONG_CLIP_BYTES = LONG_SECONDS * (4 * 3 * 32 * 32 * 4 + 32 * 100 * 4 + 16000 * 4)  # decoded, and its waveform
+
+
+def write_noise_video(path: Path, seconds: int) -> Path:
+    """`seconds` of 16x16 video at 4 fps with noise for audio."""
     frames = np.zeros((seconds * 4, 16, 16, 3), np.uint8)
     frames[:, :, :, 0] = (np.arange(seconds * 4) % 200)[:, None, None]
     rng = np.random.default_rng(0)
     write_video(path, frames, fps=4, wave=(0.1 * rng.standard_normal(seconds * 16000)).astype(np.float32))
-    whole_clip_bytes = seconds * (4 * 3 * 32 * 32 * 4 + 32 * 100 * 4 + 16000 * 4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_file(tmp_path_factory) -> Path:
+    return write_noise_video(tmp_path_factory.mktemp("long") / "long.mkv", LONG_SECONDS)
+
+
+def traced_peak(work: Callable[[], Any]) -> tuple[Any, int]:
+    """work()'s result and the peak of Python and numpy allocations while it ran."""
     tracemalloc.start()
     try:
-        count = 0
-        for video, audio in iter_chunks(path, CONFIG):
-            count += 1
-        _, peak = tracemalloc.get_traced_memory()
+        result = work()
+        return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert count == seconds
-    assert peak < whole_clip_bytes / 5, (peak, whole_clip_bytes)
+
+
+def test_streaming_keeps_memory_bounded(long_file):
+    """Decoding holds a chunk at a time, not the file."""
+    count, peak = traced_peak(lambda: sum(1 for _ in iter_chunks(long_file, CONFIG)))
+    assert count == LONG_SECONDS
+    assert peak < LONG_CLIP_BYTES / 5, (peak, LONG_CLIP_BYTES)
+
+
+def test_run_video_streams_chunks_from_the_decoder(long_file, tiny_bundle, tmp_path, capsys, monkeypatch):
+    """mirasol-run --video pushes each chunk as it is decoded: after the bundle is loaded, its memory is the same
+    for 10 s and for 120 s of video."""
+    from mirasol.runtime.cli import run as cli
+
+    load = cli.Pipeline.load
+
+    def load_then_reset_peak(*args: Any, **kwargs: Any) -> Any:
+        pipeline = load(*args, **kwargs)
+        tracemalloc.reset_peak()  # what loading the bundle costs is not the clip's
+        return pipeline
+
+    monkeypatch.setattr(cli.Pipeline, "load", load_then_reset_peak)
+
+    def run(path: Path, seconds: int) -> int:
+        code, peak = traced_peak(lambda: cli.main([str(tiny_bundle), "--video", str(path), "--question", "what?",
+                                                   "--max-new-tokens", "2", "--json"]))
+        assert code == 0 and json.loads(capsys.readouterr().out)["chunks"] == seconds
+        return peak
+
+    short = run(write_noise_video(tmp_path / "short.mkv", 10), 10)
+    long = run(long_file, LONG_SECONDS)
+    assert long - short < LONG_CLIP_BYTES / 10, (short, long, LONG_CLIP_BYTES)
 
 
 # ---------------------------------------------------------------- live sources

@@ -39,8 +39,8 @@ print(json.dumps({"onnxruntime": onnxruntime.__version__, "results": results}))
 
 
 def floor() -> str:
-    """The lower bound pyproject.toml sets on onnxruntime."""
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The lower bound pyproject.toml's `cpu` extra sets on onnxruntime."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cpu"]
     return next(re.fullmatch(r"onnxruntime>=([\d.]+)", d).group(1) for d in dependencies  # type: ignore[union-attr]
                 if d.startswith("onnxruntime"))
 

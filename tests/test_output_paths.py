@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from mirasol.runtime.errors import ExportError, MirasolError, OutputError
-from mirasol.runtime.files.ownership import MARKER_FILE, atomic_file, check_output_dir, prepare_output_dir
+from mirasol.runtime.files.atomic import atomic_file, prepare_output_dir
+from mirasol.runtime.files.ownership import MARKER_FILE, check_output_dir
 
 from .conftest import QUESTION, chunk, copy_bundle, run_export_cli as _export_cli, snapshot
 

@@ -1,8 +1,9 @@
 """The README followed as a newcomer would (issue 16): its blocks marked `<!-- tested: NAME ... -->` run as written.
 
 - quick-start: its commands after the install, in this venv (in CI, the fresh `pip install -e ".[dev]"` of .ci/run);
-- device and python: in a fresh venv of their own with `pip install ".[media]"` only (no PyTorch), on the demo
-  bundle this suite exports, as it is copied to a device;
+- wheel, device and python: the wheel built as written in a copy of the checkout, then in a fresh venv of their own
+  the device block's literal `pip install "dist/mirasol_edge-...whl[media,cpu]"` (no PyTorch) and its commands, on
+  the demo bundle this suite exports, as it is copied to a device;
 - slow: the quick start verbatim in a fresh venv, `pip install -e ".[dev]"` included.
 
 Each answer is checked against the one `mirasol-demo` prints for its question. A fresh venv is made from a copy of
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import VENV_BIN
+from .conftest import VENV_BIN, marked_block
 
 ROOT = Path(__file__).resolve().parents[1]
 # pip's words when it cannot reach a package index (offline): then the fresh-venv tests skip
@@ -30,9 +31,7 @@ OFFLINE = re.compile(r"No matching distribution found|Could not find a version|F
 
 
 def readme_block(name: str) -> str:
-    found = re.findall(rf"<!-- tested: {name}\b[^>]*-->\n```\w+\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(found) == 1, f"README.md has {len(found)} blocks marked 'tested: {name}'"
-    return found[0]
+    return marked_block(ROOT / "README.md", name)
 
 
 def commands(block: str) -> list[str]:
@@ -106,11 +105,12 @@ def follow(block: str, cwd: Path, env: dict[str, str]) -> dict[str, str]:
     return expected
 
 
-def install_command(block: str, source: Path) -> tuple[str, str]:
-    """The block's `pip install ...` (the package named by the checkout's path) and the rest of the block."""
+def install_command(block: str) -> tuple[str, str]:
+    """The block's `pip install` of the wheel (as written: the wheel of this version) and the rest of the block."""
     first, _, rest = block.partition("\n")
-    assert first.startswith("pip install "), first
-    return first.replace('"mirasol-edge[', f'"{source}[').replace('".[', f'"{source}['), rest
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert first.startswith(f'pip install "dist/mirasol_edge-{version}-py3-none-any.whl['), first
+    return first, rest
 
 
 # ---------------------------------------------------------------- in CI
@@ -124,13 +124,17 @@ def test_quick_start_commands(tmp_path: Path) -> None:
 
 
 def test_device_install_without_pytorch(tmp_path: Path, demo_fp32_bundle: Path) -> None:
-    """The device block in a fresh venv with the runtime and PyAV only, on the bundle exported where PyTorch is."""
+    """The wheel built as README says, then the device block verbatim in a fresh venv (the runtime, ONNX Runtime
+    and PyAV only), on the bundle exported where PyTorch is."""
     bin_dir = fresh_venv(tmp_path / "venv")
     env = environment(bin_dir)
     source = source_copy(tmp_path / "source")
     work = tmp_path / "device"
     shutil.copytree(demo_fp32_bundle, work / "bundles" / "demo")
-    install, rest = install_command(readme_block("device"), source)
+    [wheel] = commands(readme_block("wheel"))
+    pip_install(wheel, source, env)  # in the checkout, as written
+    shutil.copytree(source / "dist", work / "dist")  # copied to the device with the bundle
+    install, rest = install_command(readme_block("device"))
     pip_install(install, work, env)
     absent = shell("python -c 'import torch'", work, env)
     assert absent.returncode != 0 and "No module named 'torch'" in absent.stderr, "the runtime install has PyTorch"

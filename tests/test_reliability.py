@@ -264,7 +264,7 @@ MISSING_KEYS = [
     (("steps", "push"), "step 'push' is missing"),
     (("steps", "generate", "graphs"), "missing key steps.generate.graphs"),
     (("graphs", "text_cross_kv"), "state av_memory names graph 'text_cross_kv', which the bundle does not have"),
-    (("config", "max_text_len"), "config.max_text_len: expected a positive integer, got None"),
+    (("config", "max_text_len"), "config.max_text_len is missing (the runtime reads"),
 ]
 
 

@@ -22,6 +22,7 @@ from mirasol.runtime.tensorrt import build as tb  # noqa: E402
 from mirasol.runtime.tensorrt import plan as tp  # noqa: E402
 from mirasol.runtime.tensorrt import cuda  # noqa: E402
 from mirasol.runtime.tensorrt import backend as trt_backend  # noqa: E402
+from mirasol.runtime.tensorrt import slots  # noqa: E402
 from mirasol.runtime.bundle.reader import Bundle  # noqa: E402
 from mirasol.runtime.errors import BackendError, BundleError, InputError  # noqa: E402
 from mirasol.runtime.pipeline import Pipeline  # noqa: E402
@@ -166,11 +167,13 @@ def test_misaligned_and_refused_addresses_name_the_tensor(engines, fake_tensorrt
 def test_a_missing_synchronization_is_caught(engines, monkeypatch):
     """The fake performs queued copies and launches at cudaStreamSynchronize only: without it, results are wrong."""
     session = trt_backend.TensorRTBackend().load(engines.graphs["text_cross_kv"], engines)
-    feeds = {"av_memory": np.random.default_rng(3).standard_normal((1, 8, 64)).astype(np.float32)}
+    feeds, other = ({"av_memory": np.random.default_rng(seed).standard_normal((1, 8, 64)).astype(np.float32)}
+                    for seed in (3, 4))
     want = session.run(feeds)
+    session.run(other)
     monkeypatch.setattr(cuda, "synchronize", lambda stream, what: None)
-    got = session.run(feeds)
-    assert not all(np.array_equal(got[k], want[k]) for k in want)
+    got = session.run(feeds)  # what the slot's pinned buffers held before the copies ran: the other call's
+    assert not any(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_context_memory_is_sized_for_the_shapes_run(engines, fake_tensorrt, monkeypatch):
@@ -185,11 +188,50 @@ def test_context_memory_is_sized_for_the_shapes_run(engines, fake_tensorrt, monk
     session.run(_decoder_feeds(engines, 60, rng, text_len=8))
     assert session.memory()["activation_bytes"] > small["activation_bytes"]
     assert fake_tensorrt.device.static_context_bytes == 0  # no context reserved the maximum
-    monkeypatch.setattr(trt_backend._Slot, "bind_scratch", lambda self, nbytes: None)
+    monkeypatch.setattr(slots.Slot, "set_shapes",
+                        lambda self, shapes: [self.context.set_input_shape(n, s) for n, s in shapes.items()])
     fresh = trt_backend.TensorRTBackend().load(entry, engines)
     with pytest.raises(BackendError, match="execute_async_v3 failed"):
         fresh.run(_decoder_feeds(engines, 0, rng))
     assert "needs" in fake_tensorrt.device.log[-1] and "set_device_memory" in fake_tensorrt.device.log[-1]
+
+
+def test_device_memory_is_set_after_every_shape_change(engines, fake_tensorrt, monkeypatch):
+    """Issue 23: set_device_memory after every change of input shapes (as Polygraphy's runner does), not only when
+    the memory grows: the fake refuses a context whose shapes changed since. Same shapes: nothing is set again."""
+    entry = engines.graphs["text_decoder"]
+    calls: list[int] = []
+    real = fake_tensorrt.trt.IExecutionContext.set_device_memory
+    monkeypatch.setattr(fake_tensorrt.trt.IExecutionContext, "set_device_memory",
+                        lambda self, memory, size: (calls.append(size), real(self, memory, size)))
+    session = trt_backend.TensorRTBackend(max_contexts=1).load(entry, engines)
+    rng = np.random.default_rng(8)
+    for past, expected in ((60, 1), (60, 1), (2, 2), (3, 3), (3, 3), (60, 4)):  # shrinking shapes too
+        session.run(_decoder_feeds(engines, past, rng))
+        assert len(calls) == expected, past
+    assert len(set(calls)) == 1  # the memory never had to grow past the first (largest) shapes
+
+    def only_when_growing(self, shapes):  # the defect: memory given only when it had to grow
+        grown = self.scratch
+        for name, shape in shapes.items():
+            self.context.set_input_shape(name, shape)
+        if grown is None:
+            self.scratch = cuda.Allocation(int(self.context.update_device_memory_size_for_shapes()), stream=self.stream)
+            self.context.set_device_memory(self.scratch.ptr, self.scratch.nbytes)
+    monkeypatch.setattr(slots.Slot, "set_shapes", only_when_growing)
+    defective = trt_backend.TensorRTBackend(max_contexts=1).load(entry, engines)
+    defective.run(_decoder_feeds(engines, 60, rng))
+    with pytest.raises(BackendError, match="execute_async_v3 failed"):
+        defective.run(_decoder_feeds(engines, 2, rng))
+
+
+def test_update_device_memory_size_failure_is_an_error(engines, fake_tensorrt, monkeypatch):
+    """update_device_memory_size_for_shapes returns 0 on an error (NvInferRuntime.h): refused, naming the shapes."""
+    monkeypatch.setattr(fake_tensorrt.trt.IExecutionContext, "update_device_memory_size_for_shapes", lambda self: 0)
+    session = trt_backend.TensorRTBackend().load(engines.graphs["text_cross_kv"], engines)
+    with pytest.raises(BackendError, match=r"update_device_memory_size_for_shapes failed \(it returned 0\) for "
+                                           r"input shapes \{'av_memory': \(1, 8, 64\)\}"):
+        session.run({"av_memory": np.zeros((1, 8, 64), np.float32)})
 
 
 @pytest.mark.parametrize("total_gib, contexts", [(8, 1), (32, 2)])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 from mirasol.runtime.bundle.manifest import AxisRange, GraphEntry, Manifest  # noqa: E402
 from mirasol.runtime.bundle.tensors import TensorInfo  # noqa: E402
@@ -27,6 +27,7 @@ from . import (
     fake_cuda,
     fake_tensorrt,  # noqa: E402
 )
+from .fake_tensorrt import built_plan  # noqa: E402
 from .onnx_graphs import supported_model, write_bundle  # noqa: E402
 from .tensorrt_api import extract  # noqa: E402
 
@@ -81,19 +82,24 @@ def test_unknown_override_axis_is_refused(tmp_path):
     tp.check_axis_overrides(manifest, {"batch": 1, "seq": 4})
     with pytest.raises(BundleError, match="unknown axis 'past'"):
         tp.check_axis_overrides(manifest, {"past": 4})
-    assert build_engines_main([str(bundle), "--max", "batch"]) == 1  # malformed AXIS=N: refused before TensorRT
+    assert build_engines_main([str(bundle), "--max", "batch"]) == 2  # malformed AXIS=N: a usage error
     assert build_engines_main(["--help"]) == 0
 
 
 def test_build_plan_per_precision():
-    """TF32 is cleared unless asked for, whatever the typing (issue 18, fix 1)."""
-    assert tp.plan_build("fp32", "fp32") == tp.BuildPlan("fp32", False, (), ("TF32",))
+    """Strongly typed by default, TF32 cleared unless asked for whatever the typing (issue 18, fix 1; issue 23)."""
+    obey = ("OBEY_PRECISION_CONSTRAINTS",)
+    for precision in ("fp32", "fp16", "int8"):
+        assert tp.plan_build(precision, precision) == tp.BuildPlan(precision, True, (), ("TF32",))
     assert tp.plan_build("fp32", "fp32", tf32=True).clear_flags == ()
-    assert tp.plan_build("fp16", "fp32") == tp.BuildPlan("fp16", False, ("FP16",), ("TF32",))
-    assert tp.plan_build("fp16", "fp16") == tp.BuildPlan("fp16", True, (), ("TF32",))
-    assert tp.plan_build("int8", "int8").set_flags == ("INT8", "FP16")
-    assert tp.plan_build("int8", "int8", int8_fp16=False).set_flags == ("INT8",)
-    assert tp.plan_build("int8", "int8", typing="strong") == tp.BuildPlan("int8", True, (), ("TF32",))
+    assert tp.plan_build("fp32", "fp32", typing="weak") == tp.BuildPlan("fp32", False, (), ("TF32",))
+    # weak typing only by name, pinning the rotary angles wherever fp16 is allowed
+    assert tp.plan_build("fp16", "fp32", typing="weak") == \
+        tp.BuildPlan("fp16", False, ("FP16", *obey), ("TF32",), ("rotary_angles",))
+    assert tp.plan_build("int8", "int8", typing="weak") == \
+        tp.BuildPlan("int8", False, ("INT8", "FP16", *obey), ("TF32",), ("rotary_angles",))
+    assert tp.plan_build("int8", "int8", typing="weak", int8_fp16=False) == \
+        tp.BuildPlan("int8", False, ("INT8",), ("TF32",))
     for precision in ("fp32", "int8"):  # TensorRT 11: always strongly typed, TF32 still cleared
         assert tp.plan_build(precision, precision, has_precision_flags=False) == \
             tp.BuildPlan(precision, True, (), ("TF32",))
@@ -104,12 +110,37 @@ def test_build_plan_per_precision():
 
 
 def test_advice_fits_the_installed_tensorrt():
-    """fp16 engines from an fp32 bundle: --typing weak on TensorRT 10, never on 11 (issue 18, fix 3)."""
-    with pytest.raises(BundleError, match="export an fp16 bundle .*or use --typing weak") as on_10:
-        tp.plan_build("fp16", "fp32", typing="strong")
+    """fp16 engines from an fp32 bundle: refused by default, naming the fp16 export and --typing weak on TensorRT 10
+    (which pins the rotary angles), only the export on 11 (issue 18, fix 3; issue 23)."""
+    for typing in ("auto", "strong"):
+        with pytest.raises(BundleError, match=r"mirasol-export --precision fp16\).*or build weakly typed with "
+                                              r"--typing weak .*rotary-angle layers pinned to fp32") as on_10:
+            tp.plan_build("fp16", "fp32", typing=typing)
     with pytest.raises(BundleError, match="export an fp16 bundle .*ModelOpt AutoCast") as on_11:
         tp.plan_build("fp16", "fp32", has_precision_flags=False)
     assert "--typing weak" not in str(on_11.value) and "AutoCast" not in str(on_10.value)
+
+
+def test_int8_bundles_tensorrt_cannot_build_are_named_from_the_manifest(tmp_path):
+    """The cpu int8 targets (uint8 activations with zero points) are refused from what the manifest records, with
+    the export command that makes a bundle TensorRT builds; the tensorrt target passes (issue 23)."""
+    from mirasol.calibration.int8_targets import INT8_TARGETS  # noqa: PLC0415
+
+    bundle = write_bundle(tmp_path / "b", {"good": supported_model()})
+    manifest = Manifest.read(bundle)
+    assert tp.int8_problem(manifest, bundle) is None  # fp32: not int8
+    manifest.precision = "int8"
+    for target, recipe in INT8_TARGETS.items():
+        manifest.quantization = {"recipe": recipe.settings(), "data": {"source": "clips/"}}
+        problem = tp.int8_problem(manifest, bundle)
+        if target == "tensorrt":
+            assert problem is None
+        else:
+            assert f"its int8 target is '{target}'" in problem and "made for ONNX Runtime on the CPU" in problem
+            assert problem.endswith(f"mirasol-export --checkpoint DIR --precision int8 --int8-target tensorrt "
+                                    f"--calibration-data clips/ --out {bundle}-tensorrt")
+    manifest.quantization = {}
+    assert "does not say which int8 target" in tp.int8_problem(manifest, bundle)
 
 
 def test_engine_names_commands_and_mismatch():
@@ -166,14 +197,19 @@ def test_tensorrt_11_dropped_what_its_fake_drops():
     table = _tensorrt_table()
     dropped = {name: table[name][TRT_11] for name in ten - eleven}
     assert dropped == {"BuilderFlag.FP16": "absent", "BuilderFlag.INT8": "tail",  # "INT8" is the tail of "UINT8"
-                       "NetworkDefinitionCreationFlag.EXPLICIT_BATCH": "absent"}
+                       "BuilderFlag.OBEY_PRECISION_CONSTRAINTS": "absent",
+                       "NetworkDefinitionCreationFlag.EXPLICIT_BATCH": "absent", "ILayer.precision": "absent",
+                       "ILayer.set_output_type": "absent"}
     assert table["BuilderFlag.FP16"][fake_tensorrt.VERSIONS[0]] == "exact"
 
 
-def test_fake_cudart_matches_cuda_bindings():
-    """Parameter names, enum values and classes of the fake CUDA runtime are those of cuda-bindings 12.x."""
-    real = {name: row[0] for name, row in extract.read_table(extract.CUDART_TABLE).items() if name != "name"}
-    assert extract.fake_cudart_table() == real
+@pytest.mark.parametrize("column", range(len(extract.CUDA_WHEELS)))
+def test_fake_cudart_matches_cuda_bindings(column):
+    """Parameter names, enum values and classes of the fake CUDA runtime are those of cuda-bindings 12.9 and of
+    cuda-python 12.6.2.post1 (what a Jetson with JetPack 6 runs)."""
+    table = extract.read_table(extract.CUDART_TABLE)
+    assert table.pop("name")[column] == list(extract.CUDA_WHEELS)[column]
+    assert extract.fake_cudart_table() == {name: row[column] for name, row in table.items()}
 
 
 def _code_names(pattern: str, files: list[str]) -> set[str]:
@@ -186,12 +222,13 @@ def test_code_uses_only_names_the_fakes_define():
     have real names; the methods the code calls are exercised on the fakes by the tests below."""
     device = fake_cuda.Device(1 << 20)
     trt_names = fake_tensorrt.surface(fake_tensorrt.make_tensorrt(device))
-    files = ["runtime/tensorrt/build.py", "runtime/tensorrt/backend.py", "runtime/tensorrt/env.py"]
+    files = ["runtime/tensorrt/build.py", "runtime/tensorrt/backend.py", "runtime/tensorrt/env.py",
+             "runtime/tensorrt/slots.py"]
     used = _code_names(r"\btrt\.([A-Za-z_]\w*(?:\.[A-Z_][A-Za-z_0-9]*)?)", files)
     used = {name for name in used if not name.startswith("IProgressMonitor.__")}
     assert used and used <= trt_names, sorted(used - trt_names)
     cuda_names = fake_tensorrt.surface(fake_cuda.make_cudart(device))
-    files = ["runtime/tensorrt/cuda.py", "runtime/tensorrt/backend.py"]
+    files = ["runtime/tensorrt/cuda.py", "runtime/tensorrt/backend.py", "runtime/tensorrt/slots.py"]
     used = _code_names(r"\b(?:runtime|cudart\(\))\.(cuda\w*(?:\.cuda\w*)?)", files)
     assert used and used <= cuda_names, sorted(used - cuda_names)
 
@@ -220,13 +257,79 @@ def _flags_built(bundle: Path, graph: str) -> tuple[list[str], bool]:
 def test_tf32_is_off_whatever_the_typing(fake_tensorrt, tmp_path):
     bundle = write_bundle(tmp_path / "b", {"good": supported_model()})
     tb.build_engines(bundle)
-    assert _flags_built(bundle, "good") == ([], False)  # TensorRT's default has TF32 on: cleared
+    assert _flags_built(bundle, "good") == ([], True)  # TensorRT's default has TF32 on: cleared
     tb.build_engines(bundle, tf32=True)
-    assert _flags_built(bundle, "good") == (["TF32"], False)
-    tb.build_engines(bundle, precision="fp16")
-    assert _flags_built(bundle, "good") == (["FP16"], False)
-    tb.build_engines(bundle, typing="strong")
-    assert _flags_built(bundle, "good") == ([], True)
+    assert _flags_built(bundle, "good") == (["TF32"], True)
+    tb.build_engines(bundle, precision="fp16", typing="weak")
+    assert _flags_built(bundle, "good") == (["FP16", "OBEY_PRECISION_CONSTRAINTS"], False)
+    tb.build_engines(bundle, typing="weak")
+    assert _flags_built(bundle, "good") == ([], False)
+
+
+def test_fp16_engines_of_an_fp32_bundle_are_weak_by_name_with_the_rotary_angles_pinned(fake_tensorrt, tiny_bundles,
+                                                                                        tmp_path, monkeypatch):
+    """Strongly typed by default: an fp32 bundle asked for fp16 engines is refused before any build; --typing weak
+    builds them with every rotary-angle layer (Cos, Sin and the float layers feeding them) pinned to fp32 under
+    OBEY_PRECISION_CONSTRAINTS, which the fake checks; without the pins the fake flags the network (issue 23)."""
+    import shutil  # noqa: PLC0415
+
+    bundle = Path(shutil.copytree(tiny_bundles["ttm"], tmp_path / "bundle"))
+    with pytest.raises(BundleError, match="--typing weak"):
+        tb.build_engines(bundle, precision="fp16", graphs=["text_decoder"])
+    assert not list(bundle.glob("*.engine"))
+    lines: list[str] = []
+    tb.build_engines(bundle, precision="fp16", typing="weak", graphs=["text_decoder"], progress=lines.append)
+    plan = built_plan(bundle, "text_decoder")
+    trig = {n.name for n in onnx.load(str(bundle / "text_decoder.onnx")).graph.node if n.op_type in ("Cos", "Sin")}
+    assert not plan["strongly_typed"] and "OBEY_PRECISION_CONSTRAINTS" in plan["flags"]
+    assert plan["weak_unpinned"] == [] and trig and trig < set(plan["pinned_fp32"])
+    assert any(f"{len(plan['pinned_fp32'])} rotary-angle layer(s) pinned to fp32" in line for line in lines)
+    assert Manifest.read(bundle).graphs["text_decoder"].engine["pinned_fp32"] == ["rotary_angles"]
+    monkeypatch.setattr(tb, "pin_fp32", lambda trt, layers: 0)  # were the pins lost, the fake says so
+    tb.build_engines(bundle, precision="fp16", typing="weak", graphs=["text_decoder"], force=True)
+    assert set(built_plan(bundle, "text_decoder")["weak_unpinned"]) >= trig
+    assert "are not pinned to fp32" in fake_tensorrt.device.log[-1]
+
+
+def test_the_fake_refuses_layer_precisions_on_strongly_typed_networks(fake_tensorrt, tiny_bundles, tmp_path,
+                                                                      monkeypatch):
+    import shutil  # noqa: PLC0415
+
+    bundle = Path(shutil.copytree(tiny_bundles["ttm"], tmp_path / "bundle"))
+    strong_with_pins = tp.BuildPlan("fp32", True, (), ("TF32",), ("rotary_angles",))
+    monkeypatch.setattr(tb, "plan_build", lambda *a, **k: strong_with_pins)
+    with pytest.raises(BackendError, match="could not build the engine"):
+        tb.build_engines(bundle, graphs=["text_decoder"])
+    assert "precision set on a strongly typed network" in fake_tensorrt.device.log[-1]
+
+
+def test_int8_bundle_for_the_cpu_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """mirasol-build-engines reads the int8 target from the manifest and refuses before TensorRT is even imported,
+    printing the export command that makes the right bundle (issue 23)."""
+    from mirasol.calibration.int8_targets import CPU  # noqa: PLC0415
+
+    bundle = write_bundle(tmp_path / "b", {"good": supported_model()}, precision="int8")
+    manifest = Manifest.read(bundle)
+    manifest.quantization = {"recipe": CPU.settings(), "data": {"source": "synthetic"}}
+    manifest.write(bundle)
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: pytest.fail("TensorRT was reached"))
+    assert build_engines_main([str(bundle)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {bundle} is an int8 bundle TensorRT cannot build: its int8 target is 'cpu'")
+    assert ("mirasol-export --checkpoint DIR --precision int8 --int8-target tensorrt --calibration-data synthetic"
+            in line)
+    assert not list(bundle.glob("*.engine"))
+
+
+def test_device_n_builds_on_gpu_n(monkeypatch, tmp_path):
+    """--device 1 makes GPU 1 current before TensorRT builds (the fake records the device it built on)."""
+    fake_tensorrt.install(monkeypatch, count=2)
+    bundle = write_bundle(tmp_path / "b", {"good": supported_model()})
+    assert build_engines_main([str(bundle), "--device", "1", "--quiet"]) == 0
+    assert built_plan(bundle, "good")["device"] == 1
+    tb.build_engines(bundle, force=True)
+    assert built_plan(bundle, "good")["device"] == 0
+    assert build_engines_main([str(bundle), "--device", "2", "--quiet"]) == 1  # no such GPU: an error line
 
 
 def test_tensorrt_11_builds_strongly_typed_without_tf32(monkeypatch, tmp_path):
@@ -311,3 +414,24 @@ def test_timing_cache_survives_corruption_and_other_versions(fake_tensorrt, tmp_
     (bundle / tb.TIMING_CACHE_FILE).write_bytes(b"fake-timing-cache 9.0")
     tb.build_engines(bundle, force=True, progress=lines.append)
     assert any("another TensorRT or GPU" in line for line in lines)
+
+
+def test_export_makes_int8_for_tensorrt_when_it_builds_engines(tmp_path, monkeypatch, capsys):
+    """`mirasol-export --precision int8 --engine` quantizes for TensorRT by default, and refuses a CPU int8 target
+    before any work (issue 23)."""
+    from mirasol.export import bundle as export_bundle_module  # noqa: PLC0415
+    from mirasol.export import cli as export_cli  # noqa: PLC0415
+
+    targets: list[str] = []
+
+    def stop(*args, calibration=None, **kwargs):
+        targets.append(calibration.target)
+        raise KeyboardInterrupt  # stop before any export work
+    monkeypatch.setattr(export_bundle_module, "export_bundle", stop)
+    common = ["--preset", "tiny", "--precision", "int8", "--calibration-data", "synthetic", "-q"]
+    assert export_cli.main([*common, "--out", str(tmp_path / "a"), "--engine"]) == 130
+    assert export_cli.main([*common, "--out", str(tmp_path / "b")]) == 130
+    assert targets == ["tensorrt", "cpu"]
+    assert export_cli.main([*common, "--out", str(tmp_path / "c"), "--engine", "--int8-target", "cpu"]) == 2
+    assert "cannot be built from --int8-target cpu" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

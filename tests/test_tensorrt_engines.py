@@ -46,6 +46,7 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # engine kernels vs ONNX Runtime on CP
 class Built:
     bundle: Path
     precision: str
+    typing: str
     records: dict
     lines: list
     config: object
@@ -64,8 +65,10 @@ def built(request, tmp_path_factory, tiny_bundles, tiny_models):
             fake_tensorrt.install(patch)
         bundle = Path(shutil.copytree(source, tmp_path_factory.mktemp("engines") / "bundle"))
         lines: list[str] = []
-        records = tb.build_engines(bundle, precision=engine_precision, workspace_mb=512, progress=lines.append)
-        yield Built(bundle, engine_precision, records, lines, tiny_models["ttm"].config)
+        typing = "auto" if bundle_precision == engine_precision else "weak"  # fp16 of an fp32 bundle: weak by name
+        records = tb.build_engines(bundle, precision=engine_precision, typing=typing, workspace_mb=512,
+                                   progress=lines.append)
+        yield Built(bundle, engine_precision, typing, records, lines, tiny_models["ttm"].config)
 
 
 def _feeds(entry: GraphEntry, axes: dict, which: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -127,7 +130,7 @@ def test_engines_built_and_recorded(built):
     assert (built.bundle / tb.TIMING_CACHE_FILE).stat().st_size > 0
     assert any("building" in line for line in built.lines)
     again: list[str] = []
-    assert tb.build_engines(built.bundle, precision=built.precision, workspace_mb=512,
+    assert tb.build_engines(built.bundle, precision=built.precision, typing=built.typing, workspace_mb=512,
                             progress=again.append) == built.records
     assert all("up to date" in line for line in again[1:])
 
@@ -204,7 +207,8 @@ def test_profile_maximum_override(built, tmp_path):
     manifest = Manifest.read(copy)
     name, entry = next((n, e) for n, e in manifest.graphs.items() if "batch" in tp.profile_axes(e))
     assert entry.axes["batch"].max >= 2
-    records = tb.build_engines(copy, precision=built.precision, graphs=[name], axis_max={"batch": 1}, force=True)
+    records = tb.build_engines(copy, precision=built.precision, typing=built.typing, graphs=[name],
+                               axis_max={"batch": 1}, force=True)
     assert records[name]["profile"]["batch"]["max"] == 1 and "batch=1" in records[name]["build_args"]
     bundle, sessions = _sessions(copy)
     axes = {**_profile(entry), "batch": AxisRange(2, 2, 2)}

@@ -1,52 +1,25 @@
-"""Serving many streams with Triton: the repository writer, the model's sequence handling, and a real server.
-
-The server tests start the `tritonserver` of the nvidia-pytriton wheel (the `triton` extra) once for the module,
-on 127.0.0.1, and stop it by its PID at the end; each stream's answers through it must equal the same stream
-run alone through `Pipeline`.
+"""Serving many streams with Triton, without a server: the repository writer and its command line, and `Sequences`
+(the model's stream table). The real server's tests are in test_triton_server.py and test_triton_streaming.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import queue
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mirasol.runtime.errors import InputError, MirasolError, OutputError
-from mirasol.runtime.pipeline import Pipeline
-from mirasol.runtime.triton.model import Reply, Request, Sequences
+from mirasol.runtime.errors import BackendError, InputError, MirasolError, OutputError
 from mirasol.runtime.files.ownership import MARKER_FILE as MARKER
+from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.triton.repository import KIND, ServingOptions, write_repository
-from mirasol.runtime.triton.server import LocalServer, availability
+from mirasol.runtime.triton.sequences import Counters, Reply, Request, Sequences
 
-from .conftest import run_export_cli
-
-QUESTION = "what is the man holding?"
-FP32_TOLERANCE = 1e-5  # a stream's chunk batched with others vs alone (batched matrix products round differently)
-IDLE_TIMEOUT_S = 2.0
-
-
-def chunk_source(pipe: Pipeline, seed: int):
-    rng = np.random.default_rng(seed)
-    video_shape, audio_shape = pipe.chunk_inputs["video"].shape[1:], pipe.chunk_inputs["audio"].shape[1:]
-    return lambda: (rng.random(video_shape, dtype=np.float32), rng.standard_normal(audio_shape).astype(np.float32))
-
-
-def run_alone(pipe: Pipeline, chunks, question: str | None = None, max_new_tokens: int = 16):
-    """Contexts of each chunk and the answer, for one stream pushed alone."""
-    stream = pipe.stream()
-    contexts = [stream.push(*chunk) for chunk in chunks]
-    return contexts, (stream.ask(question, max_new_tokens) if question else "")
-
-
-def assert_close(got: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert got.shape == expected.shape, what
-    assert np.abs(got - expected).max() <= FP32_TOLERANCE, what
+from .conftest import run_export_cli, snapshot
+from .triton_tools import QUESTION, assert_close, chunk_source, run_alone
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,7 +30,8 @@ def test_repository_layout_and_config(tiny_bundles, tmp_path) -> None:
     options = ServingOptions(instances=2, max_batch=3, idle_timeout_s=7.5, queue_delay_ms=1, state_dir="states")
     model = write_repository(tiny_bundles["ttm"], out, options)
     assert model == out / "mirasol"
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "mirasol"]
+    assert sorted(p.name for p in out.iterdir()) == ["mirasol"]
+    assert sorted(p.name for p in model.iterdir()) == [MARKER, "1", "config.pbtxt"]
     assert sorted(p.name for p in (model / "1").iterdir()) == ["bundle", "model.py"]
     assert "from mirasol.runtime.triton.model import TritonPythonModel" in (model / "1" / "model.py").read_text()
     pipe = Pipeline.load(tiny_bundles["ttm"])
@@ -69,54 +43,103 @@ def test_repository_layout_and_config(tiny_bundles, tmp_path) -> None:
                  "preferred_batch_size: [ 3 ]", "instance_group [ { count: 2 kind: KIND_CPU } ]",
                  f'parameters {{ key: "state_dir" value {{ string_value: "{Path("states").absolute()}" }} }}'):
         assert line in config
-    marker = json.loads((out / MARKER).read_text())
+    marker = json.loads((model / MARKER).read_text())
     assert marker["kind"] == KIND and marker["options"]["max_batch"] == 3
+    assert sorted(marker["files"]) == sorted(p.relative_to(model).as_posix() for p in model.rglob("*")
+                                             if p.is_file() and p.name != MARKER)
 
 
-def test_writer_replaces_only_its_own_repositories(tiny_bundles, tmp_path) -> None:
-    users = tmp_path / "users"
-    users.mkdir()
-    (users / "notes.txt").write_text("keep me")
-    with pytest.raises(OutputError, match="is not a Triton model repository written by mirasol"):
-        write_repository(tiny_bundles["ttm"], users)
-    assert [p.name for p in users.iterdir()] == ["notes.txt"]
+def parsed_config(model: Path):
+    """config.pbtxt parsed as Triton's ModelConfig (the protobuf tritonclient ships): field names and enums checked."""
+    from google.protobuf import text_format
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="the triton extra")
 
-    ours = tmp_path / "ours"
-    write_repository(tiny_bundles["ttm"], ours, ServingOptions(model_name="first"))
-    write_repository(tiny_bundles["ttm"], ours, ServingOptions(model_name="second"))
-    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "second"]
+    return text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_config_decoupled_gpus_warmup_and_sampling_inputs(tiny_bundles, tmp_path) -> None:
+    plain = parsed_config(write_repository(tiny_bundles["ttm"], tmp_path / "plain"))
+    assert not plain.model_transaction_policy.decoupled and [o.name for o in plain.output] == [
+        "CONTEXT", "ANSWER", "CHUNKS"]
+    assert {i.name: i.optional for i in plain.input} == dict.fromkeys(
+        ["VIDEO", "AUDIO", "QUESTION", "MAX_NEW_TOKENS", "RESUME", "TEMPERATURE", "TOP_K", "TOP_P", "SEED"], True)
+    [warmup] = plain.model_warmup
+    assert warmup.count == 1 and warmup.batch_size == 1 and sorted(warmup.inputs) == ["AUDIO", "VIDEO"]
+    assert all(value.zero_data for value in warmup.inputs.values())
+
+    options = ServingOptions(backend="tensorrt", decoupled=True, gpus=(0, 2), instances=2, warmup=0)
+    gpu = parsed_config(write_repository(tiny_bundles["ttm"], tmp_path / "gpu", options))
+    assert gpu.model_transaction_policy.decoupled and "PIECE" in [o.name for o in gpu.output]
+    [group] = gpu.instance_group
+    assert group.kind == group.KIND_GPU and list(group.gpus) == [0, 2] and group.count == 2
+    assert not gpu.model_warmup
+    for bad, message in ((ServingOptions(gpus=(0,)), "--gpus: the onnxruntime backend computes on the CPU"),
+                         (ServingOptions(backend="tensorrt", gpus=(1, 1)), "different integers"),
+                         (ServingOptions(warmup=-1), "--warmup >= 0")):
+        with pytest.raises(InputError, match=message):
+            write_repository(tiny_bundles["ttm"], tmp_path / "refused", bad)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_writer_replaces_only_its_own_model_folder(tiny_bundles, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="first"))
+    write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="second"))
+    (repo / "NOTES.md").write_text("keep me")
+    (repo / "other_model" / "1").mkdir(parents=True)
+    (repo / "other_model" / "config.pbtxt").write_text('name: "other_model"')
+    before = snapshot(repo)
+    write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="second", instances=3))
+    assert sorted(p.name for p in repo.iterdir()) == ["NOTES.md", "first", "other_model", "second"]
+    assert {k: v for k, v in snapshot(repo).items() if not k.startswith("second/")} == {
+        k: v for k, v in before.items() if not k.startswith("second/")}, "only the model folder was written"
+    (repo / "first" / "1" / "my-notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"first exists and is a mirasol Triton model that also holds "
+                                          r"'1/my-notes.txt', which mirasol did not write"):
+        write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="first"))
+    (repo / "theirs").mkdir()
+    (repo / "theirs" / "config.pbtxt").write_text("mine")
+    with pytest.raises(OutputError, match="theirs exists and is not a Triton model written by mirasol"):
+        write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="theirs"))
     with pytest.raises(InputError, match="--max-batch: 99 is outside"):
-        write_repository(tiny_bundles["ttm"], ours, ServingOptions(max_batch=99))
-    assert sorted(p.name for p in ours.iterdir()) == [MARKER, "second"], "a refused write leaves the old one"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "users"], "no temporary directory is left"
+        write_repository(tiny_bundles["ttm"], repo, ServingOptions(model_name="second", max_batch=99))
+    assert (repo / "first" / "1" / "my-notes.txt").read_text() == "mine"
+    assert (repo / "theirs" / "config.pbtxt").read_text() == "mine"
+    assert sorted(p.name for p in repo.iterdir()) == ["NOTES.md", "first", "other_model", "second", "theirs"]
 
 
 def test_cli_help_and_errors(tiny_bundles, tmp_path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mirasol.runtime.triton.repository", *args],
+        return subprocess.run([sys.executable, "-m", "mirasol.runtime.cli.triton", *args],
                               capture_output=True, text=True, timeout=120)
 
     helped = cli("-h")
-    assert helped.returncode == 0 and "--idle-timeout-s" in helped.stdout and "(default: 60.0)" in helped.stdout
+    text = " ".join(helped.stdout.split())
+    assert helped.returncode == 0 and "--idle-timeout-s" in text and "(a number in (0, 1e+07]) (default: 60.0)" in text
     assert cli(str(tiny_bundles["ttm"])).returncode == 2  # --out missing
     missing = cli(str(tmp_path / "nothing"), "--out", str(tmp_path / "repo"))
     assert missing.returncode == 1 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
-    wrote = cli(str(tiny_bundles["ttm"]), "--out", str(tmp_path / "repo"), "--backend", "tensorrt")
+    wrote = cli(str(tiny_bundles["ttm"]), "--out", str(tmp_path / "repo"), "--backend", "tensorrt", "--gpus", "1,0",
+                "--decoupled", "--warmup", "3")
     assert wrote.returncode == 0 and "mirasol-build-engines" in wrote.stdout
-    assert "kind: KIND_GPU" in (tmp_path / "repo" / "mirasol" / "config.pbtxt").read_text()
+    config = parsed_config(tmp_path / "repo" / "mirasol")
+    assert list(config.instance_group[0].gpus) == [1, 0] and config.model_transaction_policy.decoupled
+    assert config.model_warmup[0].count == 3
+    bad = cli(str(tiny_bundles["ttm"]), "--out", str(tmp_path / "other"), "--gpus", "first")
+    assert bad.returncode == 2 and "expected GPU indices separated by commas" in bad.stderr
 
 
 def test_export_cli_writes_the_repository(tmp_path) -> None:
     users = tmp_path / "users"
-    users.mkdir()
-    (users / "notes.txt").write_text("keep me")
+    (users / "mirasol").mkdir(parents=True)
+    (users / "mirasol" / "notes.txt").write_text("keep me")
     args = ["--preset", "tiny", "--no-validate", "--out", str(tmp_path / "bundle"), "--triton"]
     refused = run_export_cli([*args, str(users)])
-    assert refused.exit_code == 1 and "is not a Triton model repository written by mirasol" in refused.stderr
+    assert refused.exit_code == 1 and "is not a Triton model written by mirasol" in refused.stderr
     assert not (tmp_path / "bundle").exists(), "refused before exporting"
     result = run_export_cli([*args, str(tmp_path / "repo")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "repo" / MARKER).is_file() and "wrote Triton model repository" in result.output
+    assert (tmp_path / "repo" / "mirasol" / MARKER).is_file() and "wrote Triton model repository" in result.output
     assert (tmp_path / "repo" / "mirasol" / "1" / "bundle" / "manifest.json").is_file()
 
 
@@ -160,7 +183,7 @@ def test_sequences_lifecycle_reclaim_and_resume(tiny_bundles, tmp_path) -> None:
     assert 1 not in sequences.streams and not (tmp_path / "state" / "1.npz").exists()
     [nothing] = sequences.serve([Request(1, start=True, resume=True)])
     assert isinstance(nothing, InputError) and "no saved state" in str(nothing)
-    assert (tmp_path / "state" / f"s-{'cam-2'.encode().hex()}.npz").is_file()
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [f"s-{hashlib.sha256(b'cam-2').hexdigest()}.npz"]
 
 
 def test_sequences_bad_input_fails_only_its_request(tiny_bundles) -> None:
@@ -176,7 +199,7 @@ def test_sequences_bad_input_fails_only_its_request(tiny_bundles) -> None:
     assert_close(replies[0].context, expected[1][1], "the good sequence's chunk")
     assert isinstance(replies[1], InputError) and "NaN" in str(replies[1])
     assert isinstance(replies[2], InputError) and "max_new_tokens" in str(replies[2])
-    assert "the chunk of this request was taken" in str(replies[2]) and sequences.streams[3].chunks == 2
+    assert sequences.streams[3].chunks == 1, "a request whose question is refused takes none of its chunk"
     assert sequences.streams[2].chunks == 1
     [retried] = sequences.serve([Request(2, chunk=chunks[2][1])])
     assert_close(retried.context, expected[2][1], "the bad sequence's state was left as it was")
@@ -189,272 +212,153 @@ def test_sequences_unsaved_state_is_that_requests_error(tiny_bundles, tmp_path) 
     logged: list[str] = []
     sequences = Sequences(pipe, idle_timeout_s=60, state_dir=tmp_path, log=logged.append)
     replies = sequences.serve([Request(7, start=True, chunk=new_chunk()), Request(8, start=True, chunk=new_chunk())])
-    assert "could not remove the saved state of sequence 7" in logged[0]
-    assert isinstance(replies[0], MirasolError) and "the chunk was taken, but saving the stream" in str(replies[0])
+    assert (tmp_path / "7.npz").is_dir(), "what is in the state file's place is not ours to remove"
+    assert isinstance(replies[0], OutputError) and "the chunk was taken, but saving the stream" in str(replies[0])
     assert isinstance(replies[1], Reply) and (tmp_path / "8.npz").is_file()
     assert sequences.streams[7].chunks == 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A real server
+class Recorded(Counters):
+    def __init__(self) -> None:
+        self.seen: dict[str, list] = {}
 
-AVAILABLE, WHY = availability()
-needs_server = pytest.mark.skipif(not AVAILABLE, reason=f"the Triton server cannot run here: {WHY}")
-
-
-@dataclass
-class Served:
-    server: LocalServer
-    pipe: Pipeline
-    state_dir: Path
-    log: Path
+    def __getattribute__(self, name: str):
+        if name in ("chunks", "answered", "reclaimed", "failed", "streams"):
+            return lambda *args, **kwargs: self.seen.setdefault(name, []).append(args or tuple(kwargs.values()))
+        return super().__getattribute__(name)
 
 
-@pytest.fixture(scope="module")
-def served(tiny_bundles, tmp_path_factory) -> Served:
-    root = tmp_path_factory.mktemp("triton")
-    options = ServingOptions(idle_timeout_s=IDLE_TIMEOUT_S, queue_delay_ms=100, state_dir=str(root / "state"),
-                             max_new_tokens=16)
-    write_repository(tiny_bundles["ttm"], root / "repo", options)
-    server = LocalServer(root / "repo", log_file=root / "server.log")
-    try:
-        server.start()
-        yield Served(server, Pipeline.load(tiny_bundles["ttm"]), root / "state", root / "server.log")
-    finally:
-        server.stop()
+def test_sequences_check_the_whole_request_before_any_step(tiny_bundles) -> None:
+    """A request whose question, answer length or sampling is refused takes none of its chunk (nor its START)."""
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(pipe, seed=13)
+    chunks = [new_chunk() for _ in range(2)]
+    expected, answer = run_alone(pipe, chunks, QUESTION)
+    counters = Recorded()
+    sequences = Sequences(pipe, idle_timeout_s=60, max_new_tokens=16, counters=counters)
+    [first] = sequences.serve([Request(1, start=True, chunk=chunks[0])])
+    refused = sequences.serve([Request(1, "long", chunk=chunks[1], question="x" * 200),
+                               Request(2, "empty", start=True, question=QUESTION)])
+    refused += sequences.serve([Request(1, "tokens", chunk=chunks[1], question=QUESTION, max_new_tokens=-3)])
+    refused += sequences.serve([Request(1, "sampling", chunk=chunks[1], question=QUESTION, temperature=-1.0)])
+    refused += sequences.serve([Request(1, "seed", start=True, chunk=chunks[1], question=QUESTION, seed=-1)])
+    assert [type(r) for r in refused] == [InputError] * 5
+    assert [str(r).split(":")[0] for r in refused] == ["sequence 1, request 'long'", "sequence 2, request 'empty'",
+                                                      "sequence 1, request 'tokens'", "sequence 1, request 'sampling'",
+                                                      "sequence 1, request 'seed'"]
+    assert "push at least one chunk" in str(refused[1]) and "max_new_tokens" in str(refused[2])
+    assert sequences.streams[1].chunks == 1, "no refused request took its chunk, nor restarted the stream"
+    [served] = sequences.serve([Request(1, chunk=chunks[1], question=QUESTION)])
+    assert_close(served.context, expected[1], "the chunk after the refused requests")
+    assert served.answer == answer
+    assert counters.seen["failed"] == [(True,)] * 5 and counters.seen["chunks"][-1] == (1,)
+    assert counters.seen["streams"][-1] == (2,) and len(counters.seen["answered"]) == 1
 
 
-def triton_inputs(client_module, chunk=None, question: str | None = None, resume: bool = False,
-                  max_new_tokens: int | None = None) -> list:
-    """The request's inputs (batch axis 1), for tritonclient.http or tritonclient.grpc."""
-    values: list[tuple[str, np.ndarray, str]] = []
-    if chunk is not None:
-        values += [("VIDEO", chunk[0][None], "FP32"), ("AUDIO", chunk[1][None], "FP32")]
-    if question is not None:
-        values.append(("QUESTION", np.array([[question.encode()]], dtype=np.object_), "BYTES"))
-    if resume:
-        values.append(("RESUME", np.array([[True]]), "BOOL"))
-    if max_new_tokens is not None:
-        values.append(("MAX_NEW_TOKENS", np.array([[max_new_tokens]], dtype=np.int32), "INT32"))
-    inputs = []
-    for name, value, dtype in values:
-        tensor = client_module.InferInput(name, list(value.shape), dtype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
+def test_sequences_default_answer_length_is_what_the_question_leaves(tiny_bundles) -> None:
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    question = "q" * (pipe.max_text_len - 2 - 9)  # with BOS and the newline: 9 tokens left for the answer
+    stream = pipe.stream()
+    chunk = chunk_source(pipe, seed=14)()
+    stream.push(*chunk)
+    expected = stream.token_ids(question)[0]
+    for configured in (None, 16):  # the bundle's default (32), a server's --max-new-tokens
+        sequences = Sequences(pipe, idle_timeout_s=60, max_new_tokens=configured)
+        for tokens in (None, 0):  # MAX_NEW_TOKENS absent, or 0
+            [reply] = sequences.serve([Request(5, start=True, end=True, chunk=chunk, question=question,
+                                               max_new_tokens=tokens)])
+            assert isinstance(reply, Reply) and reply.answer == pipe.tokenizer.decode(expected), (configured, tokens)
+    assert len(expected) <= 9
+    [too_long] = sequences.serve([Request(5, start=True, chunk=chunk, question=question, max_new_tokens=10)])
+    assert isinstance(too_long, InputError) and "must be an int in [1, 9]" in str(too_long)
 
 
-@pytest.fixture
-def http_client(served):
-    http = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (the triton extra)")
-    client = http.InferenceServerClient(served.server.http_url, concurrency=16)
-    yield http, client
-    client.close()  # an open keep-alive connection would hold up the server's stop
+def test_sequences_batch_questions_across_sequences(tiny_bundles, monkeypatch) -> None:
+    """Questions in one batch are generated together (fewer text decoder runs) with the answers of each alone, and
+    each answer's text comes through on_text in order."""
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(pipe, seed=15)
+    ids = [1, 2, 3, 4, 5, 6]
+    chunks = {s: [new_chunk() for _ in range(2 + (s > 4))] for s in ids}  # two lengths of AV memory
+    questions = {s: QUESTION if s % 2 else "what colour is the hat?" for s in ids}  # two prompt lengths
+    sampling = {s: {"temperature": 0.8, "top_k": 40, "seed": s} if s > 3 else {} for s in ids}
+    expected = {s: run_alone(pipe, chunks[s], questions[s], **sampling[s])[1] for s in ids}
+    sequences = Sequences(pipe, idle_timeout_s=60, max_new_tokens=16)
+    sequences.serve([Request(s, start=True, chunk=chunks[s][0]) for s in ids])
+    sequences.serve([Request(s, chunk=chunks[s][1]) for s in ids])
+    runs = []
+    decoder = pipe.sessions["text_decoder"]
+    monkeypatch.setattr(decoder, "run", lambda *a, run=decoder.run, **k: runs.append(1) or run(*a, **k))
+    texts: dict[int, str] = {}
+    replies = sequences.serve([Request(s, chunk=chunks[s][2] if s > 4 else None, question=questions[s],
+                                       **sampling[s]) for s in ids],
+                              on_text=lambda i, text: texts.__setitem__(ids[i], texts.get(ids[i], "") + text))
+    assert {s: r.answer for s, r in zip(ids, replies)} == expected
+    assert texts == {s: a for s, a in expected.items() if a}
+    tokens = sum(len(pipe.tokenizer.encode(a)) for a in expected.values())  # at most one run per token alone
+    assert len(runs) < tokens, "questions of several sequences shared text decoder runs"
 
 
-def infer(http, client, sequence, **options):
-    """One request; returns (CONTEXT, ANSWER, CHUNKS) or the exception's text."""
-    flags = {k: options.pop(k) for k in ("start", "end") if k in options}
-    try:
-        result = client.infer("mirasol", triton_inputs(http, **options), sequence_id=sequence,
-                              sequence_start=flags.get("start", False), sequence_end=flags.get("end", False))
-    except Exception as error:  # tritonclient's InferenceServerException
-        return str(error)
-    return result.as_numpy("CONTEXT")[0], result.as_numpy("ANSWER")[0, 0].decode(), int(result.as_numpy("CHUNKS")[0, 0])
+def test_sequences_a_long_or_odd_id_fails_nothing_else(tiny_bundles, tmp_path) -> None:
+    """Issue 25 case 12: string IDs of any length or characters get bounded, safe state file names; and an
+    unexpected failure of one request (here a state save raising a non-Mirasol error) is that request's alone."""
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    new_chunk = chunk_source(pipe, seed=16)
+    odd = ["x" * 5000, "../../escape", "cam/1\\0", "\udcff"]
+    sequences = Sequences(pipe, idle_timeout_s=60, state_dir=tmp_path / "state")
+    replies = sequences.serve([Request(s, start=True, chunk=new_chunk()) for s in [*odd, 9]])
+    assert all(isinstance(r, Reply) and r.chunks == 1 for r in replies), replies
+    names = [p.name for p in (tmp_path / "state").iterdir()]
+    assert len(names) == 5 and all(len(n) <= 72 for n in names) and sorted(tmp_path.iterdir()) == [tmp_path / "state"]
+    [resumed] = Sequences(pipe, 60, state_dir=tmp_path / "state").serve([Request(odd[0], start=True, resume=True)])
+    assert resumed.chunks == 1
+
+    broken = sequences.streams[9]
+    broken.save = lambda path: 1 / 0  # a defect in one request's path
+    logged: list[str] = []
+    sequences.log = logged.append
+    replies = sequences.serve([Request(s, chunk=new_chunk()) for s in [odd[1], 9, odd[2]]])
+    assert isinstance(replies[1], BackendError) and "internal error: ZeroDivisionError" in str(replies[1])
+    assert "sequence 9" in str(replies[1]) and "ZeroDivisionError" in logged[0]
+    assert [r.chunks for r in (replies[0], replies[2])] == [2, 2]
 
 
-def statistics(client) -> tuple[int, int]:
-    stats = client.get_inference_statistics("mirasol")["model_stats"][0]
-    return stats["inference_count"], stats["execution_count"]
+def test_sequences_serve_a_one_off_request_on_a_stream_of_its_own(tiny_bundles, tmp_path) -> None:
+    """Correlation ID 0 (Triton's model warm-up): a fresh stream that ends with the request, nothing saved."""
+    pipe = Pipeline.load(tiny_bundles["ttm"])
+    chunk = chunk_source(pipe, seed=17)()
+    sequences = Sequences(pipe, idle_timeout_s=60, state_dir=tmp_path)
+    for _ in range(2):
+        [reply] = sequences.serve([Request(0, chunk=(np.zeros_like(chunk[0]), np.zeros_like(chunk[1])))])
+        assert isinstance(reply, Reply) and reply.chunks == 1
+    assert sequences.streams == {} and list(tmp_path.iterdir()) == []
+    [failed] = sequences.serve([Request(0, question=QUESTION)])
+    assert isinstance(failed, MirasolError) and "push at least one chunk" in str(failed)
 
 
-@needs_server
-def test_interleaved_sequences_over_http_equal_each_stream_alone(served, http_client) -> None:
-    """Six sequences, two starting one chunk later; at each step their requests are in flight together."""
-    http, client = http_client
-    new_chunk = chunk_source(served.pipe, seed=20)
-    ids, offsets, steps = [101, 102, 103, 104, 105, 106], [0, 0, 0, 0, 1, 1], 4
-    chunks = {s: [new_chunk() for _ in range(steps)] for s in ids}
-    expected = {s: run_alone(served.pipe, chunks[s], QUESTION) for s in ids}
-    inferences, executions = statistics(client)
-    got: dict[int, list] = {s: [] for s in ids}
-    for t in range(steps + 1):
-        pending = []
-        for s, offset in zip(ids, offsets):
-            k = t - offset
-            if 0 <= k < steps:
-                last = k == steps - 1
-                pending.append((s, client.async_infer(
-                    "mirasol", triton_inputs(http, chunks[s][k], QUESTION if last else None), sequence_id=s,
-                    sequence_start=k == 0, sequence_end=last)))
-        for s, handle in pending:
-            result = handle.get_result()
-            got[s].append((result.as_numpy("CONTEXT")[0], result.as_numpy("ANSWER")[0, 0].decode(),
-                           int(result.as_numpy("CHUNKS")[0, 0])))
-    for s in ids:
-        contexts, answer = expected[s]
-        assert [chunks for _, _, chunks in got[s]] == [1, 2, 3, 4]
-        for k, (context, _, _) in enumerate(got[s]):
-            assert_close(context, contexts[k], f"sequence {s} chunk {k}")
-        assert got[s][-1][1] == answer and answer
-    after_inferences, after_executions = statistics(client)
-    assert after_inferences - inferences == len(ids) * steps
-    assert after_executions - executions < len(ids) * steps, "requests of several sequences ran in one call"
+def test_launcher_command_line(tmp_path) -> None:
+    """The launcher's options as tritonserver flags, and its refusals (the real server runs them in
+    test_triton_server.py: another loopback address, metrics, the explicit control mode, a log file)."""
+    from mirasol.runtime.triton.server import LocalServer
 
+    server = LocalServer(tmp_path, address="0.0.0.0", metrics_port=9102, model_control_mode="explicit",
+                         load_models=["a", "b"], log_verbose=1)
+    command, _ = server.command(tmp_path / "backends")
+    flags = " ".join(command)
+    for flag in ("--http-address 0.0.0.0", "--grpc-address 0.0.0.0", "--metrics-address 0.0.0.0",
+                 "--metrics-port 9102", "--allow-metrics true", "--model-control-mode explicit", "--load-model=a",
+                 "--load-model=b", "--log-verbose 1"):
+        assert flag in flags
+    assert server.http_url.startswith("127.0.0.1:") and server.metrics_url == "http://127.0.0.1:9102/metrics"
+    assert "--allow-metrics false" in " ".join(LocalServer(tmp_path).command(tmp_path)[0])
 
-@needs_server
-def test_grpc_stream_of_interleaved_sequences(served) -> None:
-    """One gRPC stream carries three sequences' requests interleaved, sent without waiting for the replies."""
-    grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (the triton extra)")
-    new_chunk = chunk_source(served.pipe, seed=21)
-    ids, steps = ["cam-a", "cam-b", "cam-c"], 3
-    chunks = {s: [new_chunk() for _ in range(steps)] for s in ids}
-    expected = {s: run_alone(served.pipe, chunks[s], QUESTION) for s in ids}
-    replies: queue.Queue = queue.Queue()
-    client = grpc.InferenceServerClient(served.server.grpc_url)
-    client.start_stream(callback=lambda result, error: replies.put((result, error)))
-    try:
-        for k in range(steps):
-            for s in ids:
-                last = k == steps - 1
-                client.async_stream_infer("mirasol", triton_inputs(grpc, chunks[s][k], QUESTION if last else None),
-                                          request_id=f"{s}/{k}", sequence_id=s, sequence_start=k == 0,
-                                          sequence_end=last)
-        got = {}
-        for _ in range(steps * len(ids)):
-            result, error = replies.get(timeout=60)
-            assert error is None, error
-            s, k = result.get_response().id.split("/")
-            got[s, int(k)] = (result.as_numpy("CONTEXT")[0], result.as_numpy("ANSWER")[0, 0].decode())
-    finally:
-        client.stop_stream()
-        client.close()
-    for s in ids:
-        contexts, answer = expected[s]
-        for k in range(steps):
-            assert_close(got[s, k][0], contexts[k], f"sequence {s} chunk {k}")
-        assert got[s, steps - 1][1] == answer
+    def launcher(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mirasol.runtime.triton.server", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60)
 
-
-@needs_server
-def test_start_end_lifecycle(served, http_client) -> None:
-    http, client = http_client
-    new_chunk = chunk_source(served.pipe, seed=22)
-    chunks = [new_chunk() for _ in range(3)]
-    expected, _ = run_alone(served.pipe, chunks)
-    assert infer(http, client, 201, start=True, chunk=chunks[0])[2] == 1
-    assert infer(http, client, 201, chunk=chunks[1])[2] == 2
-    assert (served.state_dir / "201.npz").is_file()
-    context, _, count = infer(http, client, 201, end=True, chunk=chunks[2])
-    assert count == 3 and not (served.state_dir / "201.npz").exists()
-    assert_close(context, expected[2], "the END request's chunk")
-    assert "must specify the START flag" in infer(http, client, 201, chunk=chunks[0])
-    context, _, count = infer(http, client, 201, start=True, chunk=chunks[0])
-    assert count == 1, "a new START begins a fresh stream"
-    assert_close(context, expected[0], "the fresh stream's first chunk")
-    infer(http, client, 201, end=True)
-
-
-@needs_server
-def test_idle_sequence_is_reclaimed_and_resumes_from_saved_state(served, http_client) -> None:
-    http, client = http_client
-    new_chunk = chunk_source(served.pipe, seed=23)
-    chunks = [new_chunk() for _ in range(3)]
-    expected, answer = run_alone(served.pipe, chunks, QUESTION)
-    infer(http, client, 301, start=True, chunk=chunks[0])
-    infer(http, client, 301, chunk=chunks[1])
-    time.sleep(IDLE_TIMEOUT_S + 1)
-    assert "must specify the START flag" in infer(http, client, 301, chunk=chunks[2]), "Triton dropped it"
-    infer(http, client, 302, start=True, end=True)  # the model reclaims idle streams when it next runs
-    deadline = time.monotonic() + 10
-    while "reclaimed sequence 301" not in served.log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "reclaimed sequence 301" in served.log.read_text()
-    context, reply, count = infer(http, client, 301, start=True, resume=True, end=True, chunk=chunks[2],
-                                  question=QUESTION)
-    assert count == 3 and reply == answer
-    assert_close(context, expected[2], "the resumed stream's next chunk")
-
-
-@needs_server
-def test_bad_input_fails_only_its_request(served, http_client) -> None:
-    http, client = http_client
-    new_chunk = chunk_source(served.pipe, seed=24)
-    ids = (401, 402, 403)
-    chunks = {s: [new_chunk() for _ in range(3)] for s in ids}
-    expected = {s: run_alone(served.pipe, chunks[s])[0] for s in ids}
-    for s in ids:
-        infer(http, client, s, start=True, chunk=chunks[s][0])
-    nan = (np.full_like(chunks[402][1][0], np.nan), chunks[402][1][1])
-    sent = [client.async_infer("mirasol", triton_inputs(http, chunk), sequence_id=s)
-            for s, chunk in ((401, chunks[401][1]), (402, nan), (403, chunks[403][1]))]
-    outcomes = []
-    for handle in sent:
-        try:
-            outcomes.append(handle.get_result().as_numpy("CONTEXT")[0])
-        except Exception as error:
-            outcomes.append(str(error))
-    assert "InputError" in outcomes[1] and "NaN" in outcomes[1]
-    assert_close(outcomes[0], expected[401][1], "401 beside the bad request")
-    assert_close(outcomes[2], expected[403][1], "403 beside the bad request")
-    video_only = http.InferInput("VIDEO", [1, *chunks[402][1][0].shape], "FP32")
-    video_only.set_data_from_numpy(chunks[402][1][0][None])
-    try:
-        client.infer("mirasol", [video_only], sequence_id=402)
-        raise AssertionError("a chunk without audio was taken")
-    except Exception as error:
-        assert "VIDEO and AUDIO come together" in str(error)
-    assert "unexpected shape" in infer(http, client, 402, chunk=(chunks[402][1][0][:1], chunks[402][1][1]))
-    context, _, count = infer(http, client, 402, chunk=chunks[402][1])
-    assert count == 2, "the refused requests left the stream as it was"
-    assert_close(context, expected[402][1], "402 after its bad requests")
-    for s in ids:
-        infer(http, client, s, end=True)
-
-
-@needs_server
-def test_restarted_server_resumes_saved_streams(served) -> None:
-    http = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (the triton extra)")
-    new_chunk = chunk_source(served.pipe, seed=25)
-    chunks = [new_chunk() for _ in range(3)]
-    expected, answer = run_alone(served.pipe, chunks, QUESTION)
-    client = http.InferenceServerClient(served.server.http_url)
-    infer(http, client, 501, start=True, chunk=chunks[0])
-    infer(http, client, 501, chunk=chunks[1])
-    client.close()
-    served.server.stop()
-    served.server.start()
-    client = http.InferenceServerClient(served.server.http_url)
-    try:
-        assert "must specify the START flag" in infer(http, client, 501, chunk=chunks[2])
-        context, reply, count = infer(http, client, 501, start=True, resume=True, end=True, chunk=chunks[2],
-                                      question=QUESTION)
-        assert count == 3 and reply == answer
-        assert_close(context, expected[2], "the chunk after the restart")
-        assert "no saved state" in infer(http, client, 502, start=True, resume=True)
-    finally:
-        client.close()
-
-
-@needs_server
-def test_load_figure_modes_do_the_same_work(served) -> None:
-    """The modes of `python -m mirasol.runtime.triton.load` push the same chunks and get the same contexts."""
-    pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (the triton extra)")
-    from mirasol.runtime.triton import load as triton_load
-
-    data = triton_load.make_chunks(served.pipe, streams=3, chunks=3, seed=1)
-    reference: list[list[np.ndarray]] = [[] for _ in data]
-    served_contexts: list[list[np.ndarray]] = [[] for _ in data]
-    figures = [triton_load.measure("threads", 9, lambda: triton_load.threaded(served.pipe, data, reference)),
-               triton_load.measure("one by one", 9, lambda: triton_load.one_by_one(served.pipe, data)),
-               triton_load.measure("batched", 9, lambda: triton_load.batched(served.pipe, data)),
-               triton_load.measure("server", 9, lambda: triton_load.through_server(
-                   served.server, data, "grpc", "mirasol", served_contexts), served.server.process.pid)]
-    for figure in figures:
-        assert figure["chunks_per_s"] > 0 and figure["cpu_ms_per_chunk"] > 0 and figure["p95_ms"] >= figure["p50_ms"]
-    for s in range(3):
-        expected, _ = run_alone(served.pipe, data[s])
-        for k in range(3):
-            assert_close(reference[s][k], expected[k], f"in-process stream {s} chunk {k}")
-            assert_close(served_contexts[s][k], expected[k], f"served stream {s} chunk {k}")
-    assert "| mode | chunks/s |" in triton_load.format_table(figures)
+    assert "--model-control-mode" in launcher("-h").stdout
+    for args, message in ((["--load-model", "a"], "--load-model needs --model-control-mode explicit"),
+                          (["--http-port", "70000"], "expected an integer in [0, 65535]"),
+                          (["--model-control-mode", "sometimes"], "invalid choice")):
+        done = launcher(*args)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
-from mirasol.runtime.cli.commandline import UsageError, bounded, command_parser, existing_dir, run_command
+from mirasol.runtime.cli.commandline import COUNT, SEED, THREADS, UsageError, command_parser, existing_dir, run_command
+
+from .report_files import MARKDOWN_MARK, check_report_paths, write_reports
 
 PRESETS = ("tiny", "small", "base", "mirasol3b")
 
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "  mirasol-bench --preset small --json bench.json --markdown bench.md   # the reference CPU benchmark\n"
                "  mirasol-bench --bundle bundles/demo --precisions fp32",
         quiet=True)
-    count = bounded(int, 1)
+    count = COUNT
     parser.add_argument("--preset", choices=PRESETS,
                         help="model size with a seeded random init (default: small; tiny with --quick)")
     parser.add_argument("--checkpoint", type=existing_dir, metavar="DIR",
@@ -48,13 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunks", type=count, metavar="N", help="clip length in chunks (default: the config's clip)")
     parser.add_argument("--repeats", type=count, metavar="N",
                         help="timed chunk steps per engine (default 30; 5 with --quick)")
-    parser.add_argument("--threads", type=count, metavar="N",
+    parser.add_argument("--threads", type=THREADS, metavar="N",
                         help="intra-op threads for ONNX Runtime and PyTorch (default: all CPUs)")
     parser.add_argument("--precisions", metavar="LIST",
                         help="comma-separated runtime precisions: fp32,fp16,int8 (default: all; fp32 with --quick)")
     parser.add_argument("--new-tokens", type=count, metavar="N",
                         help="new tokens per answer (default 64; 16 with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the random init and inputs")
     parser.add_argument("--flat-chunks", type=count, metavar="N",
                         help="length of the flatness streams (default 128; 32 with --quick)")
     parser.add_argument("--calibration-data", default="synthetic", metavar="SOURCE", help="int8 calibration data")
@@ -78,6 +80,9 @@ def _bench(args: argparse.Namespace) -> None:
     chosen = tuple(p.strip() for p in args.precisions.split(",") if p.strip()) if args.precisions else None
     if chosen and set(chosen) - set(PRECISION_NAMES):
         raise UsageError(f"--precisions: choose from {','.join(PRECISION_NAMES)}")
+    if args.json_path and args.markdown_path and args.json_path.absolute() == args.markdown_path.absolute():
+        raise UsageError("--json and --markdown name the same file")
+    check_report_paths(args.json_path, args.markdown_path)  # before any work: minutes of it must not end refused
     from .markdown import to_markdown
     from .run import jsonable, run_benchmark  # torch and the exporter load when a run starts (--help stays fast)
 
@@ -87,11 +92,8 @@ def _bench(args: argparse.Namespace) -> None:
         flat_chunks=args.flat_chunks, export_dir=args.export_dir, calibration_data=args.calibration_data,
         calibration_clips=args.calibration_clips,
         progress=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
-    markdown = to_markdown(report)
-    if args.json_path:
-        args.json_path.write_text(json.dumps(jsonable(report), indent=2) + "\n")
-    if args.markdown_path:
-        args.markdown_path.write_text(markdown)
+    markdown = to_markdown(report) + MARKDOWN_MARK + "\n"
+    write_reports(args.json_path, json.dumps(jsonable(report), indent=2) + "\n", args.markdown_path, markdown)
     print(markdown)
 
 

@@ -9,11 +9,13 @@ holds to >= 95%, as a number per bundle (precision, KV cache).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from mirasol.model.demo_task import TEST_SEED, DemoTask
 from mirasol.model.train import evaluate
 from mirasol.runtime.bundle.manifest import Manifest
+from mirasol.runtime.cli.commandline import COUNT, command_parser, existing_dir, run_command
 from mirasol.runtime.pipeline import Pipeline
 
 START = 100_000
@@ -27,13 +29,15 @@ def accuracy(bundle: Path, clips: int = 40, questions: int = 5) -> tuple[float, 
     return score, sum(len(c.questions) for c in made)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mirasol.export.bench.demo_accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundles", type=Path, nargs="+")
-    parser.add_argument("--clips", type=int, default=40)
-    parser.add_argument("--questions", type=int, default=5, help="per clip")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("python -m mirasol.export.bench.demo_accuracy", __doc__.splitlines()[0])
+    parser.add_argument("bundles", type=existing_dir, nargs="+", metavar="BUNDLE", help="bundles of the demo model")
+    parser.add_argument("--clips", type=COUNT, default=40, metavar="N", help="held-out clips")
+    parser.add_argument("--questions", type=COUNT, default=5, metavar="N", help="questions per clip")
+    return run_command(parser, _table, argv)
+
+
+def _table(args: argparse.Namespace) -> None:
     print("| bundle | precision | KV cache | accuracy | correct |\n|---|---|---|---:|---:|")
     for bundle in args.bundles:
         manifest = Manifest.read(bundle)
@@ -43,4 +47,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,8 +10,10 @@ RMS error vs fp32 on the recorded inputs and the median latency over alternating
 once per round, in a shuffled order), on steady-state inputs: the AV autoregressor with a full cache, the
 text decoder on one-token steps.
 
-`push`: per-chunk `Stream.push` latency of bundles through the runtime Pipeline, in one process, every chunk
-pushed to each bundle's stream in a random order; medians over all chunks after a warm-up.
+`push`: per-chunk `Stream.push` latency of bundles through the runtime Pipeline (default backend options, as
+`mirasol-run` runs them), in one process, every chunk pushed to each bundle's stream in a random order; medians over
+all chunks after a warm-up; and the relative RMS error of each bundle's av_context against the first bundle's over
+the first stream's chunks.
 
 What these measured on the `small` preset is summarised in `mirasol/calibration/int8_targets.py`.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from mirasol.runtime.bundle.manifest import Manifest
+from mirasol.runtime.cli.commandline import COUNT, SEED, THREADS, HelpFormatter
 from mirasol.runtime.pipeline import Pipeline
 
 from ...calibration.data import load_clips
@@ -125,44 +128,53 @@ def bench_push(bundles: dict[str, Path], rounds: int, chunks: int, seed: int, th
     pieces = pipes[first].split_clip(video, audio)
     times: dict[str, list[float]] = {name: [] for name in pipes}
     cpu: dict[str, list[float]] = {name: [] for name in pipes}
+    contexts: dict[str, list[np.ndarray]] = {name: [] for name in pipes}  # the first stream's, for the error
     rng = np.random.default_rng(seed)
     for round_index in range(rounds):
         streams = {name: pipe.stream() for name, pipe in pipes.items()}
         for index, (v, a) in enumerate(pieces):
             for name in rng.permutation(list(pipes)):
                 start, start_cpu = time.perf_counter(), time.process_time()
-                streams[name].push(v, a)
+                context = streams[name].push(v, a)
                 if round_index > 0 or index > 0:  # the first push of all warms up
                     times[name].append(time.perf_counter() - start)
                     cpu[name].append(time.process_time() - start_cpu)
+                if round_index == 0:
+                    contexts[name].append(context)
     result = {name: float(np.median(t)) for name, t in times.items()}
     cpu_result = {name: float(np.median(t)) for name, t in cpu.items()}
+    reference = np.concatenate(contexts[first])
+    error = {name: float(np.linalg.norm(np.concatenate(c) - reference) / np.linalg.norm(reference))
+             for name, c in contexts.items()}
     print(f"per-chunk push latency, median of {len(times[first])} chunks each ({rounds} streams of {len(pieces)} "
           f"chunks, bundles alternating in a random order per chunk, intra-op threads {threads or 'default'}):")
     for name, t in times.items():
         print(f"  {name:<12} wall median {result[name] * 1e3:7.2f} ms (p10 {np.percentile(t, 10) * 1e3:6.2f}, "
               f"p90 {np.percentile(t, 90) * 1e3:6.2f}) {result[first] / result[name]:.2f}x | "
-              f"cpu median {cpu_result[name] * 1e3:7.2f} ms {cpu_result[first] / cpu_result[name]:.2f}x")
+              f"cpu median {cpu_result[name] * 1e3:7.2f} ms {cpu_result[first] / cpu_result[name]:.2f}x | "
+              f"av_context rel. RMS error vs {first} {error[name]:.4f}")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mirasol.export.bench.int8_options")
+    parser = argparse.ArgumentParser(prog="python -m mirasol.export.bench.int8_options", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    graphs = sub.add_parser("graphs", help="error and latency of int8 candidates per graph")
+    graphs = sub.add_parser("graphs", help="error and latency of int8 candidates per graph",
+                            formatter_class=HelpFormatter)
     graphs.add_argument("bundle", type=Path)
-    graphs.add_argument("--clips", type=int, default=2)
-    graphs.add_argument("--rounds", type=int, default=15)
-    graphs.add_argument("--per-round", type=int, default=4, help="steady-state calls timed per round")
+    graphs.add_argument("--clips", type=COUNT, default=2, help="calibration clips")
+    graphs.add_argument("--rounds", type=COUNT, default=15, help="timing rounds")
+    graphs.add_argument("--per-round", type=COUNT, default=4, help="steady-state calls timed per round")
     graphs.add_argument("--candidates", default=",".join(CPU_CANDIDATES))
-    graphs.add_argument("--seed", type=int, default=0)
-    graphs.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
-    push = sub.add_parser("push", help="per-chunk push latency of bundles (the first is the baseline)")
+    graphs.add_argument("--seed", type=SEED, default=0, help="seed of the clips")
+    graphs.add_argument("--threads", type=THREADS, default=None, help="intra-op threads (default: onnxruntime's)")
+    push = sub.add_parser("push", help="per-chunk push latency of bundles (the first is the baseline)",
+                          formatter_class=HelpFormatter)
     push.add_argument("bundles", nargs="+", help="NAME=PATH or PATH")
-    push.add_argument("--rounds", type=int, default=6)
-    push.add_argument("--chunks", type=int, default=16)
-    push.add_argument("--seed", type=int, default=0)
-    push.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    push.add_argument("--rounds", type=COUNT, default=6, help="timing rounds")
+    push.add_argument("--chunks", type=COUNT, default=16, help="chunks pushed per round")
+    push.add_argument("--seed", type=SEED, default=0, help="seed of the chunks")
+    push.add_argument("--threads", type=THREADS, default=None, help="intra-op threads (default: onnxruntime's)")
     args = parser.parse_args(argv)
     if args.command == "graphs":
         bench_graphs(args.bundle, args.clips, args.rounds, args.candidates.split(","), args.per_round, args.seed,

@@ -1,6 +1,6 @@
 """Measure the carried AV KV cache's precision over long streams: fp32 state, fp16 state, int8 state.
 
-    python -m mirasol.export.bench.kv_state FP32_BUNDLE KV8_BUNDLE [--chunks 1000] [--at 10,100,1000] [--json F]
+    python -m mirasol.export.bench.kv_state FP32_BUNDLE KV8_BUNDLE [--chunks 1000] [--at 10,100,1000]
 
 KV8_BUNDLE is FP32_BUNDLE's model exported with `--kv-cache int8`. The same chunks (held-out synthetic clips, one
 after another, so the scene changes every clip) stream through three streams:
@@ -16,7 +16,7 @@ to fp16 state's and to fp32's. Bounded means: no larger at chunk 1,000 than at c
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 from mirasol.calibration.data import load_clips
 from mirasol.calibration.kv_cache import int8_states, kv_states
 from mirasol.runtime.bundle.manifest import Manifest
+from mirasol.runtime.cli.commandline import COUNT, SEED, UsageError, command_parser, existing_dir, run_command
 from mirasol.runtime.pipeline import Pipeline
 
 QUESTIONS = 3  # of the last clip's, asked at the end
@@ -98,21 +99,26 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mirasol.export.bench.kv_state", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fp32_bundle", type=Path)
-    parser.add_argument("kv8_bundle", type=Path)
-    parser.add_argument("--chunks", type=int, default=1000)
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("python -m mirasol.export.bench.kv_state", __doc__.splitlines()[0])
+    parser.add_argument("fp32_bundle", type=existing_dir, help="an fp32 bundle")
+    parser.add_argument("kv8_bundle", type=existing_dir, help="the same model exported with --kv-cache int8")
+    parser.add_argument("--chunks", type=COUNT, default=1000, metavar="N", help="chunks streamed")
     parser.add_argument("--at", default="10,100,1000", help="chunks to report the error at")
-    parser.add_argument("--seed", type=int, default=101, help="seed of the held-out synthetic clips")
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    args = parser.parse_args(argv)
-    result = measure(args.fp32_bundle, args.kv8_bundle, args.chunks, [int(a) for a in args.at.split(",")], args.seed)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(to_markdown(result))
+    parser.add_argument("--seed", type=SEED, default=101,
+                        help="seed of the held-out synthetic clips (0: the seed mirasol-export calibrates with)")
+    return run_command(parser, _measure, argv)
+
+
+def _measure(args: argparse.Namespace) -> None:
+    try:
+        at = [int(a) for a in args.at.split(",")]
+    except ValueError:
+        raise UsageError(f"--at: expected chunk numbers separated by commas, got {args.at!r}") from None
+    if not at or min(at) < 1 or max(at) > args.chunks:
+        raise UsageError(f"--at: chunk numbers must be in [1, --chunks={args.chunks}], got {args.at!r}")
+    print(to_markdown(measure(args.fp32_bundle, args.kv8_bundle, args.chunks, at, args.seed)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

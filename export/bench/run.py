@@ -21,7 +21,7 @@ import onnxruntime
 import torch
 
 from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from mirasol.runtime.files.ownership import prepare_output_dir
+from mirasol.runtime.files.atomic import prepare_output_dir
 from mirasol.runtime.pipeline import Pipeline
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
@@ -31,6 +31,7 @@ from .context import Run, chunk_pool
 from .costs import costs
 from .cuda import cuda
 from .floors import floors
+from .report_files import REPORT_FORMAT
 from .memory import memory
 from .source import Progress, Source, build_source, export_bundles
 from .stats import stats_ms, timed
@@ -38,7 +39,6 @@ from .streaming import FLAT_POINTS, flatness, overhead, streaming
 from .targets import targets
 from .text import text
 
-REPORT_FORMAT = "mirasol-bench"
 REPORT_VERSION = 1
 QUESTION = "What is happening in this clip?"
 SPIN_KEY = "session.intra_op.allow_spinning"

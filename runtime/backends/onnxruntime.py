@@ -103,6 +103,10 @@ class OnnxRuntimeBackend(Backend):
             options.profile_file_prefix = profile_dir.rstrip("/") + "/ort"
         return options
 
+    def providers_for(self, entry: GraphEntry, bundle: Bundle) -> list[Any]:
+        """The execution providers (with their options) of one graph's session; here the same for every graph."""
+        return self.providers
+
     def load(self, entry: GraphEntry, bundle: Bundle) -> GraphSession:
         """An InferenceSession of the entry's ONNX file, whose IO must be the entry's (names, dtypes, ranks)."""
         path = bundle.file(entry.file)
@@ -112,7 +116,7 @@ class OnnxRuntimeBackend(Backend):
                                f"({sorted(bundle.manifest.graphs)})")
         options = self._graph_options.get(entry.name, self.options)
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers_for(entry, bundle))
         except Exception as failure:
             raise BackendError(f"onnxruntime could not load graph {entry.name!r} from {path}: {failure}") from failure
         declared = {t.name: t for t in (*entry.inputs, *entry.outputs)}

@@ -3,8 +3,8 @@
 - how exported graphs are checked: the tolerance against PyTorch (`abs + rel * max|ref|`), or none when an
   accuracy report against the fp32 bundle checks them instead (int8, int4);
 - whether the graphs carry Q/DQ nodes (the TensorRT readiness check expects them, or flags them);
-- how TensorRT builds engines of this precision: from which bundle precisions, and which builder flags a weakly
-  typed network needs (a strongly typed network takes its types from the graph);
+- how TensorRT builds engines of this precision: from which bundle precisions (a strongly typed network, the
+  default, takes its types from the graph), and which builder flags a weakly typed network needs;
 - whether the export needs calibration data.
 
 The graph transform of each precision (fp16 conversion, int8 quantization) needs PyTorch/ONNX tooling and lives
@@ -37,7 +37,6 @@ class Precision:
     quantized: bool  # the graphs carry QuantizeLinear/DequantizeLinear nodes
     needs_calibration: bool
     engine_sources: tuple[str, ...]  # bundle precisions TensorRT engines of this precision are built from
-    auto_strong_sources: tuple[str, ...]  # of those, where `--typing auto` builds a strongly typed network
     weak_flags: tuple[str, ...]  # BuilderFlags a weakly typed network needs (TensorRT 10; TensorRT 11 has none)
     weight_bytes: float  # bytes per weight element (the cost model)
     state_bytes: int  # bytes per carried state element (the cost model)
@@ -51,22 +50,22 @@ class Precision:
 # hiding a broken graph (a wrong rotary angle gives 2e-1).
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", "float32 weights and compute", Tolerance(1e-4, 1e-5), quantized=False,
-              needs_calibration=False, engine_sources=("fp32",), auto_strong_sources=(), weak_flags=(),
+              needs_calibration=False, engine_sources=("fp32",), weak_flags=(),
               weight_bytes=4, state_bytes=4),
     Precision("fp16", "float16 weights and compute, float32 kept where measurement demands",
               Tolerance(1e-3, 3e-2), quantized=False, needs_calibration=False,
-              engine_sources=("fp32", "fp16"), auto_strong_sources=("fp16",), weak_flags=("FP16",),
+              engine_sources=("fp32", "fp16"), weak_flags=("FP16",),
               weight_bytes=2, state_bytes=2),
     Precision("int8", "int8 Q/DQ calibrated on recorded activations", None, quantized=True,
-              needs_calibration=True, engine_sources=("int8",), auto_strong_sources=(),
-              weak_flags=("INT8",), weight_bytes=1, state_bytes=2, weak_fp16_fallback=True),
+              needs_calibration=True, engine_sources=("int8",), weak_flags=("INT8",), weight_bytes=1, state_bytes=2,
+              weak_fp16_fallback=True),
     # int4: MatMul weights in blocks of 128 (or 64) with a float32 scale each, 0.5 + 4/128 bytes per weight; the
     # other weights (norms, biases, embeddings, weights no block size divides) stay float32. Weak typing: INT4 for
-    # the weight-only DequantizeLinear, FP16 for the float layers (trtexec --int4 --fp16); strong typing keeps the
-    # graph's fp32 activations.
+    # the weight-only DequantizeLinear, FP16 for the float layers (trtexec --int4 --fp16); strong typing (the
+    # default) keeps the graph's fp32 activations.
     Precision("int4", "int4 weight-only blocks (DequantizeLinear, opset 21), float activations, no calibration",
-              None, quantized=True, needs_calibration=False, engine_sources=("int4",), auto_strong_sources=(),
-              weak_flags=("INT4",), weight_bytes=0.5 + 4 / 128, state_bytes=2, weak_fp16_fallback=True),
+              None, quantized=True, needs_calibration=False, engine_sources=("int4",), weak_flags=("INT4",),
+              weight_bytes=0.5 + 4 / 128, state_bytes=2, weak_fp16_fallback=True),
 )}
 NAMES: tuple[str, ...] = tuple(PRECISIONS)
 

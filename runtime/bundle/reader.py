@@ -24,12 +24,11 @@ import numpy as np
 from ..errors import BundleError
 from .graph_files import GraphFileError, external_data_locations
 from .json_reader import parse_json
-from .manifest import GraphEntry, Manifest, check_file_name
+from .manifest import CONFIG_LIMITS, GraphEntry, Manifest, check_file_name
 from .tokenizer import ByteTokenizer
 
 MAX_STATE_FILE_BYTES = 1 << 31  # 2 GiB: a stream state file, on disk and decompressed
 MAX_STATE_HEADER_BYTES = 1 << 16
-RUNTIME_CONFIG_KEYS = ("frames_per_chunk", "max_text_len")  # config values the runtime itself reads
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -58,7 +57,13 @@ class Bundle:
         """Read `path`/manifest.json; with `verify`, check every graph file's sha256 (off: faster start)."""
         directory = Path(path)
         manifest = Manifest.read(directory)
-        bundle = cls(directory.resolve(), manifest)
+        bundle = cls(_resolve(directory), manifest)
+        try:
+            str(bundle.path).encode("utf-8")
+        except UnicodeEncodeError as bad:
+            raise BundleError(f"bundle directory {bundle.path}: its path is not UTF-8 text (byte "
+                              f"{os.fsencode(bundle.path)[bad.start:bad.start + 1]!r}), and onnxruntime and TensorRT "
+                              f"open graph files by UTF-8 paths only; rename or move the bundle") from None
         bundle._refuse_escaping_links()
         for graph in manifest.graphs.values():
             graph_path = bundle.file(graph.file)
@@ -239,6 +244,8 @@ class BoundedNpz:
             raise self.error(f"{where} is missing")
         try:
             return _read_member(self._archive, member, np.dtype(dtype), dims, where, self.error)
+        except self.error:
+            raise
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as bad:  # truncated, CRC, deflate
             raise self.error(f"{where} is not readable: {bad}") from None
 
@@ -299,10 +306,10 @@ def _verify(path: Path, expected: str, what: str) -> None:
 
 def _check_runtime_contract(manifest: Manifest, where: str) -> None:
     """What the Pipeline relies on beyond the manifest format: config values, step IO and returns."""
-    for key in RUNTIME_CONFIG_KEYS:
-        value = manifest.config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise BundleError(f"{where}: config.{key}: expected a positive integer, got {value!r}")
+    missing = [key for key in CONFIG_LIMITS if key not in manifest.config]  # the manifest checked their ranges
+    if missing:
+        raise BundleError(f"{where}: config.{missing[0]} is missing (the runtime reads "
+                          f"{', '.join(CONFIG_LIMITS)}); re-export the bundle")
     contract = {"push": ({"video", "audio"}, True), "ask": (set(), False), "generate": ({"input_ids"}, True)}
     for step_name, (inputs, returns) in contract.items():
         step = manifest.steps[step_name]
@@ -311,6 +318,23 @@ def _check_runtime_contract(manifest: Manifest, where: str) -> None:
                               f"gives {sorted(inputs)}")
         if returns and step.returns is None:
             raise BundleError(f"{where}: step {step_name!r} returns nothing; this runtime needs its output")
+    _check_chunk_shape(manifest, where)
+
+
+def _check_chunk_shape(manifest: Manifest, where: str) -> None:
+    """A chunk has one fixed shape, the config's (the media decoders, the clip splitter, live sources and Triton's
+    model config are made from it): video [batch, frames_per_chunk, 3, image_size, image_size], audio [batch,
+    n_mels, mel frames]."""
+    config = manifest.config
+    size = config["image_size"]
+    for name, wanted in (("video", (config["frames_per_chunk"], 3, size, size)), ("audio", (config["n_mels"], None))):
+        shape = manifest.step_tensor("push", name)[1].shape
+        fixed = shape[1:]
+        if (len(fixed) != len(wanted) or not all(isinstance(d, int) and d >= 1 for d in fixed)
+                or any(w is not None and d != w for d, w in zip(fixed, wanted))):
+            parts = ", ".join("N" if w is None else str(w) for w in wanted)
+            raise BundleError(f"{where}: the push step's input {name!r} has shape {list(shape)}; a chunk has the fixed "
+                              f"shape [batch, {parts}] its config gives (N: a fixed number of mel frames)")
 
 
 def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, dtype: np.dtype,
@@ -318,12 +342,13 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, dtype: np.dt
     """One .npy member: header checked (dtype, rank, sizes, bytes present) before its data is allocated."""
     with archive.open(member) as f:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, stored = np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, stored = np.lib.format.read_array_header_2_0(f)
-        else:
+        if version not in ((1, 0), (2, 0), (3, 0)):
             raise error(f"{where}: unsupported .npy version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        try:
+            shape, fortran, stored = read_header(f)
+        except Exception as bad:  # noqa: BLE001 - numpy parses this untrusted text (a Python literal: ast, tokenize)
+            raise error(f"{where}: its .npy header is not readable: {type(bad).__name__}: {bad}") from None
         if stored != dtype or stored.hasobject:
             raise error(f"{where}: expected dtype {dtype}, got {stored}")
         if len(shape) != len(dims) or not all(lo <= n <= hi for n, (lo, hi) in zip(shape, dims)):

@@ -73,7 +73,9 @@ def describe_bundle(bundle: Bundle, shown_path: str | Path | None = None, width:
                  f"{audio.dtype}: log-mel of {media.audio.sample_rate} Hz mono",
         "question": f"at most {longest_question} bytes (UTF-8); question bytes + answer tokens at most "
                     f"{question_and_answer}: the text context holds {context} tokens = BOS + question + newline + "
-                    f"answer (mirasol-run --max-new-tokens, Stream.ask max_new_tokens)",
+                    f"answer",
+        "answer": f"up to {manifest.generation['max_new_tokens']} tokens unless asked for another length (mirasol-run "
+                  f"--max-new-tokens, Stream.ask max_new_tokens), fewer where the question leaves less",
         "tokenizer": f"bytes: {tokenizer.vocab_size} tokens (256 byte values + BOS, EOS, PAD)",
         "state": f"at most {human_bytes(state_bytes)} per stream carried between chunks (windowed: it stops "
                  f"growing)",

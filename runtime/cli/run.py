@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,11 +19,13 @@ import numpy as np
 from ..backends import BACKENDS, REGISTRY, BackendSettings, backend_entry
 from ..bundle.reader import Bundle
 from ..errors import InputError, MirasolError
-from ..media.chunks_file import load_chunks, save_chunks
-from ..media.live import DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
+from ..media.chunks_file import check_chunks_output, load_chunks, save_chunks
+from ..media.live import ASK_EVERY_MAX_S, DROP_POLICIES, LATENCY_BOUND_S, MIN_QUEUE_SIZE, LiveRun
+from ..media.live_sources import FOREVER
 from ..pipeline import Pipeline
 from .bundle_info import describe_bundle
-from .commandline import EXIT_ERROR, EXIT_INTERRUPTED, UsageError, command_parser, describe, run_command
+from .commandline import (COUNT, EXIT_ERROR, EXIT_INTERRUPTED, SEED, THREADS, UsageError, bounded,
+                          command_parser, describe, keyed, or_word, run_command)
 
 STATUS_EVERY_S = 0.25  # refresh of the status line on a terminal
 STATUS_LINE_EVERY_S = 5.0  # a status line per this many seconds when stderr is not a terminal
@@ -62,67 +65,78 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-chunks", type=Path, metavar="NPZ",
                         help="with --video: also write the decoded chunks to this .npz, for --chunks (replaces only "
                              "a chunks file mirasol wrote)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+    parser.add_argument("--max-new-tokens", type=COUNT, metavar="N",
                         help="most answer tokens (bytes) (default: the bundle's, 32 unless exported otherwise, or "
                              "what the question leaves of the context); --info says how many the context leaves")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+    parser.add_argument("--temperature", type=bounded(float, 0, 1e3), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=bounded(int, 0, 1 << 20), default=0, metavar="K",
                         help="sample from the K likeliest tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    parser.add_argument("--top-p", type=bounded(float, 0, 1, open_low=True), default=1.0, metavar="P",
                         help="sample from the smallest set of tokens holding probability P (1: all)")
-    parser.add_argument("--seed", type=int, help="seed of the sampling (default: fresh each run; greedy answers "
+    parser.add_argument("--seed", type=SEED, help="seed of the sampling (default: fresh each run; greedy answers "
                                                  "need none)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="; ".join(f"{e.name}: {e.help}" for e in REGISTRY.values()))
     parser.add_argument("--provider", action="append", metavar="NAME",
                         help="onnxruntime execution provider (repeatable, in order; default: CPUExecutionProvider)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=THREADS, metavar="N",
                         help="onnxruntime intra-op threads (default: ONNX Runtime's choice, one per core)")
-    parser.add_argument("--graph-threads", type=_graph_threads, action="append", metavar="GRAPH=N",
+    parser.add_argument("--graph-threads", type=keyed("GRAPH", THREADS), action="append", metavar="GRAPH=N",
                         help="onnxruntime intra-op threads of one graph (repeatable), e.g. text_decoder=1: "
                              "mirasol-bench's text section says whether decoding is faster on one thread")
     parser.add_argument("--no-verify", action="store_true", help="skip the graph checksums (faster start)")
     parser.add_argument("--json", action="store_true",
                         help="print the answer, tokens and timings as JSON; with --live, one JSON object per line "
-                             "for every chunk, drop, answer and reconnect, then the summary")
+                             "for every chunk, drop, answer (with its evidence: the chunks it rests on, their "
+                             "media and capture times), reconnect and warning, then the summary")
     live = parser.add_argument_group("live sources (with --live)")
     live.add_argument("--realtime", action="store_true",
                       help="play a file at its own pace, as a camera would deliver it (default: as fast as it "
                            "decodes)")
-    live.add_argument("--ask-every", type=float, metavar="SECONDS",
+    live.add_argument("--ask-every", type=bounded(float, 0.01, ASK_EVERY_MAX_S), metavar="SECONDS",
                       help="ask --question every SECONDS while streaming (default: once, when the stream ends)")
     live.add_argument("--drop-policy", choices=DROP_POLICIES,
                       help="when the queue is full: drop-oldest drops the oldest chunk and chunks too late for "
                            "--latency-bound (stay current); block makes decoding wait (lose nothing) (default: "
                            "drop-oldest for network streams, pipes and cameras, block for files)")
-    live.add_argument("--latency-bound", type=float, default=LATENCY_BOUND_S, metavar="SECONDS",
+    live.add_argument("--latency-bound", type=bounded(float, 0.01, 3600.0), default=LATENCY_BOUND_S,
+                      metavar="SECONDS",
                       help="latency from a chunk's capture to its av_context that drop-oldest keeps to; "
                            "chunks over it are counted")
-    live.add_argument("--queue-size", type=int, metavar="CHUNKS",
+    live.add_argument("--queue-size", type=bounded(int, 1, 100_000), metavar="CHUNKS",
                       help=f"chunks decoded ahead of the model (default: as many as fit in --latency-bound, at "
                            f"least {MIN_QUEUE_SIZE}: 2 for 1 s chunks and the default bound)")
-    live.add_argument("--reconnect", type=int, default=5, metavar="ATTEMPTS",
-                      help="reconnect attempts in a row (backoff 0.5 s doubling to 8 s) before a network source "
-                           "or camera gives up")
-    live.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
-                      help="seconds without data that end a connection (then reconnect)")
+    live.add_argument("--reconnect", type=or_word(bounded(int, 0, 1_000_000), FOREVER), default=5,
+                      metavar="ATTEMPTS",
+                      help=f"reconnect attempts in a row (backoff 0.5 s doubling to 8 s, then each open waits up to "
+                           f"--stall-timeout) before a network source or camera gives up (0: at the first failure), "
+                           f"or '{FOREVER}'")
+    live.add_argument("--stall-timeout", type=bounded(float, 0.1, 3600.0), default=5.0, metavar="SECONDS",
+                      help="seconds without data that end a connection (then reconnect); a named pipe that sends "
+                           "nothing for this long ends")
     live.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
                       help="an FFmpeg option of the source, e.g. rtsp_transport=tcp or video_size=640x480 "
                            "(repeatable)")
     return parser
 
 
-def _chunks(args: argparse.Namespace, config: dict) -> tuple[np.ndarray, np.ndarray]:
-    if args.video is None:
-        return load_chunks(args.chunks)
-    from ..media.video_files import load_clip
-    video, audio = load_clip(args.video, config)
-    if args.save_chunks is not None:
-        save_chunks(args.save_chunks, video, audio, source=str(args.video))
-        print(f"wrote {args.save_chunks}: {len(video) // int(config['frames_per_chunk'])} chunks (video "
-              f"{list(video.shape)}, audio {list(audio.shape)}); stream it with --chunks {args.save_chunks}",
-              file=sys.stderr)
-    return video, audio
+def _decoded(args: argparse.Namespace, config: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The chunks of --video, decoded one at a time as they are pushed (memory bounded whatever the file's
+    length); with --save-chunks (checked before any work by _check_arguments), also kept and written to that file
+    once decoding ends."""
+    from ..media.video_files import iter_chunks
+
+    if args.save_chunks is None:
+        yield from iter_chunks(args.video, config)
+        return
+    kept = []
+    for chunk in iter_chunks(args.video, config):
+        kept.append(chunk)
+        yield chunk
+    video, audio = np.concatenate([v for v, _ in kept]), np.concatenate([a for _, a in kept], axis=1)
+    save_chunks(args.save_chunks, video, audio, source=str(args.video))
+    print(f"wrote {args.save_chunks}: {len(kept)} chunks (video {list(video.shape)}, audio {list(audio.shape)}); "
+          f"stream it with --chunks {args.save_chunks}", file=sys.stderr)
 
 
 def _generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,13 +146,18 @@ def _generation(args: argparse.Namespace) -> dict[str, Any]:
 
 def _answer_clip(args: argparse.Namespace, pipe: Pipeline, load_seconds: float) -> int:
     start = time.perf_counter()
-    video, audio = _chunks(args, pipe.config)
-    decode_seconds = time.perf_counter() - start
+    chunks = iter(pipe.split_clip(*load_chunks(args.chunks)) if args.video is None else _decoded(args, pipe.config))
+    decode_seconds, stream_seconds = time.perf_counter() - start, 0.0
     stream = pipe.stream()
-    start = time.perf_counter()
-    for chunk_video, chunk_audio in pipe.split_clip(video, audio):
-        stream.push(chunk_video, chunk_audio)
-    stream_seconds = time.perf_counter() - start
+    while True:  # decode a chunk, push it: one chunk in memory at a time
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        decode_seconds += time.perf_counter() - start
+        if chunk is None:
+            break
+        start = time.perf_counter()
+        stream.push(*chunk)
+        stream_seconds += time.perf_counter() - start
     start = time.perf_counter()
     generation = _generation(args)
     tokens = stream.token_ids(args.question, generation.pop("max_new_tokens"), **generation)[0]
@@ -222,18 +241,29 @@ class _LiveOutput:
             if "error" in event:
                 print(f"error: {event['question']!r}: {event['error']}", file=self.err, flush=True)
             else:
-                print(f"[{event['t_s']:.1f} s, {event['chunks']} chunks] {event['question']} -> {event['answer']}",
-                      file=self.out, flush=True)
+                print(f"[{event['t_s']:.1f} s, {_evidence_text(event['evidence'])}] {event['question']} -> "
+                      f"{event['answer']}", file=self.out, flush=True)
         elif kind == "reconnect":
             self._clear()
             print(f"reconnecting to {event['source']} in {event['delay_s']:g} s (attempt {event['attempt']} of "
                   f"{event['of']}): {event['error']}", file=self.err, flush=True)
+        elif kind == "warning":
+            self._clear()
+            print(f"warning: {event['message']}", file=self.err, flush=True)
         if kind == "summary":
             self._clear()
             self.err.write(_summary_text(event))
             self.err.flush()
         else:
             self._status()
+
+
+def _evidence_text(evidence: dict[str, Any]) -> str:
+    """An answer's evidence in a few words: chunks, media span, the newest chunk's age."""
+    if not evidence.get("chunks"):
+        return "no chunks"
+    return (f"chunks {evidence['first_chunk']}-{evidence['last_chunk']}, media {evidence['media_start_s']:.1f}-"
+            f"{evidence['media_end_s']:.1f} s, newest {evidence['newest_age_ms']:.0f} ms old")
 
 
 def _summary_text(s: dict[str, Any]) -> str:
@@ -245,8 +275,9 @@ def _summary_text(s: dict[str, Any]) -> str:
             f"  chunks {s['chunks']}: pushed {s['pushed']}, dropped {s['dropped']} (queue full "
             f"{s['dropped_queue_full']}, late {s['dropped_late']}), left in queue {s['left_in_queue']}\n"
             f"  latency    {ms('latency_ms')} (bound {s['latency_bound_ms']:.0f} ms, {s['over_bound']} over)\n"
-            f"  decode     {ms('decode_ms')}\n  queue wait {ms('queue_wait_ms')}\n  push       {ms('push_ms')}\n"
-            f"  answers {s['answers']} ({ms('answer_ms')}), reconnects {s['reconnects']}\n")
+            f"  receive    {ms('receive_ms')}\n  queue wait {ms('queue_wait_ms')}\n  push       {ms('push_ms')}\n"
+            f"  decode     {ms('decode_ms')} (work, part of receive)\n"
+            f"  answers {s['answers']} ({ms('answer_ms')}), reconnects {s['reconnects']}, warnings {s['warnings']}\n")
 
 
 def _source_options(pairs: list[str]) -> dict[str, str]:
@@ -319,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.save_chunks is not None and args.video is None:
         raise UsageError("--save-chunks goes with --video")
+    if args.save_chunks is not None:
+        check_chunks_output(args.save_chunks)  # before the clip is decoded
     if args.live is None:
         answers = args.chunks is not None or (args.video is not None and args.save_chunks is None)
         if answers and args.question is None:
@@ -329,13 +362,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--ask-every needs --question")
 
 
-def _graph_threads(text: str) -> tuple[str, int]:
-    """GRAPH=N of --graph-threads."""
-    graph, _, count = text.partition("=")
-    if not graph or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected GRAPH=N with N a positive integer, got {text!r}")
-    return graph, int(count)
-
 
 def _run(args: argparse.Namespace) -> int:
     _check_arguments(args)
@@ -344,7 +370,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.info:
             print(describe_bundle(bundle, args.bundle))
         else:
-            _chunks(args, bundle.config)
+            for _ in _decoded(args, bundle.config):
+                pass
         return 0
     settings = BackendSettings(threads=args.threads, graph_threads=dict(args.graph_threads or []),
                                providers=args.provider)

@@ -18,7 +18,11 @@ def _parser() -> argparse.ArgumentParser:
         "runtime stream per sequence (correlation ID), with Triton's sequence batcher.",
         epilog="Examples:\n"
                "  mirasol-triton bundles/demo --out triton-repo --state-dir triton-state\n"
-               "  python -m mirasol.runtime.triton.server triton-repo --http-port 8000 --grpc-port 8001")
+               "  mirasol-triton bundles/demo --out triton-stream --decoupled     # answers streamed token by token\n"
+               "  mirasol-triton bundles/demo --out triton-gpu --backend tensorrt --gpus 0,1\n"
+               "  python -m mirasol.runtime.triton.server triton-repo --http-port 8000 --grpc-port 8001 "
+               "--metrics-port 8002\n"
+               "(docs/triton.md: requests, clients, metrics)")
     parser.add_argument("bundle", type=Path, help="bundle directory written by mirasol-export")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="repository directory to write (replaced only if mirasol-triton wrote it)")

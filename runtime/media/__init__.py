@@ -25,8 +25,10 @@ Rules, the same for files and live sources:
 
 The room: `chunking.py` (the chunk rules, shared by files and live sources), `frames.py` (resizing and
 the frame sampling rule), `pyav.py` (PyAV frames to numpy), `video_files.py` (files), `spectrogram.py` (audio
-features), `live_sources.py` and `live.py` (cameras and network streams, the real-time driver),
-`chunks_file.py` (decoded chunks saved as `.npz`).
+features), `live_sources.py`, `arrival.py`, `feed.py` and `live.py` (cameras and network streams: a source's
+chunks and when their media arrived, its decode thread, queue, drop policy and telemetry, the one-source real-time
+driver), `evidence.py` (what an answer rests on), `sender.py` (a real-time MPEG-TS sender for tests and load
+figures), `chunks_file.py` (decoded chunks saved as `.npz`).
 
 Decoding is chunk by chunk with bounded memory: the video and the audio are read by two demuxers of the
 same file, each pulled only as far as the current chunk needs, so memory does not depend on the file's

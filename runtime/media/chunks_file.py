@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..bundle.reader import BoundedNpz, state_file_format
 from ..errors import InputError
-from ..files.ownership import atomic_file, check_output_file
+from ..files.atomic import atomic_file
+from ..files.ownership import check_output_file
 
 CHUNKS_FORMAT = "mirasol-chunks"
 CHUNKS_VERSION = 1
@@ -31,15 +33,21 @@ def is_chunks_file(path: Path) -> bool:
     return state_file_format(path) == CHUNKS_FORMAT
 
 
-def save_chunks(path: str | os.PathLike[str], video: np.ndarray, audio: np.ndarray, source: str) -> Path:
-    """Write video [N*F, 3, H, W] and audio [n_mels, N*A] (float32) decoded from `source`, atomically."""
-    target = check_output_file(path, is_chunks_file, "chunks file")
+def check_chunks_output(path: str | os.PathLike[str]) -> None:
+    """Refuse `path` (before any decoding) unless a chunks file may be written there (the ownership rule)."""
+    check_output_file(path, is_chunks_file, "chunks file")
+
+
+def save_chunks(path: str | os.PathLike[str], video: np.ndarray, audio: np.ndarray, source: str,
+                is_ours: Callable[[Path], bool] = is_chunks_file) -> Path:
+    """Write video [N*F, 3, H, W] and audio [n_mels, N*A] (float32) decoded from `source`, atomically; an existing
+    file at `path` is replaced only if `is_ours` says it is ours (by default: a chunks file)."""
     header = {"format": CHUNKS_FORMAT, "version": CHUNKS_VERSION, "source": source,
               "video_shape": list(video.shape), "audio_shape": list(audio.shape)}
-    with atomic_file(target) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path, is_ours, "chunks file") as tmp, open(tmp, "wb") as f:
         np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
                  video=np.asarray(video, np.float32), audio=np.asarray(audio, np.float32))
-    return target
+    return Path(path).absolute()
 
 
 def load_chunks(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,8 @@ times, and FFmpeg's error words. PyAV is imported lazily (`pip install "mirasol-
 from __future__ import annotations
 
 import math
+import os
+import select
 from typing import Any
 
 import numpy as np
@@ -84,7 +86,57 @@ def ffmpeg_reason(error: BaseException) -> str:
     return reason if isinstance(reason, str) and reason else str(error)
 
 
+def media_comment(path: str | os.PathLike[str]) -> str | None:
+    """A media file's "comment" tag, by which our writers know the clips they made (`write_test_clip`, mirasol-demo);
+    None when it has none or cannot be read."""
+    av = _import_av()
+    try:
+        with av.open(os.fspath(path)) as container:
+            tags = {key.lower(): value for key, value in container.metadata.items()}
+    except (av.FFmpegError, OSError, UnicodeDecodeError):
+        return None
+    return tags.get("comment")
+
+
 def start_time(container: Any) -> float:
     """The container's start time in seconds (time 0 of every stream), 0 when it has none."""
     start = container.start_time
     return float(start) / 1_000_000 if start is not None else 0.0  # AV_TIME_BASE is microseconds
+
+
+class PipeReader:
+    """A named pipe read by us for PyAV (a file object), so that waiting for data has a timeout.
+
+    Opening does not wait for a writer; reading waits at most `timeout` seconds for data (then raises
+    NoData), `open_timeout` before the first; a writer that closes the pipe ends the stream (EOF)."""
+
+    def __init__(self, path: str, timeout: float, open_timeout: float) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.poll = select.poll()
+        self.poll.register(self.fd, select.POLLIN)
+        self.timeout = timeout
+        self.waiting = open_timeout  # the wait for the next read
+
+    def read(self, size: int) -> bytes:
+        while True:
+            if not self.poll.poll(1000 * self.waiting):
+                raise NoData(self.waiting)
+            try:
+                data = os.read(self.fd, size)
+            except BlockingIOError:
+                continue
+            self.waiting = self.timeout
+            return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class NoData(OSError):
+    """No data for `seconds` (a stalled pipe; FFmpeg's own timeouts raise av.ExitError)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no data for {seconds:g} s")
+        self.seconds = seconds

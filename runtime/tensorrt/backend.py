@@ -8,16 +8,18 @@
 
 `import mirasol.runtime.tensorrt.backend` works without TensorRT and cuda-python: both are imported on first use.
 
-Loading takes the graph's manifest entry (its IO and its engine record) and refuses, with the exact command that
-rebuilds, an engine that is missing, that another TensorRT version or another GPU / compute capability built, or
-that was built from another version of the ONNX graph.
+Loading checks that cuda-python's CUDA runtime and TensorRT's CUDA major fit the driver (`is_available`: both
+versions and the install that fits are named), then takes the graph's manifest entry (its IO and its engine record)
+and refuses, with the exact command that rebuilds, an engine that is missing, that another TensorRT version or another
+GPU / compute capability built, or that was built from another version of the ONNX graph. The engine is deserialized
+from a read-only memory map of its file, not from a copy in Python bytes.
 
 Execution (one `run`): input shapes are checked against the engine's optimization profile and set with
-IExecutionContext.set_input_shape; the context's activation memory is sized for these shapes
-(update_device_memory_size_for_shapes) and given to it (set_device_memory); every IO tensor gets a 256-byte aligned
-address (set_tensor_address, whose refusal is an error naming the tensor); the engine runs with execute_async_v3
-on the slot's CUDA stream, the requested outputs are copied back on the same stream, and the stream is
-synchronized before anything is returned.
+IExecutionContext.set_input_shape when they changed, after which the context's activation memory is sized for them
+and given to it again (`slots.py`); every IO tensor gets a 256-byte aligned address (set_tensor_address, whose
+refusal is an error naming the tensor); host inputs go through the slot's pinned buffers; the engine runs with
+execute_async_v3 on the slot's CUDA stream, the requested outputs are copied back on the same stream (into pinned
+buffers), and the stream is synchronized before anything is returned.
 
 Thread safety and memory: a session is shared by every stream and thread. It keeps a small pool of execution
 slots, each one IExecutionContext + one CUDA stream + that slot's grow-only device buffers; a call takes an idle
@@ -44,6 +46,7 @@ by tests/test_tensorrt.py, see tests/tensorrt_api/):
 """
 from __future__ import annotations
 
+import mmap
 import shlex
 import threading
 from collections.abc import Collection, Mapping, Sequence
@@ -58,6 +61,8 @@ from ..bundle.reader import sha256_file
 from ..errors import BackendError, BundleError, InputError
 from . import cuda
 from .cuda import ALIGNMENT, DeviceArray
+from .cuda_versions import tensorrt_mismatch
+from .plan import int8_problem
 from .env import (
     BUILD_COMMAND,
     SMALL_DEVICE_BYTES,
@@ -67,74 +72,77 @@ from .env import (
     rebuild_command,
     trt_logger,
 )
+from .slots import Slot
 
 if TYPE_CHECKING:
     from ..bundle.manifest import GraphEntry
     from ..bundle.reader import Bundle
 
-_GROWTH = 1.5  # grow-only buffers grow at least this much, so a cache growing by one token does not realloc each step
-
 
 def is_available() -> tuple[bool, str]:
-    """(True, description) when TensorRT >= 10, cuda-python and a CUDA GPU are all present; else (False, reason)."""
+    """(True, description) when TensorRT >= 10, cuda-python and a CUDA GPU are present and fit the driver (the CUDA
+    runtime of cuda-python and TensorRT's CUDA major compared with the driver's); else (False, reason and fix)."""
     try:
         trt = import_tensorrt()
         cuda.cudart()
     except BackendError as missing:
         return False, str(missing)
-    count, why = cuda.device_count()
-    if not count:
-        return False, f"no CUDA GPU ({why})"
-    return True, f"TensorRT {trt.__version__}, {count} CUDA device(s)"
+    problem = cuda.availability_problem()
+    if problem:
+        return False, problem
+    _, driver = cuda.versions()
+    mismatch = tensorrt_mismatch(str(trt.__version__), driver) if driver is not None else None
+    if mismatch:
+        return False, mismatch
+    count, _ = cuda.device_count()
+    return True, f"TensorRT {trt.__version__}, {count} CUDA device(s), driver CUDA {driver}"
 
 
-class _Slot:
-    """One execution context with user-managed activation memory, its CUDA stream and its grow-only buffers."""
-
-    def __init__(self, engine: Any, trt: Any, device: int) -> None:
-        self.device = device
-        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if self.context is None:
-            raise BackendError("TensorRT could not create an execution context (out of GPU memory?)")
-        self.stream = cuda.new_stream()
-        self.buffers: dict[str, cuda.Allocation] = {}
-        self.dummy = cuda.Allocation(ALIGNMENT, device=device)  # the address of empty tensors
-        self.scratch: cuda.Allocation | None = None
-
-    def buffer(self, name: str, nbytes: int) -> int:
-        self.buffers[name] = _grown(self.buffers.get(name), nbytes, self.device)
-        return self.buffers[name].ptr
-
-    def bind_scratch(self, nbytes: int) -> None:
-        """Give the context activation memory for the current input shapes (only when it has to grow)."""
-        grown = _grown(self.scratch, nbytes, self.device)
-        if grown is not self.scratch:
-            self.scratch = grown
-            self.context.set_device_memory(grown.ptr, grown.nbytes)
-
-    def memory(self) -> tuple[int, int]:
-        """(activation bytes, IO buffer bytes) this slot holds."""
-        return (self.scratch.nbytes if self.scratch else 0), sum(b.nbytes for b in self.buffers.values())
-
-    def close(self) -> None:
-        self.context = None  # before the memory it used
-        for allocation in (*self.buffers.values(), self.dummy, self.scratch):
-            if allocation is not None:
-                allocation.free()
-        self.buffers.clear()
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            cuda.destroy_stream(stream)
+def engine_problem(entry: GraphEntry, bundle: Bundle, gpu: Mapping[str, str] | None, trt_version: str | None,
+                   verify: bool = True) -> str | None:
+    """Why the engine recorded for `entry` cannot run here (missing, built by another TensorRT or for another GPU,
+    from another ONNX file, altered), with the command that rebuilds it; None when it fits. Without `gpu` and
+    `trt_version`, only the record and the file are checked; `verify`: also hash the engine."""
+    record = entry.engine or {}
+    command = rebuild_command(bundle.path, bundle.manifest.precision, record.get("build_args"))
+    if not record.get("file"):
+        return (f"graph {entry.name!r} has no TensorRT engine in {bundle.path}: build the engines on this device with: "
+                f"{command}")
+    engine_file = str(record["file"])
+    check_file_name(engine_file, f"graph {entry.name!r}: engine")
+    if not (bundle.path / engine_file).is_file():
+        return (f"graph {entry.name!r}: engine {bundle.path / engine_file} is missing; build it on this device with: "
+                f"{command}")
+    mismatch = engine_mismatch(record, gpu, trt_version) if gpu is not None and trt_version is not None else None
+    if mismatch:
+        return (f"graph {entry.name!r}: engine {engine_file} does not fit this machine: {mismatch}. Rebuild it here "
+                f"with: {command}")
+    if record.get("onnx_sha256") not in (None, entry.sha256):
+        return (f"graph {entry.name!r}: engine {engine_file} was built from another version of {entry.file}; rebuild "
+                f"with: {command} --force")
+    if verify and record.get("sha256") and sha256_file(bundle.file(engine_file)) != record["sha256"]:
+        return (f"graph {entry.name!r}: {bundle.path / engine_file} does not match its recorded sha256; rebuild with: "
+                f"{command} --force")
+    return None
 
 
-def _grown(current: cuda.Allocation | None, nbytes: int, device: int) -> cuda.Allocation:
-    """`current` if it holds `nbytes`, else a new allocation (at least _GROWTH times larger); the old one is freed."""
-    if current is not None and current.nbytes >= nbytes:
-        return current
-    size = nbytes if current is None else max(nbytes, int(current.nbytes * _GROWTH))
-    if current is not None:
-        current.free()
-    return cuda.Allocation(size, device=device)
+def check(bundle: Bundle | None, device: int = 0) -> str | None:
+    """Whether the tensorrt backend can run `bundle` here (the registry's check, for mirasol-doctor): TensorRT,
+    cuda-python and the driver (`is_available`), a bundle TensorRT can build, and engines built for this machine."""
+    problem = int8_problem(bundle.manifest, bundle.path) if bundle is not None else None
+    if problem:  # said first: no install makes TensorRT build it
+        return problem
+    available, why = is_available()
+    if not available:
+        return why
+    if bundle is None:
+        return None
+    version, gpu = str(import_tensorrt().__version__), gpu_info(device)
+    for entry in bundle.manifest.graphs.values():
+        problem = engine_problem(entry, bundle, gpu, version, verify=False)
+        if problem:
+            return problem
+    return None
 
 
 class TensorRTSession(GraphSession):
@@ -176,8 +184,8 @@ class TensorRTSession(GraphSession):
         self._declared = {t.name: t for t in self.inputs}
         self._max_contexts = int(max_contexts)
         self._cond = threading.Condition()
-        self._idle: list[_Slot] = []
-        self._slots: list[_Slot] = []
+        self._idle: list[Slot] = []
+        self._slots: list[Slot] = []
         self._creating = 0
         self._closed = False
 
@@ -200,45 +208,43 @@ class TensorRTSession(GraphSession):
             raise InputError(f"graph {self.name!r}: missing input(s) {', '.join(missing)}")
         prepared = {n: self._prepare(n, feeds[n]) for n in self._input_names}
 
-        cuda.check(cuda.cudart().cudaSetDevice(self.device), "cudaSetDevice")
+        cuda.set_device(self.device)
         slot = self._acquire()
         try:
             context, stream = slot.context, slot.stream
-            for n, value in prepared.items():
-                if not context.set_input_shape(n, value.shape):
-                    raise InputError(f"graph {self.name!r}: TensorRT refused shape {tuple(value.shape)} "
-                                     f"for input {n!r}")
-            slot.bind_scratch(int(context.update_device_memory_size_for_shapes()))
+            slot.set_shapes({n: tuple(int(d) for d in value.shape) for n, value in prepared.items()})
             for n, value in prepared.items():
                 if isinstance(value, DeviceArray):
                     address = value.ptr if value.nbytes else slot.dummy.ptr
                 else:
                     address = slot.buffer(n, value.nbytes)
-                    cuda.to_device(address, value, stream, self.transfers, f"{self.name}.{n}")
+                    cuda.to_device(address, value, stream, self.transfers, f"{self.name}.{n}",
+                                   staging=slot.pinned(n, value.nbytes))
                 self._bind(context, n, address)
             results: dict[str, Any] = {}
-            copies: list[tuple[str, np.ndarray, int]] = []
+            copies: list[tuple[str, tuple[int, ...], int, int]] = []  # (name, shape, device address, bytes)
             for n in self._output_names:
                 shape = tuple(int(d) for d in context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
                     raise BackendError(f"graph {self.name!r}: output {n!r} has a data-dependent shape {shape}, "
                                        f"which this backend does not support")
+                nbytes = int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize
                 if n in keep and n in wanted:
                     array = DeviceArray.empty(shape, self._dtypes[n], device=self.device, stream=stream)
                     results[n] = array
                     address = array.ptr
                 else:
-                    address = slot.buffer(n, int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize)
+                    address = slot.buffer(n, nbytes)
                     if n in wanted:
-                        host = np.empty(shape, self._dtypes[n])
-                        results[n] = host
-                        copies.append((n, host, address))
+                        copies.append((n, shape, address, nbytes))
                 self._bind(context, n, address)
             if not context.execute_async_v3(int(stream)):
                 raise BackendError(f"graph {self.name!r}: TensorRT execute_async_v3 failed (see the TensorRT log)")
-            for n, host, address in copies:
-                cuda.to_host(host, address, stream, self.transfers, f"{self.name}.{n}")
+            for n, _, address, nbytes in copies:
+                cuda.to_host(slot.pinned(n, nbytes), address, nbytes, stream, self.transfers, f"{self.name}.{n}")
             cuda.synchronize(stream, f"running graph {self.name!r}")
+            for n, shape, _, _ in copies:  # out of the slot's pinned buffers, which the next call reuses
+                results[n] = slot.pinned(n, 0).view(shape, self._dtypes[n]).copy()
         finally:
             self._release(slot)
         return {n: results[n] for n in wanted}
@@ -297,7 +303,7 @@ class TensorRTSession(GraphSession):
                 "buffer_bytes": sum(b for _, b in held)}
 
     # -- the slot pool ---------------------------------------------------------------------------------------------
-    def _acquire(self) -> _Slot:
+    def _acquire(self) -> Slot:
         with self._cond:
             while True:
                 if self._closed:
@@ -309,7 +315,7 @@ class TensorRTSession(GraphSession):
                     break
                 self._cond.wait()
         try:
-            slot = _Slot(self.engine, self._trt, self.device)
+            slot = Slot(self.engine, self._trt, self.device, self.name)
         except BaseException:
             with self._cond:
                 self._creating -= 1
@@ -320,7 +326,7 @@ class TensorRTSession(GraphSession):
             self._slots.append(slot)
         return slot
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         with self._cond:
             if self._closed:
                 self._slots.remove(slot)
@@ -377,28 +383,15 @@ class TensorRTBackend(Backend):
         available, why = is_available()
         if not available:  # said first: without TensorRT, building engines is not the fix
             raise BackendError(f"the tensorrt backend cannot run here: {why}")
+        problem = engine_problem(entry, bundle, None, None, verify=False)  # before TensorRT is needed
+        trt = import_tensorrt() if problem is None else None
+        problem = problem or engine_problem(entry, bundle, gpu_info(self.device), str(trt.__version__))
+        if problem:
+            raise BundleError(problem)
         record = entry.engine or {}
         command = rebuild_command(bundle.path, bundle.manifest.precision, record.get("build_args"))
-        if not record.get("file"):
-            raise BundleError(f"graph {entry.name!r} has no TensorRT engine in {bundle.path}: build the engines on "
-                              f"this device with: {command}")
         engine_file = str(record["file"])
-        check_file_name(engine_file, f"graph {entry.name!r}: engine")
-        if not (bundle.path / engine_file).is_file():
-            raise BundleError(f"graph {entry.name!r}: engine {bundle.path / engine_file} is missing; build it on this "
-                              f"device with: {command}")
         engine_path = bundle.file(engine_file)
-        trt = import_tensorrt()
-        mismatch = engine_mismatch(record, gpu_info(self.device), str(trt.__version__))
-        if mismatch:
-            raise BundleError(f"graph {entry.name!r}: engine {engine_file} does not fit this machine: {mismatch}. "
-                              f"Rebuild it here with: {command}")
-        if record.get("onnx_sha256") not in (None, entry.sha256):
-            raise BundleError(f"graph {entry.name!r}: engine {engine_file} was built from another version of "
-                              f"{entry.file}; rebuild with: {command} --force")
-        if record.get("sha256") and sha256_file(engine_path) != record["sha256"]:
-            raise BundleError(f"graph {entry.name!r}: {engine_path} does not match its recorded sha256; rebuild with: "
-                              f"{command} --force")
         with self._lock:
             if self._runtime is None:
                 self._runtime = trt.Runtime(trt_logger(self.verbose))
@@ -406,8 +399,11 @@ class TensorRTBackend(Backend):
             if self.max_contexts is None:
                 _, total = cuda.memory_info(self.device)
                 self.max_contexts = 1 if total < SMALL_DEVICE_BYTES else 2
-        cuda.check(cuda.cudart().cudaSetDevice(self.device), "cudaSetDevice")
-        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        cuda.set_device(self.device)
+        if engine_path.stat().st_size == 0:
+            raise BundleError(f"graph {entry.name!r}: {engine_path} is empty; rebuild with: {command} --force")
+        with open(engine_path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            engine = runtime.deserialize_cuda_engine(mapped)  # from the page cache: no copy of the engine in Python
         if engine is None:
             raise BundleError(f"graph {entry.name!r}: TensorRT could not deserialize {engine_path} (see its log); "
                               f"rebuild with: {command} --force")

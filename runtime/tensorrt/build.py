@@ -46,7 +46,8 @@ from typing import Any
 from ..bundle.manifest import AxisRange, GraphEntry, Manifest
 from ..bundle.reader import sha256_file
 from ..errors import BackendError, BundleError
-from .env import SMALL_DEVICE_BYTES, gpu_info, has_precision_flags, import_tensorrt, trt_logger
+from ..files.atomic import write_file
+from .env import SMALL_DEVICE_BYTES, gpu_info, has_precision_flags, import_tensorrt, trt_logger, use_device
 from .plan import (
     DEFAULT_WORKSPACE_MB,
     BuildPlan,
@@ -55,10 +56,10 @@ from .plan import (
     check_fixed_dims,
     engine_file_name,
     input_shapes,
+    int8_problem,
     plan_build,
     profile_axes,
     record_engine,
-    write_atomic,
 )
 
 TIMING_CACHE_FILE = "timing.cache"
@@ -97,6 +98,9 @@ def build_engines(
     report: Progress = progress or (lambda line: None)
     bundle = Path(bundle_dir)
     manifest = Manifest.read(bundle)
+    unbuildable = int8_problem(manifest, bundle)
+    if unbuildable:  # said before any work, from the manifest alone
+        raise BundleError(unbuildable)
     precision = precision or manifest.precision
     selected = list(graphs) if graphs else list(manifest.graphs)
     for name in selected:
@@ -109,6 +113,7 @@ def build_engines(
     trt = import_tensorrt()
     plan = plan_build(precision, manifest.precision, typing=typing, has_precision_flags=has_precision_flags(trt),
                       int8_fp16=int8_fp16, tf32=tf32)
+    use_device(device)  # TensorRT builds on the thread's current device
     gpu = gpu_info(device)
     builder = _Builder(trt, bundle, plan, verbose, timing_cache, report)
     args = build_args(precision, axis_max, typing=typing, workspace_mb=workspace_mb, int8_fp16=int8_fp16, tf32=tf32,
@@ -131,7 +136,7 @@ def build_engines(
         wanted = {"precision": precision, "onnx_sha256": onnx_sha, "tensorrt": str(trt.__version__),
                   "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
                   "profile": {a: r.to_dict() for a, r in axes.items()}, "strongly_typed": plan.strongly_typed,
-                  "flags": list(plan.set_flags), "build_args": args}
+                  "flags": list(plan.set_flags), "pinned_fp32": list(plan.pinned), "build_args": args}
         old = entry.engine or {}
         if (not force and engine_path.is_file() and old.get("file") == engine_name
                 and all(old.get(k) == v for k, v in wanted.items()) and old.get("sha256") == sha256_file(engine_path)):
@@ -140,16 +145,18 @@ def build_engines(
             continue
         data, seconds, context_memory = builder.build(entry, onnx_path, engine_name, axes, workspace_mb,
                                                       optimization_level)
-        write_atomic(engine_path, data)
+        write_file(engine_path, data)  # a name of ours in the bundle
         builder.save_timing_cache()
+        size = int(data.nbytes)
         record = {
             "format": ENGINE_RECORD_VERSION, "file": engine_name, "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "context_memory_bytes": context_memory, **wanted,
+            "bytes": size, "context_memory_bytes": context_memory, **wanted,
             "input_shapes": input_shapes(entry, axes), "workspace_mb": workspace_mb,
             "build_seconds": round(seconds, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         manifest = record_engine(bundle, name, record)
         results[name] = record
-        report(f"[{name}] wrote {engine_name} ({len(data) / 1e6:.1f} MB) in {seconds:.1f} s; a context needs up to "
+        del data
+        report(f"[{name}] wrote {engine_name} ({size / 1e6:.1f} MB) in {seconds:.1f} s; a context needs up to "
                f"{context_memory / 1e6:.1f} MB of activation memory")
     return results
 
@@ -169,8 +176,9 @@ class _Builder:
         self.cache: Any = None  # one ITimingCache shared by every graph's config, saved after each build
 
     def build(self, entry: GraphEntry, onnx_path: Path, engine_name: str, axes: Mapping[str, AxisRange],
-              workspace_mb: int | None, optimization_level: int | None) -> tuple[bytes, float, int]:
-        """(serialized engine, build seconds, activation bytes of one context at the profile's largest shapes)."""
+              workspace_mb: int | None, optimization_level: int | None) -> tuple[Any, float, int]:
+        """(serialized engine: TensorRT's IHostMemory, written as it is without a copy; build seconds; activation
+        bytes of one context at the profile's largest shapes)."""
         trt, name = self.trt, entry.name
         self.report(f"[{name}] parsing {entry.file}")
         network = self.builder.create_network(
@@ -182,6 +190,10 @@ class _Builder:
             raise BackendError(f"graph {name!r}: TensorRT's ONNX parser rejected {onnx_path}:\n  " + "\n  ".join(errors)
                                + "\n(run the readiness check: it names unsupported operators and dtypes)")
         network_shapes = _check_network_io(network, entry)
+        if self.plan.pinned:
+            pinned = pin_fp32(trt, rotary_layers(trt, network))
+            self.report(f"[{name}] weakly typed: {pinned} rotary-angle layer(s) pinned to fp32 "
+                        f"(OBEY_PRECISION_CONSTRAINTS); TensorRT chooses the precision of the others")
 
         config = self.builder.create_builder_config()
         if workspace_mb is not None:
@@ -219,11 +231,10 @@ class _Builder:
         if serialized is None:
             raise BackendError(f"graph {name!r}: TensorRT could not build the engine (see the TensorRT log above; "
                                f"a larger --workspace-mb or smaller --max values may help)")
-        data = bytes(memoryview(serialized))
-        engine = self.runtime.deserialize_cuda_engine(data)
+        engine = self.runtime.deserialize_cuda_engine(serialized)
         if engine is None:
             raise BackendError(f"graph {name!r}: TensorRT cannot deserialize the engine it just built (see its log)")
-        return data, seconds, int(engine.device_memory_size_v2)
+        return serialized, seconds, int(engine.device_memory_size_v2)
 
     def _use_timing_cache(self, config: Any) -> None:
         if self.cache_path is None:
@@ -244,7 +255,49 @@ class _Builder:
 
     def save_timing_cache(self) -> None:
         if self.cache_path is not None and self.cache is not None:
-            write_atomic(self.cache_path, bytes(memoryview(self.cache.serialize())))
+            write_file(self.cache_path, bytes(memoryview(self.cache.serialize())))
+
+
+def rotary_layers(trt: Any, network: Any) -> list[Any]:
+    """The layers computing the rotary angles: every Cos and Sin unary layer and, transitively, the layers that
+    produce their inputs (the positions, their cast, the frequencies), as calibration/fp16.py's `rotary_angles`
+    group finds them in the ONNX graph. Found by layer type, not by name (the ONNX parser's layer names are its own)."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    producer = {layer.get_output(k).name: i for i, layer in enumerate(layers) for k in range(layer.num_outputs)}
+    todo = []
+    for i, layer in enumerate(layers):
+        if layer.type == trt.LayerType.UNARY:
+            layer.__class__ = trt.IUnaryLayer  # the Python API's downcast, to read the operation
+            if layer.op in (trt.UnaryOperation.COS, trt.UnaryOperation.SIN):
+                todo.append(i)
+    found: set[int] = set()
+    while todo:
+        i = todo.pop()
+        if i in found:
+            continue
+        found.add(i)
+        for j in range(layers[i].num_inputs):
+            tensor = layers[i].get_input(j)
+            if tensor is not None and tensor.name in producer:
+                todo.append(producer[tensor.name])
+    return [layers[i] for i in sorted(found)]
+
+
+def pin_fp32(trt: Any, layers: Sequence[Any]) -> int:
+    """Constrain the floating-point layers among `layers` to compute and output fp32 (with the builder flag
+    OBEY_PRECISION_CONSTRAINTS, which the plan sets); returns how many were pinned. Integer layers (shape
+    arithmetic, the int64 positions) keep their types."""
+    floats = (trt.float32, trt.float16)
+    pinned = 0
+    for layer in layers:
+        outputs = [k for k in range(layer.num_outputs) if layer.get_output(k).dtype in floats]
+        if not outputs:
+            continue
+        layer.precision = trt.float32
+        for k in outputs:
+            layer.set_output_type(k, trt.float32)
+        pinned += 1
+    return pinned
 
 
 def _check_network_io(network: Any, entry: GraphEntry) -> dict[str, tuple[int, ...]]:

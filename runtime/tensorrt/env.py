@@ -2,8 +2,10 @@
 
 - `import_tensorrt`: `import tensorrt` (10 or newer) with a message that says what to install;
 - `has_precision_flags`: TensorRT 10 has BuilderFlag.FP16/INT8, TensorRT 11 has none (always strongly typed);
+- `use_device`: make a GPU current for this thread (TensorRT builds on the current device);
 - `trt_logger`: one trt.Logger per verbosity for the process;
-- `gpu_info`: the GPU's name and compute capability, through the CUDA driver API with ctypes (no cuda-python);
+- `gpu_info`, `gpu_count`: the GPUs' names, compute capabilities and memory, through the CUDA driver API with
+  ctypes (no cuda-python);
 - `engine_mismatch` / `rebuild_command`: whether an engine record fits this machine, and the command that
   rebuilds the engines of a bundle.
 """
@@ -35,7 +37,8 @@ def import_tensorrt() -> Any:
     except ImportError as missing:
         raise BackendError(
             f"TensorRT is not installed ({missing}). On Jetson it ships with JetPack (python3-libnvinfer); make the "
-            f"virtual environment with --system-site-packages. Elsewhere: pip install 'mirasol-edge[tensorrt]'"
+            f"virtual environment with --system-site-packages. Elsewhere, by the CUDA version nvidia-smi shows: pip "
+            f"install 'mirasol-edge[tensorrt-cu12]' (CUDA 12.x) or 'mirasol-edge[tensorrt-cu13]' (CUDA 13.x)"
         ) from None
     major = int(str(trt.__version__).split(".")[0])
     if major < 10:
@@ -49,6 +52,28 @@ def has_precision_flags(trt: Any) -> bool:
     return hasattr(trt.BuilderFlag, "FP16") and hasattr(trt.BuilderFlag, "INT8")
 
 
+def use_device(device: int) -> None:
+    """Make CUDA device `device` current for this thread, as trtexec does before building: TensorRT builds and
+    deserializes on the current device. Through cuda-python where installed, else through the driver API with ctypes
+    (the device's primary context made current, which is what cudaSetDevice does)."""
+    from . import cuda  # noqa: PLC0415
+
+    try:
+        cuda.cudart()
+    except BackendError:
+        lib, handle, context = _driver_library(), ctypes.c_int(), ctypes.c_void_p()
+        steps = (("cuInit", lambda: lib.cuInit(0)),
+                 (f"cuDeviceGet({device})", lambda: lib.cuDeviceGet(ctypes.byref(handle), int(device))),
+                 ("cuDevicePrimaryCtxRetain", lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle)),
+                 ("cuCtxSetCurrent", lambda: lib.cuCtxSetCurrent(context)))
+        for what, call in steps:
+            code = call()
+            if code != 0:
+                raise BackendError(f"CUDA driver call {what} failed with CUresult {code} (device {device})") from None
+        return
+    cuda.set_device(device)
+
+
 def trt_logger(verbose: bool = False) -> Any:
     """One trt.Logger per verbosity for the process (builders and runtimes share it; it outlives them)."""
     trt = import_tensorrt()
@@ -59,19 +84,12 @@ def trt_logger(verbose: bool = False) -> Any:
 
 
 def gpu_info(device: int = 0) -> dict[str, str]:
-    """{"name", "compute_capability"} of a CUDA device (ordinal as the CUDA runtime counts, CUDA_VISIBLE_DEVICES
-    applied), read with the driver API (cuInit, cuDeviceGet, cuDeviceGetName, cuDeviceGetAttribute)."""
+    """{"name", "compute_capability", "memory_bytes"} of a CUDA device (ordinal as the CUDA runtime counts,
+    CUDA_VISIBLE_DEVICES applied), read with the driver API (cuInit, cuDeviceGet, cuDeviceGetName,
+    cuDeviceGetAttribute, cuDeviceTotalMem_v2)."""
     if device in _gpu_cache:
         return dict(_gpu_cache[device])
-    lib = None
-    for candidate in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(candidate)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        raise BackendError("the CUDA driver library (libcuda.so.1) cannot be loaded: no NVIDIA driver on this machine")
+    lib = _driver_library()
 
     def call(result: int, what: str) -> None:
         if result != 0:
@@ -87,10 +105,33 @@ def gpu_info(device: int = 0) -> dict[str, str]:
          "cuDeviceGetAttribute(major)")
     call(lib.cuDeviceGetAttribute(ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle),
          "cuDeviceGetAttribute(minor)")
+    memory = ctypes.c_size_t()
+    total = f"{memory.value}" if lib.cuDeviceTotalMem_v2(ctypes.byref(memory), handle) == 0 else ""
     info = {"name": name.value.decode("utf-8", errors="replace").strip(),
-            "compute_capability": f"{major.value}.{minor.value}"}
+            "compute_capability": f"{major.value}.{minor.value}", "memory_bytes": total}
     _gpu_cache[device] = info
     return dict(info)
+
+
+def gpu_count() -> int:
+    """How many CUDA devices the driver shows (CUDA_VISIBLE_DEVICES applied); 0 without a driver or a GPU."""
+    try:
+        lib = _driver_library()
+    except BackendError:
+        return 0
+    count = ctypes.c_int()
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def _driver_library() -> Any:
+    for candidate in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(candidate)
+        except OSError:
+            continue
+    raise BackendError("the CUDA driver library (libcuda.so.1) cannot be loaded: no NVIDIA driver on this machine")
 
 
 def engine_mismatch(record: Mapping[str, Any], gpu: Mapping[str, str], trt_version: str) -> str | None:

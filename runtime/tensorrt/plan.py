@@ -4,13 +4,14 @@
   user (`--max AXIS=N`), and the min/opt/max shape of every input;
 - the network typing and builder flags of a precision (`runtime/bundle/precisions.py` says what each precision needs);
 - the options that reproduce a build, recorded per engine and compared before an engine is called up to date;
-- the engine record in manifest.json, rewritten atomically.
+- the engine record in manifest.json, rewritten atomically (runtime/files/atomic.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ..bundle.manifest import MANIFEST_FILE, AxisRange, GraphEntry, Manifest, ch
 from ..bundle.precisions import get_precision
 from ..bundle.tensors import TensorInfo
 from ..errors import BundleError, MirasolError
-from ..files.ownership import atomic_file
+from ..files.atomic import write_file
 
 ENGINE_SUFFIX = ".engine"
 TYPINGS = ("auto", "strong", "weak")
@@ -134,25 +135,32 @@ def check_fixed_dims(entry: GraphEntry, input_name: str, network_shape: Sequence
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-    """How one graph is built: network typing and the builder flags to set / clear."""
+    """How one graph is built: network typing, the builder flags to set / clear, and which layers a weakly typed
+    network pins to fp32 (`pinned`: names of layer groups, see build.py's `rotary_layers`)."""
 
     precision: str
     strongly_typed: bool
     set_flags: tuple[str, ...]
     clear_flags: tuple[str, ...]
+    pinned: tuple[str, ...] = ()
+
+
+PINNED_GROUPS = ("rotary_angles",)  # measured (calibration/fp16.py) to need fp32: weak typing pins them
 
 
 def plan_build(precision: str, bundle_precision: str, *, typing: str = "auto", has_precision_flags: bool = True,
                int8_fp16: bool = True, tf32: bool = False) -> BuildPlan:
     """Choose a strongly/weakly typed network and the builder flags for a precision (`bundle/precisions.py` says,
-    per precision, which bundles it builds from, where `auto` types strongly and which flags weak typing needs).
+    per precision, which bundles it builds from and which flags weak typing needs).
 
-    - A strongly typed network keeps the graph's types, so it needs a bundle of the engine's precision (an fp16
-      bundle's fp32-kept layers stay fp32; an int8 bundle's Q/DQ decide int8). TensorRT 11 has no precision flags
-      (`has_precision_flags=False`) and is always strongly typed.
-    - Weakly typed: fp32 sets no flag; fp16 from an fp32 bundle sets FP16 (TensorRT chooses fp16 kernels); int8
-      (Q/DQ graphs, explicit quantization, no calibrator) sets INT8, plus FP16 for the unquantized layers when
-      `int8_fp16`.
+    - Strongly typed (`auto`, `strong`): the network keeps the graph's types, so it needs a bundle of the engine's
+      precision: an fp16 bundle's fp32-kept layers (the rotary angles, ...) stay fp32; an int8 bundle's Q/DQ decide
+      int8 and its other layers keep their types. TensorRT 11 has no precision flags (`has_precision_flags=False`)
+      and is always strongly typed. `auto` refuses what only weak typing can build, naming both ways out.
+    - Weakly typed (`weak`, TensorRT 10 only, asked for by name): fp32 sets no flag; fp16 from an fp32 bundle sets
+      FP16 (TensorRT chooses fp16 kernels); int8 (Q/DQ graphs, explicit quantization, no calibrator) sets INT8, plus
+      FP16 for the unquantized layers when `int8_fp16`. Where a flag allows fp16, the layers measured to need fp32
+      (PINNED_GROUPS) are pinned to fp32 with OBEY_PRECISION_CONSTRAINTS.
     - TF32 is cleared unless `tf32`, whatever the typing (TensorRT enables it by default; it rounds matmul inputs
       to 10-bit mantissas and would break the fp32 tolerance).
     """
@@ -168,27 +176,49 @@ def plan_build(precision: str, bundle_precision: str, *, typing: str = "auto", h
     if typing == "weak" and not has_precision_flags:
         raise BundleError("this TensorRT has no precision builder flags (TensorRT 11+ is always strongly typed); "
                           "use --typing strong or auto")
-    if typing == "auto":
-        typing = "strong" if not has_precision_flags or bundle_precision in entry.auto_strong_sources else "weak"
     clear = () if tf32 else ("TF32",)
-    if typing == "strong":
-        if bundle_precision != precision:
-            remedy = (f"or use --typing weak to let TensorRT choose {precision} kernels" if has_precision_flags else
-                      f"as this TensorRT types every network strongly, the graphs must be {precision} already "
-                      f"(NVIDIA ModelOpt AutoCast also converts ONNX graphs)")
+    if typing == "weak":
+        flags = entry.weak_flags + (("FP16",) if entry.weak_fp16_fallback and int8_fp16 else ())
+        if "FP16" in flags:
+            return BuildPlan(precision, False, flags + ("OBEY_PRECISION_CONSTRAINTS",), clear, PINNED_GROUPS)
+        return BuildPlan(precision, False, flags, clear)
+    if bundle_precision != precision:
+        export = f"export an {precision} bundle (mirasol-export --precision {precision})"
+        if not has_precision_flags:
             raise BundleError(f"a strongly typed network keeps the graph's types, and this bundle's graphs are "
-                              f"{bundle_precision}: export an {precision} bundle (mirasol-export --precision "
-                              f"{precision}), {remedy}")
-        return BuildPlan(precision, True, (), clear)
-    flags = entry.weak_flags + (("FP16",) if entry.weak_fp16_fallback and int8_fp16 else ())
-    return BuildPlan(precision, False, flags, clear)
+                              f"{bundle_precision}: {export}; as this TensorRT types every network strongly, the "
+                              f"graphs must be {precision} already (NVIDIA ModelOpt AutoCast also converts ONNX "
+                              f"graphs)")
+        raise BundleError(f"a strongly typed network (the default) keeps the graph's types, and this bundle's graphs "
+                          f"are {bundle_precision}: {export}, whose layers measured to need fp32 stay fp32; or build "
+                          f"weakly typed with --typing weak (TensorRT 10 only: TensorRT then chooses {precision} "
+                          f"kernels layer by layer, with the rotary-angle layers pinned to fp32)")
+    return BuildPlan(precision, True, (), clear)
 
 
-def write_manifest_atomic(manifest: Manifest, bundle_dir: str | os.PathLike[str]) -> Path:
-    """Write manifest.json through a temporary file in the bundle and os.replace, so readers never see half."""
-    path = Path(bundle_dir) / MANIFEST_FILE
-    write_atomic(path, json.dumps(manifest.to_dict(), indent=2).encode("utf-8"))
-    return path
+def int8_problem(manifest: Manifest, bundle_dir: str | os.PathLike[str]) -> str | None:
+    """Why TensorRT cannot build this int8 bundle, from what its manifest records (None when it can, or when the
+    bundle is not int8): TensorRT takes symmetric signed int8 Q/DQ only (the `tensorrt` int8 target); the `cpu`
+    targets quantize activations to uint8 with zero points, which its ONNX parser refuses."""
+    if manifest.precision != "int8":
+        return None
+    recipe = manifest.quantization.get("recipe") or manifest.quantization.get("flavour") or {}
+    options = recipe.get("extra_options") or {}
+    fits = (recipe.get("format") == "QDQ" and recipe.get("activations") == "QInt8" == recipe.get("weights")
+            and bool(options.get("ActivationSymmetric")) and bool(options.get("WeightSymmetric")))
+    if fits:
+        return None
+    if recipe:
+        what = (f"its int8 target is {recipe.get('name')!r} ({recipe.get('format')}, {recipe.get('activations')} "
+                f"activations{'' if options.get('ActivationSymmetric') else ' with zero points'}), made for ONNX "
+                f"Runtime on the CPU")
+    else:
+        what = "its manifest does not say which int8 target made it"
+    data = (manifest.quantization.get("data") or {}).get("source") or "DIR"
+    return (f"{bundle_dir} is an int8 bundle TensorRT cannot build: {what}; TensorRT takes only symmetric int8 "
+            f"Q/DQ. Export one for TensorRT on the machine with PyTorch, from the --preset or --checkpoint this bundle "
+            f"came from: mirasol-export --checkpoint DIR --precision int8 --int8-target tensorrt --calibration-data "
+            f"{shlex.quote(str(data))} --out {shlex.quote(str(bundle_dir).rstrip('/') + '-tensorrt')}")
 
 
 def record_engine(bundle_dir: str | os.PathLike[str], graph: str, record: Mapping[str, Any]) -> Manifest:
@@ -197,14 +227,8 @@ def record_engine(bundle_dir: str | os.PathLike[str], graph: str, record: Mappin
     if graph not in manifest.graphs:
         raise BundleError(f"{Path(bundle_dir) / MANIFEST_FILE}: no graph {graph!r}")
     manifest.graphs[graph] = dataclasses.replace(manifest.graphs[graph], engine=dict(record))
-    write_manifest_atomic(manifest, bundle_dir)
+    write_file(Path(bundle_dir) / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2))  # a name of ours
     return manifest
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file next to it and a rename (nothing half-written)."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def _input_axes(entry: GraphEntry) -> list[str]:

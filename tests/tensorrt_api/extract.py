@@ -11,8 +11,9 @@ and read, not installed.
   cannot be told; e.g. BuilderFlag.INT8 hides in "UINT8"), `python` when __init__.py defines it, else `absent`.
   `+doc` marks a `Class.member` whose docstring symbol tensorrt::<Class>Doc::<member> is in the file, which
   confirms the owner class.
-- cuda-bindings 12.9.10 imports without a GPU: its functions' parameter names and its enum values are read with
-  inspect, in a subprocess.
+- cuda-bindings 12.9.10 and cuda-python 12.6.2.post1 (the Jetson pin: JetPack 6's CUDA 12.6) import without a
+  GPU: their functions' parameter names and their enum values are read with inspect, in a subprocess; names
+  written `driver.X` are read from `cuda.bindings.driver`.
 
 The tables (tensorrt_names.tsv, cudart_names.tsv) are committed; tests/test_tensorrt.py checks the fakes
 against them in CI, and re-extracts and compares when the wheels can be downloaded. The wheels themselves are not
@@ -34,7 +35,8 @@ HERE = Path(__file__).resolve().parent
 TENSORRT_TABLE = HERE / "tensorrt_names.tsv"
 CUDART_TABLE = HERE / "cudart_names.tsv"
 TENSORRT_WHEELS = {version: f"tensorrt-cu12-bindings=={version}" for version in fake_tensorrt.VERSIONS}
-CUDA_WHEELS = ("cuda-bindings==12.9.10", "cuda-pathfinder==1.9.1")
+CUDA_WHEELS = {"cuda-bindings 12.9.10": ("cuda-bindings==12.9.10", "cuda-pathfinder==1.9.1"),
+               "cuda-python 12.6.2.post1": ("cuda-python==12.6.2.post1",)}
 _IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -118,12 +120,12 @@ def tensorrt_table(wheels: dict[str, Path]) -> str:
 _CUDART_PROBE = """
 import inspect, json, sys
 sys.path[:0] = sys.argv[1:]
-from cuda.bindings import runtime
-import cuda.bindings
-out = {"version": cuda.bindings.__version__}
+from cuda.bindings import driver, runtime
+out = {}
 for name in json.load(sys.stdin):
-    owner, _, member = name.partition(".")
-    value = getattr(runtime, owner, None)
+    module = driver if name.startswith("driver.") else runtime
+    owner, _, member = name.removeprefix("driver.").partition(".")
+    value = getattr(module, owner, None)
     if member:
         value = getattr(value, member, None)
         out[name] = "absent" if value is None else str(int(value))
@@ -137,33 +139,44 @@ print(json.dumps(out))
 """
 
 
-def cudart_table(wheels: list[Path], workdir: Path) -> str:
-    """The TSV of every name the fake cuda runtime defines: parameters, enum values, "class" or "absent"."""
-    roots = []
-    for wheel in wheels:
-        root = workdir / wheel.stem
-        if not root.is_dir():
-            with zipfile.ZipFile(wheel) as archive:
-                archive.extractall(root)
-        roots.append(str(root))
-    names = sorted(fake_tensorrt.surface(fake_cuda.make_cudart(fake_cuda.Device(1 << 30))))
-    probe = subprocess.run([sys.executable, "-c", _CUDART_PROBE, *roots], input=json.dumps(names), text=True,
-                           capture_output=True, check=True, timeout=120)
-    found = json.loads(probe.stdout)
-    lines = ["# Written by `python -m tests.tensorrt_api.extract` from cuda-bindings, imported without a GPU: the",
+def cudart_table(wheels: dict[str, list[Path]], workdir: Path) -> str:
+    """The TSV of every name the fake cuda runtime (and driver) defines, per cuda-python release: parameters, enum
+    values, "class" or "absent"."""
+    names = sorted(fake_names())
+    columns = {}
+    for release, paths in wheels.items():
+        roots = []
+        for wheel in paths:
+            root = workdir / wheel.stem
+            if not root.is_dir():
+                with zipfile.ZipFile(wheel) as archive:
+                    archive.extractall(root)
+            roots.append(str(root))
+        probe = subprocess.run([sys.executable, "-c", _CUDART_PROBE, *roots], input=json.dumps(names), text=True,
+                               capture_output=True, check=True, timeout=120)
+        columns[release] = json.loads(probe.stdout)
+    lines = ["# Written by `python -m tests.tensorrt_api.extract` from cuda-python, imported without a GPU: the",
              "# parameters of each function, the value of each enum member, class, or absent.",
-             f"name\tcuda-bindings {found['version']}"] + [f"{name}\t{found[name]}" for name in names]
+             "name\t" + "\t".join(columns)]
+    lines += [name + "\t" + "\t".join(found[name] for found in columns.values()) for name in names]
     return "\n".join(lines) + "\n"
+
+
+def fake_names() -> set[str]:
+    """The names of the fake cuda runtime, and of the fake driver module as `driver.X`."""
+    return (fake_tensorrt.surface(fake_cuda.make_cudart(fake_cuda.Device(1 << 30)))
+            | {f"driver.{n}" for n in fake_tensorrt.surface(fake_cuda.make_cudriver())})
 
 
 def fake_cudart_table() -> dict[str, str]:
     """The same columns for the fake cuda runtime (what the committed table must equal)."""
     import inspect  # noqa: PLC0415
 
-    module = fake_cuda.make_cudart(fake_cuda.Device(1 << 30))
+    runtime, driver = fake_cuda.make_cudart(fake_cuda.Device(1 << 30)), fake_cuda.make_cudriver()
     table = {}
-    for name in fake_tensorrt.surface(module):
-        owner, _, member = name.partition(".")
+    for name in fake_names():
+        module = driver if name.startswith("driver.") else runtime
+        owner, _, member = name.removeprefix("driver.").partition(".")
         value = getattr(module, owner)
         if member:
             value = getattr(value, member)
@@ -183,7 +196,8 @@ def extract(wheel_dir: Path) -> tuple[str, str]:
     """Both tables, from wheels downloaded into (or already in) `wheel_dir`."""
     versions = list(TENSORRT_WHEELS)
     trt_wheels = dict(zip(versions, download([TENSORRT_WHEELS[v] for v in versions], wheel_dir)))
-    return tensorrt_table(trt_wheels), cudart_table(download(list(CUDA_WHEELS), wheel_dir), wheel_dir / "unpacked")
+    cuda_wheels = {release: download(list(requirements), wheel_dir) for release, requirements in CUDA_WHEELS.items()}
+    return tensorrt_table(trt_wheels), cudart_table(cuda_wheels, wheel_dir / "unpacked")
 
 
 def main(argv: list[str] | None = None) -> int:
