@@ -133,8 +133,8 @@ def weightless_session(model: onnx.ModelProto, weights_dir: str | Path, work: Pa
     A weightless proto goes to ONNX Runtime as bytes (with the folder its tensors are in). One that holds its weights
     (a graph under 2 GB is written whole) is first written to `work` with its weights beside it, and loaded from
     there: given a model's bytes, ONNX Runtime keeps a copy of them as long as the session lives (onnxruntime issue
-    21165): 3 GB more for mirasol3b's combiner and text decoder. The CPU arena is off: activations go back when a
-    call ends instead of being kept at their largest for each of the graphs loaded side by side."""
+    21165), a second copy of the weights. The CPU arena is off: activations go back when a call ends instead of being
+    kept at their largest for each of the graphs loaded side by side."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = False

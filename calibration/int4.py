@@ -9,7 +9,7 @@ symmetric, no zero point, blocks of `bs` along K (the input dimension), one posi
 column: s = max(max / 7, -min / 8) over the block, codes round(w / s) in [-8, 7]. Activations stay float (fp32 here;
 a TensorRT build runs them in fp16).
 
-Why this form (measured with onnxruntime 1.32 and read from onnx-tensorrt 10.x; `/work/notes` has the runs):
+Why this form (measured with onnxruntime 1.32 and read from onnx-tensorrt 10.x; docs/int8-int4.md has more):
 - ONNX Runtime fuses it at graph optimization level "extended" and above into `MatMulNBits` (accuracy level 4:
   int8 activations, integer dot products), as fast as `MatMulNBits` written directly. It does NOT fuse, silently
   (the DequantizeLinear then runs on every call, or is folded back to fp32 weights), when the block size is not a
@@ -20,8 +20,8 @@ Why this form (measured with onnxruntime 1.32 and read from onnx-tensorrt 10.x; 
   dimensions, zero point 0, positive scales, an even last dimension (INT4 packs two values per byte).
   `MatMulNBits` is a contrib op TensorRT does not parse, and the negative scales ONNX Runtime's own int4 quantizer
   uses are illegal there; this form serves both.
-- Blocks of 128 where K allows, else 64 (both TensorRT's; 128: fewer scales and faster in ONNX Runtime; 64: 10% less
-  weight error on Gaussian weights). A weight whose K divides by neither, or whose N is odd, stays float.
+- Blocks of 128 where K allows, else 64 (both TensorRT's; 128: fewer scales and faster in ONNX Runtime; 64: less
+  weight error). A weight whose K divides by neither, or whose N is odd, stays float.
 
 `quantize_weights(model, weights_dir)` edits a weightless graph (`external_data`): each weight is read from its file,
 quantized and added as a packed INT4 initializer (two codes per byte, the first in the low nibble); the fp32

@@ -5,31 +5,18 @@
   MatMul/Gemm/Conv (no output quantization, which TensorRT would have to undo before the norms and softmax
   that follow), a dedicated Q/DQ pair per consumer, removable activations kept. Measured (sweep, report) by
   emulating the Q/DQ in fp32, which is what TensorRT's int8 kernels compute: ONNX Runtime's CPU kernels would
-  not (see below).
-- `cpu`: ONNX Runtime on x86, chosen by measurement on a machine with AVX2 and no VNNI
-  (`python -m mirasol.export.bench.int8_options graphs|push`, `small` preset): QDQ with calibrated ranges, uint8
-  activations, int8 weights in 7 bits (reduce_range), per-tensor, MatMul outputs left float (ONNX Runtime
-  fuses DQ -> MatMul into MatMulIntegerToFloat), only MatMuls by a constant weight.
+  not. It is for TensorRT only (on ONNX Runtime's CPU it is slower than fp32), and the only int8 TensorRT builds.
+- `cpu`: ONNX Runtime on x86, chosen by measurement (`python -m mirasol.export.bench.int8_options graphs|push`):
+  QDQ with calibrated ranges, uint8 activations, int8 weights in 7 bits (reduce_range), per-tensor, MatMul
+  outputs left float (ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat), only MatMuls by a constant
+  weight. 7-bit weights because ONNX Runtime's AVX2 kernels without VNNI sum u8 x s8 pairs in int16, which
+  saturates with full 8-bit weights.
 - `cpu-dynamic`: the same MatMuls quantized dynamically (ranges computed per call, no calibrated ranges),
-  7-bit weights (DynamicQuantizeMatMul). As fast per chunk; it adapts to inputs unlike the calibration data.
+  7-bit weights (DynamicQuantizeMatMul): it adapts to inputs unlike the calibration data.
 
-What the measurement showed (relative RMS error vs fp32 on recorded real inputs; CPU time per call with one
-intra-op thread, median of 15 alternating rounds, speed-up vs fp32; wall times on this shared machine agree
-in ranking where they are not noise):
-- full 8-bit weights (ONNX Runtime's defaults, s8s8 or u8s8, static or dynamic) are wrong on AVX2 without
-  VNNI: the u8 x s8 pair sums saturate int16 in the AVX2 kernels (s8s8 is run as u8s8), errors of 7-30%
-  where 7-bit weights give 1-2%. Every CPU candidate therefore uses reduce_range.
-- QDQ with MatMul outputs quantized (QLinearMatMul after fusion) and QOperator: 1.6-1.9x; outputs left float:
-  1.7-2.1x; also leaving the activation x activation attention MatMuls float: 1.75-2.4x (best on the AV
-  autoregressor, 1.97x, and the text decoder, 2.41x); per-channel weights or uint8 weights: slower, no more
-  accurate; dynamic 7-bit: 1.9-2.2x (best on the combiner, 1.88x), lower error on the text decoder (its logits
-  head stays float: the sweep keeps it float in `cpu` too). Per chunk (combiner + AV autoregressor through
-  the Pipeline) `cpu` and `cpu-dynamic` tie (1.83x and 1.88x CPU time, 1.80x and 1.82x wall); `cpu` is the
-  calibrated one and 10% faster per generated token.
-- the TensorRT recipe run on ONNX Runtime's CPU is slower than fp32 (3-5x emulated; with ONNX Runtime's own int8
-  kernels still slower per chunk, docs/tensorrt-jetson.md has the command): it is for TensorRT only, and the only
-  one TensorRT builds (symmetric int8). `mirasol-export` makes `cpu` by default and `tensorrt` when it builds
-  engines; `mirasol-build-engines` refuses the others, from the recipe the manifest records.
+`mirasol-export` makes `cpu` by default and `tensorrt` when it builds engines; `mirasol-build-engines` refuses the
+others, from the recipe the manifest records. What the measurements behind these choices showed, with the
+machines and commands: docs/int8-int4.md.
 
 Only MatMul/Gemm/Conv are quantized: they hold the weights and the FLOPs; quantizing normalizations or
 softmax saves nothing on either target and costs accuracy.

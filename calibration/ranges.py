@@ -7,8 +7,7 @@ extra outputs (ReduceMin/ReduceMax of each tensor for minmax, the tensor itself 
 as an ONNX Runtime session that reads the weights from the bundle's own files; each call folds its extra outputs
 into the running ranges (`RangeCollector`) and hands the Pipeline only the graph's own outputs. So calibrating
 every call of every graph costs one session per graph plus one call's activations, whatever the number of calls
-and the model size (measured on an 805 MB graph: 0.95 GB, where recording calls and ONNX Runtime's calibrator
-took 4.4 GB).
+and the model size (recording calls and running ONNX Runtime's calibrator keeps every call and copies the graph).
 
 Methods:
 - minmax: the smallest and largest value seen (ONNX Runtime's MinMax calibrator folds batches the same way);
