@@ -19,6 +19,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+def paused_command(main: str) -> str:
+    """Python source for `python -c`: the command `main` ("module:function") run on argv[2:] in a process whose pause
+    hook (set here, never from the environment) waits for good at the stage argv[1] names."""
+    module, function = main.split(":")
+    return textwrap.dedent(f"""
+        import sys, time
+        import mirasol.runtime.files.atomic as atomic
+        from {module} import {function}
+
+        def pause(stage, path):
+            if stage == sys.argv[1]:
+                print(f"paused at {{stage}}", file=sys.stderr, flush=True)
+                while True:
+                    time.sleep(60)
+
+        atomic.PAUSE_HOOK = pause
+        sys.exit({function}(sys.argv[2:]))
+    """)
+
+
 # ---- the harness process -----------------------------------------------------------------------------------------
 
 HARNESS = textwrap.dedent('''

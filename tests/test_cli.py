@@ -189,8 +189,11 @@ def test_a_reader_that_goes_away_is_not_an_error(tiny_bundle: Path, script: str,
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
     out = tmp_path / "checkpoint"
+    # Ctrl-C as a terminal gives it: SIGINT at its default (a background job of a non-interactive shell, as pytest
+    # may be, inherits it ignored, and Python then leaves it ignored, as it should)
     process = subprocess.Popen([str(VENV_BIN / "mirasol-train"), "--output", str(out), "--train-clips", "500"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stderr.readline()  # type: ignore[union-attr]
     assert "making 500 training clips" in first, first  # the command is at work: interrupt it
     process.send_signal(signal.SIGINT)

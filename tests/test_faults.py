@@ -20,6 +20,7 @@ from mirasol.runtime.errors import BackendError
 from mirasol.runtime.pipeline import Pipeline
 
 from .conftest import QUESTION, assert_same_stream_state, chunk, copy_bundle, snapshot, stream_snapshot
+from .race_harness import paused_command
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -30,21 +31,7 @@ def _leftovers(target: Path) -> list[str]:
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.mirasol-"))
 
 
-# mirasol-export in a process of its own whose pause hook (set here, never from the environment) waits at a stage
-PAUSED_EXPORT = textwrap.dedent("""
-    import sys, time
-    import mirasol.runtime.files.atomic as atomic
-    from mirasol.export.cli import main
-
-    def pause(stage, path):
-        if stage == sys.argv[1]:
-            print(f"paused at {stage}", file=sys.stderr, flush=True)
-            while True:
-                time.sleep(60)
-
-    atomic.PAUSE_HOOK = pause
-    sys.exit(main(sys.argv[2:]))
-""")
+PAUSED_EXPORT = paused_command("mirasol.export.cli:main")
 
 
 def _kill_export_at(target: Path, point: str, limit: float = 300) -> float:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from mirasol.model.cli import train
 from mirasol.model.demo_task import COLOURS, DEMO_CHECKPOINT, DemoTask
 
 from .conftest import run_cli, run_export_cli, snapshot
+from .race_harness import paused_command
 
 pytest.importorskip("av")
 
@@ -67,21 +67,7 @@ def _train(dataset: Path, cache: Path, output: Path, *args: str):
     return run_cli(train, ["--data", str(dataset), "--cache-dir", str(cache), "--output", str(output), *args])
 
 
-# mirasol-train in a process of its own whose pause hook (set here, never from the environment) waits at a stage
-PAUSED_TRAINING = textwrap.dedent("""
-    import sys, time
-    import mirasol.runtime.files.atomic as atomic
-    from mirasol.model.cli import train
-
-    def pause(stage, path):
-        if stage == sys.argv[1]:
-            print(f"paused at {stage}", file=sys.stderr, flush=True)
-            while True:
-                time.sleep(60)
-
-    atomic.PAUSE_HOOK = pause
-    sys.exit(train(sys.argv[2:]))
-""")
+PAUSED_TRAINING = paused_command("mirasol.model.cli:train")
 
 
 def _kill_after_saving(step: int, dataset: Path, cache: Path, output: Path, *args: str) -> None:

@@ -211,7 +211,7 @@ def scenarios(tmp_path: Path, tiny_bundle: Path, shared_pipeline) -> list[Scenar
     sequences = """
         import numpy as np
         from mirasol.runtime.pipeline import Pipeline
-        from mirasol.runtime.triton.model import Request, Sequences
+        from mirasol.runtime.triton.sequences import Request, Sequences
         sequences = Sequences(Pipeline.load({bundle}), 60, state_dir={state})
         reply = sequences.serve([Request(1, start=True, chunk=%s)])[0]
     """ % np_chunk
@@ -257,6 +257,13 @@ def scenarios(tmp_path: Path, tiny_bundle: Path, shared_pipeline) -> list[Scenar
             from mirasol.calibration.quantize import CalibrationCache
             CalibrationCache({target})
         """, target=t / "calib1"), FILE, str(t / "calib1" / ".mirasol-output"), "new file"),
+        Scenario("ONNX Runtime TensorRT provider cache folder",
+                 ("runtime/backends/onnxruntime_device.py:OnnxRuntimeDeviceBackend._cache",), _code("""
+            from mirasol.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
+            from mirasol.runtime.bundle.reader import Bundle
+            OnnxRuntimeDeviceBackend("cpu", cache_dir={target})._cache(Bundle.load({bundle}))
+        """, target=t / "provider-cache", bundle=tiny_bundle), FILE, str(t / "provider-cache" / ".mirasol-output"),
+                 "new file"),
         Scenario("calibration sweep", ("calibration/quantize.py:CalibrationCache.save_sweep",), _code("""
             from mirasol.calibration.quantize import CalibrationCache
             CalibrationCache({target}).save_sweep("a" * 24, {{"exclude": []}})

@@ -71,8 +71,19 @@ class Backend(ABC):
         return np.asarray(value)
 
     def concatenate(self, values: Sequence[Any], axis: int) -> Any:
-        """`values` joined along `axis`, where this backend keeps arrays."""
-        return np.concatenate(values, axis=axis)
+        """`values` joined along `axis`, where this backend keeps arrays: on the host while every part that holds
+        anything is there, else on the device (`join_on_device`; empty parts cost nothing)."""
+        parts = [v for v in values if v.shape[axis]] or list(values[:1])
+        if all(isinstance(v, np.ndarray) for v in parts):
+            return np.concatenate(values, axis=axis)
+        if len(parts) == 1:
+            return parts[0]
+        return self.join_on_device(parts, axis)
+
+    def join_on_device(self, parts: Sequence[Any], axis: int) -> Any:
+        """`parts` (some on the device, each non-empty) joined on the device; host parts are copied there. Only a
+        backend whose sessions keep outputs on the device is given any."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no arrays on a device")
 
     def slice(self, value: Any, axis: int, start: int, stop: int | None = None) -> Any:
         """A contiguous copy of `value[..., start:stop, ...]` along `axis`, where this backend keeps arrays."""

@@ -204,13 +204,7 @@ class OnnxRuntimeDeviceBackend(OnnxRuntimeBackend):
     def to_host(self, value: Any) -> np.ndarray:
         return value.numpy() if isinstance(value, OrtDeviceArray) else np.asarray(value)
 
-    def concatenate(self, values: Sequence[Any], axis: int) -> Any:
-        """On the device once any part is there (host parts are copied there; empty parts cost nothing)."""
-        parts = [v for v in values if v.shape[axis]] or list(values[:1])
-        if all(isinstance(v, np.ndarray) for v in parts):
-            return np.concatenate(values, axis=axis)
-        if len(parts) == 1:
-            return parts[0]
+    def join_on_device(self, parts: Sequence[Any], axis: int) -> OrtDeviceArray:
         arrays = [self.on_device(v, self.transfers) for v in parts]
         rank = arrays[0].ndim
         session = self._op(("concat", arrays[0].dtype, rank, axis % rank, len(arrays)),

@@ -422,13 +422,7 @@ class TensorRTBackend(Backend):
     def to_host(self, value: Any) -> np.ndarray:
         return value.numpy() if isinstance(value, DeviceArray) else np.asarray(value)
 
-    def concatenate(self, values: Sequence[Any], axis: int) -> Any:
-        """On the device once any part is there (host parts are uploaded; empty parts cost nothing)."""
-        parts = [v for v in values if v.shape[axis]] or list(values[:1])
-        if all(isinstance(v, np.ndarray) for v in parts):
-            return np.concatenate(values, axis=axis)
-        if len(parts) == 1:
-            return parts[0]
+    def join_on_device(self, parts: Sequence[Any], axis: int) -> DeviceArray:
         on_device = [v if isinstance(v, DeviceArray) else DeviceArray.from_numpy(v, device=self.device) for v in parts]
         return DeviceArray.concatenate(on_device, axis)
 
