@@ -121,7 +121,7 @@ def check_graph(spec: GraphSpec, float_graph: Path, int8_graph: Path, codec: KvC
         failures: list[str] = []
         for index, (sizes, feeds) in enumerate(cases):
             got = codec.decode(dict(zip(names, session.run(names, _typed(session, codec.encode(feeds))))))
-            with np.load(Path(scratch) / f"{index}.npz") as reference:
+            with np.load(Path(scratch) / f"{index}.npz", allow_pickle=False) as reference:
                 for name in names:
                     want, value = reference[name].astype(np.float32), got[name].astype(np.float32)
                     if not want.size:
