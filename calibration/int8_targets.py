@@ -5,39 +5,28 @@
   MatMul/Gemm/Conv (no output quantization, which TensorRT would have to undo before the norms and softmax
   that follow), a dedicated Q/DQ pair per consumer, removable activations kept. Measured (sweep, report) by
   emulating the Q/DQ in fp32, which is what TensorRT's int8 kernels compute: ONNX Runtime's CPU kernels would
-  not (see below).
-- `cpu`: ONNX Runtime on x86 with AVX2 and no VNNI (this machine), chosen by measurement
-  (`python -m mirasol.export.bench.int8_options graphs|push`, `small` preset): QDQ with calibrated ranges, uint8
-  activations, int8 weights in 7 bits (reduce_range), per-tensor, MatMul outputs left float (ONNX Runtime
-  fuses DQ -> MatMul into MatMulIntegerToFloat), only MatMuls by a constant weight.
+  not. It is for TensorRT only (on ONNX Runtime's CPU it is slower than fp32), and the only int8 TensorRT builds.
+- `cpu`: ONNX Runtime on x86, chosen by measurement (`python -m mirasol.export.bench.int8_options graphs|push`):
+  QDQ with calibrated ranges, uint8 activations, int8 weights in 7 bits (reduce_range), per-tensor, MatMul
+  outputs left float (ONNX Runtime fuses DQ -> MatMul into MatMulIntegerToFloat), only MatMuls by a constant
+  weight. 7-bit weights because ONNX Runtime's AVX2 kernels without VNNI sum u8 x s8 pairs in int16, which
+  saturates with full 8-bit weights.
 - `cpu-dynamic`: the same MatMuls quantized dynamically (ranges computed per call, no calibrated ranges),
-  7-bit weights (DynamicQuantizeMatMul). As fast per chunk; it adapts to inputs unlike the calibration data.
+  7-bit weights (DynamicQuantizeMatMul): it adapts to inputs unlike the calibration data.
 
-What the measurement showed (relative RMS error vs fp32 on recorded real inputs; CPU time per call with one
-intra-op thread, median of 15 alternating rounds, speed-up vs fp32; wall times on this shared machine agree
-in ranking where they are not noise):
-- full 8-bit weights (ONNX Runtime's defaults, s8s8 or u8s8, static or dynamic) are wrong on AVX2 without
-  VNNI: the u8 x s8 pair sums saturate int16 in the AVX2 kernels (s8s8 is run as u8s8), errors of 7-30%
-  where 7-bit weights give 1-2%. Every CPU candidate therefore uses reduce_range.
-- QDQ with MatMul outputs quantized (QLinearMatMul after fusion) and QOperator: 1.6-1.9x; outputs left float:
-  1.7-2.1x; also leaving the activation x activation attention MatMuls float: 1.75-2.4x (best on the AV
-  autoregressor, 1.97x, and the text decoder, 2.41x); per-channel weights or uint8 weights: slower, no more
-  accurate; dynamic 7-bit: 1.9-2.2x (best on the combiner, 1.88x), lower error on the text decoder (its logits
-  head stays float: the sweep keeps it float in `cpu` too). Per chunk (combiner + AV autoregressor through
-  the Pipeline) `cpu` and `cpu-dynamic` tie (1.83x and 1.88x CPU time, 1.80x and 1.82x wall); `cpu` is the
-  calibrated one and 10% faster per generated token.
-- the TensorRT recipe run on ONNX Runtime's CPU is slower than fp32 (3-5x emulated; with ONNX Runtime's own int8
-  kernels still slower per chunk, docs/tensorrt-jetson.md has the command): it is for TensorRT only, and the only
-  one TensorRT builds (symmetric int8). `mirasol-export` makes `cpu` by default and `tensorrt` when it builds
-  engines; `mirasol-build-engines` refuses the others, from the recipe the manifest records.
+`mirasol-export` makes `cpu` by default and `tensorrt` when it builds engines; `mirasol-build-engines` refuses the
+others, from the recipe the manifest records. What the measurements behind these choices showed, with the
+machines and commands: docs/int8-int4.md.
 
 Only MatMul/Gemm/Conv are quantized: they hold the weights and the FLOPs; quantizing normalizations or
 softmax saves nothing on either target and costs accuracy.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -49,6 +38,7 @@ from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata
 
+from .external_data import lazy_weights
 from .onnx_graph import remove_dead, sort_topologically
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
@@ -108,9 +98,11 @@ class Int8Recipe:
                 and not (self.const_b_only and n.op_type == "MatMul" and not constant_b(n))}
 
     def quantize(self, model: onnx.ModelProto, ranges: TensorsData | None,
-                 exclude: set[str] | frozenset[str] = frozenset()) -> onnx.ModelProto:
+                 exclude: set[str] | frozenset[str] = frozenset(), weights_dir: Path | None = None
+                 ) -> onnx.ModelProto:
         """A quantized copy of `model` (shape-inferred fp32) with `ranges` (None for dynamic); `exclude`d nodes
-        stay fp32."""
+        stay fp32. A weightless `model` (`external_data.load_weightless`) has its weights read from `weights_dir`
+        one at a time; the copy holds the new int8 weights, and points at the fp32 files for the others."""
         if self.uses_ranges and ranges is None:
             raise ExportError(f"int8 recipe {self.name} needs calibrated ranges")
         if self.const_b_only:  # the QDQ quantizer ignores MatMulConstBOnly: exclude activation x activation MatMuls
@@ -136,7 +128,8 @@ class Int8Recipe:
                                       QuantizationMode.IntegerOps, False, **args)
         else:
             raise ExportError(f"unknown quantization format {self.quant_format!r}")
-        quantizer.quantize_model()
+        with lazy_weights(weights_dir) if weights_dir is not None else contextlib.nullcontext():
+            quantizer.quantize_model()
         quantized = quantizer.model.model
         if self.quant_format == "QDQ":
             _float_outside_quantized_ops(quantized.graph, quantized_nodes)

@@ -1,16 +1,22 @@
-"""The accuracy report of an int8 bundle: how far it is from the fp32 bundle on held-out clips.
+"""The accuracy report of a quantized bundle (int8, int4, an int8 KV cache): how far it is from the fp32 bundle on
+held-out clips.
 
 Measured on clips that were not calibrated on, two ways:
-- per graph: every int8 graph run on the very inputs its fp32 twin saw while the fp32 bundle streamed the
+- per graph: every quantized graph run on the very inputs its fp32 twin saw while the fp32 bundle streamed the
   held-out clips and answered their questions (so each graph's own error, not its upstream's), per output:
-  cosine similarity (over all recorded calls, and the worst single call), max abs error, and max abs error
+  cosine similarity (over the sampled calls, and the worst single call), max abs error, and max abs error
   relative to the output's largest magnitude;
-- end to end, through two runtime Pipelines side by side: each chunk's `av_context` (cosine, max error), and
-  the greedy answers (identical answers, and the share of the fp32 answer's tokens reproduced before the first
-  difference).
+- end to end, through the runtime Pipeline: each chunk's `av_context` (cosine, max error), and the greedy answers
+  (identical answers, and the share of the fp32 answer's tokens reproduced before the first difference).
+
+The two bundles run one after the other, never side by side (at mirasol3b the fp32 bundle alone takes 13 GB): the
+fp32 pass keeps each chunk's av_context and each answer in memory and a sample of every graph's calls on disk
+(`samples.SampleStore`), the quantized pass compares against them.
 """
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +26,12 @@ from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from mirasol.runtime.pipeline import Pipeline
 
 from .data import Clip, iter_loaded
-from .record import FeedRecorder, RecordingBackend
+from .record import RecordingBackend
+from .samples import SampleStore
 
-EVAL_SAMPLES = 48  # recorded calls per graph for the per-graph comparison
+EVAL_SAMPLES = 48  # sampled calls per graph for the per-graph comparison (fewer where they pass the disk budget)
+# converts a recorded fp32 call to what a quantized graph takes and back (the int8 KV cache: `kv_cache.KvCodec`)
+Codec = Any
 
 
 class _Stats:
@@ -78,39 +87,60 @@ def prefix_agreement(reference: list[int], got: list[int]) -> float:
     return same / length
 
 
+def _questions(pipe: Pipeline, clip: Clip, max_new_tokens: int) -> list[tuple[str, int]]:
+    return [(q, min(max_new_tokens, pipe.max_text_len - len(pipe.tokenizer.prompt(q)))) for q in clip.questions]
+
+
 def evaluate(reference: str | Path, quantized: str | Path, clips: list[Clip], max_new_tokens: int = 16,
-             bar: bool | None = None, int8_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compare the int8 bundle at `quantized` with the fp32 bundle at `reference` on held-out `clips`
-    (`int8_options`: options of the onnxruntime backend running the int8 bundle)."""
-    recorder = FeedRecorder(max_per_graph=EVAL_SAMPLES, seed=1, keep_outputs=True)
-    fp32 = Pipeline.load(reference, backend=RecordingBackend(OnnxRuntimeBackend(), recorder), verify=False)
-    int8 = Pipeline.load(quantized, **(int8_options or {}))
-    context = _Stats()
-    chunk_cosines: list[float] = []
-    answers: list[dict[str, Any]] = []
-    for clip, video, audio in iter_loaded(clips, "held-out clips", bar):
-        s32, s8 = fp32.stream(), int8.stream()
-        for chunk_video, chunk_audio in fp32.split_clip(video, audio):
-            r, g = s32.push(chunk_video, chunk_audio), s8.push(chunk_video, chunk_audio)
-            context.add(r, g)
-            chunk_cosines.append(cosine(r, g))
-        for question in clip.questions:
-            room = fp32.max_text_len - len(fp32.tokenizer.prompt(question))
-            tokens = min(max_new_tokens, room)
-            a32 = s32.token_ids(question, tokens)[0]
-            a8 = s8.token_ids(question, tokens)[0]
-            answers.append({"clip": clip.name, "question": question, "fp32": fp32.tokenizer.decode(a32),
-                            "int8": int8.tokenizer.decode(a8), "identical": a32 == a8,
-                            "prefix_agreement": prefix_agreement(a32, a8)})
-    per_graph: dict[str, dict[str, dict[str, float]]] = {}
-    for graph, calls in recorder.calls.items():
-        session = int8.sessions[graph]
-        stats: dict[str, _Stats] = {}
-        for call in calls:
-            got = session.run(call.feeds)
-            for name, ref in (call.outputs or {}).items():
-                stats.setdefault(name, _Stats()).add(ref, got[name])
-        per_graph[graph] = {name: s.to_dict() for name, s in stats.items()}
+             bar: bool | None = None, options: Mapping[str, Any] | None = None,
+             codecs: Mapping[str, Codec] | None = None, label: str = "quantized",
+             progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Compare the bundle at `quantized` with the fp32 bundle at `reference` on held-out `clips`.
+
+    options: of the onnxruntime backend running the quantized bundle; codecs: per graph, how the fp32 calls'
+    tensors become the quantized graph's (an int8 KV cache) and its outputs become comparable again.
+    """
+    codecs = dict(codecs or {})
+    with tempfile.TemporaryDirectory(prefix="mirasol-report-") as scratch:
+        store = SampleStore(scratch, EVAL_SAMPLES, seed=1)
+        contexts: list[list[np.ndarray]] = []
+        answers32: list[list[int]] = []
+        with Pipeline.load(reference, backend=RecordingBackend(OnnxRuntimeBackend(), store), verify=False) as fp32:
+            for clip, video, audio in iter_loaded(clips, "held-out clips (fp32)", bar):
+                stream = fp32.stream()
+                contexts.append([stream.push(v, a) for v, a in fp32.split_clip(video, audio)])
+                answers32 += [stream.token_ids(q, n)[0] for q, n in _questions(fp32, clip, max_new_tokens)]
+            tokenizer = fp32.tokenizer
+        progress(f"report: fp32 pass done ({sum(map(len, contexts))} chunks, {len(answers32)} answers)")
+        context = _Stats()
+        chunk_cosines: list[float] = []
+        answers: list[dict[str, Any]] = []
+        per_graph: dict[str, dict[str, dict[str, float]]] = {}
+        with Pipeline.load(quantized, **dict(options or {})) as pipe:
+            index = 0
+            for (clip, video, audio), wanted in zip(iter_loaded(clips, f"held-out clips ({label})", bar), contexts):
+                stream = pipe.stream()
+                for (v, a), want in zip(pipe.split_clip(video, audio), wanted):
+                    got = stream.push(v, a)
+                    context.add(want, got)
+                    chunk_cosines.append(cosine(want, got))
+                for question, tokens in _questions(pipe, clip, max_new_tokens):
+                    a32, aq = answers32[index], stream.token_ids(question, tokens)[0]
+                    index += 1
+                    answers.append({"clip": clip.name, "question": question, "fp32": tokenizer.decode(a32),
+                                    label: tokenizer.decode(aq), "identical": a32 == aq,
+                                    "prefix_agreement": prefix_agreement(a32, aq)})
+            for graph, session in pipe.sessions.items():
+                codec = codecs.get(graph)
+                stats: dict[str, _Stats] = {}
+                for call in store.calls(graph):
+                    feeds = codec.encode(call.feeds) if codec is not None else call.feeds
+                    got = session.run(feeds)
+                    if codec is not None:
+                        got = codec.decode(got)
+                    for name, ref in (call.outputs or {}).items():
+                        stats.setdefault(name, _Stats()).add(ref, got[name])
+                per_graph[graph] = {name: s.to_dict() for name, s in stats.items()}
     identical = sum(a["identical"] for a in answers)
     # a random-init decoder often answers every question with one repeated token: agreement then says little
     fp32_answers = {a["fp32"] for a in answers}

@@ -23,19 +23,18 @@ import onnxruntime
 import torch
 
 from mirasol.model import Mirasol, release_weights
+from mirasol.calibration.kv_cache import KV_CACHES
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.runtime.files.atomic import atomic_directory, pause_point
-from mirasol.runtime.bundle.tensors import TensorInfo
-from mirasol.runtime.bundle.reader import sha256_file
 from mirasol.runtime.errors import ExportError, MirasolError
-from mirasol.runtime.bundle.manifest import GraphEntry, Manifest
+from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.files.ownership import check_output_dir
 from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
-from . import DEFAULT_OPSET
+from . import DEFAULT_OPSET, kv_cache
 from .precision_transforms import TRANSFORMS
-from .graph_sources import ExportContext, GraphSource, PrecisionOptions
+from .graph_sources import ExportContext, GraphSource, PrecisionOptions, graph_entry
 from .specs import GraphSpec, derived_axes, graph_specs, wiring
 from .validate import compare_graph, record_references
 
@@ -52,22 +51,6 @@ def producer_versions(opset: int) -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "opset": str(opset), "python": platform.python_version()}
 
 
-def graph_entry(spec: GraphSpec, directory: Path) -> GraphEntry:
-    """The manifest entry of a graph file in `directory`, its IO dtypes read from the file itself."""
-    path = directory / spec.file
-    model = onnx.load(str(path), load_external_data=False)
-    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
-              for i in (*model.graph.input, *model.graph.output)}
-    external = tuple(sorted({e.value for init in model.graph.initializer for e in init.external_data
-                             if e.key == "location"}))
-    return GraphEntry(
-        name=spec.name, file=spec.file, sha256=sha256_file(path),
-        inputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.inputs),
-        outputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.outputs),
-        axes=derived_axes(spec), external_data=external,
-        external_sha256={name: sha256_file(directory / name) for name in external})
-
-
 def onnx_check(directory: Path, manifest: Manifest) -> None:
     """onnx.checker with full_check on every graph of the bundle."""
     for graph in manifest.graphs.values():
@@ -77,8 +60,10 @@ def onnx_check(directory: Path, manifest: Manifest) -> None:
             raise ExportError(f"{graph.file} fails onnx.checker: {bad}") from None
 
 
-def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, validate: bool = True) -> Manifest:
-    """Write the graphs `source` makes, validated, and the manifest, as a bundle at `out` (atomically)."""
+def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, validate: bool = True,
+                 kv_calibration: CalibrationOptions | None = None) -> Manifest:
+    """Write the graphs `source` makes, validated, and the manifest, as a bundle at `out` (atomically);
+    kv_calibration: carry the AV KV cache in int8, its scales calibrated on these clips (`kv_cache.py`)."""
     precision = get_precision(source.precision)
     model, progress = context.model, context.progress
     check = validate and precision.tolerance is not None
@@ -117,7 +102,14 @@ def write_bundle(out: str | Path, context: ExportContext, source: GraphSource, v
         manifest.check()
         manifest.write(work)
         onnx_check(work, manifest)
+        kv_report = None
+        if kv_calibration is not None:  # calibrated on fp32 graphs: the reference, or these when they are fp32
+            kv_report = kv_cache.apply(work, manifest, context.specs, context.fp32_bundle or work, kv_calibration,
+                                       model.config, progress)
+            manifest.write(work)
         manifest.quantization = source.report(context, work, graph_reports)
+        if kv_report is not None:
+            manifest.quantization["kv_cache"] = kv_report
         if manifest.quantization:
             manifest.write(work)
     return manifest
@@ -150,12 +142,14 @@ def check_reference(model: Mirasol, directory: Path, specs: dict[str, GraphSpec]
 
 def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, opset: int = DEFAULT_OPSET,
                   validate: bool = True, max_batch: int = 4, reference: str | Path | None = None,
-                  fp16_io: bool = False, calibration: CalibrationOptions | None = None,
+                  fp16_io: bool = False, calibration: CalibrationOptions | None = None, kv: str = "float",
                   release_model: bool = False, progress: Progress = lambda _: None) -> Manifest:
     """Export `model` as a bundle of `precision` at `out` (written atomically); returns its manifest.
 
     reference: an fp32 bundle of this model that fp16/int8 start from (checked against the model), instead of
-    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8);
+    exporting one; fp16_io: fp16 graph inputs/outputs; calibration: how int8 is calibrated (required for int8), and
+    the clips the int8 KV cache's scales are calibrated on; kv: how the AV KV cache is carried, "float" (as the graph
+    computes) or "int8" (`kv_cache.py`, needs `calibration`);
     release_model: the caller hands `model` over: once its graphs are written and run in PyTorch for validation,
     its weights are freed (`release_weights`), so ONNX Runtime checks the graphs without the model beside them
     (how mirasol3b validates in 24 GB); the model is unusable afterwards.
@@ -167,6 +161,11 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
     if entry.needs_calibration and calibration is None:
         raise ExportError(f"{precision} needs calibration data (mirasol-export --precision {precision} "
                           f"--calibration-data DIR|synthetic)")
+    if kv not in KV_CACHES:
+        raise ExportError(f"kv cache {kv!r} is not one of {KV_CACHES}")
+    if kv == "int8" and calibration is None:
+        raise ExportError("an int8 KV cache needs calibration data for its scales (mirasol-export --kv-cache int8 "
+                          "--calibration-data DIR|synthetic)")
     if precision == "fp32" and reference is not None:
         raise ExportError("a reference bundle is what fp16 and int8 start from; fp32 is traced from the model")
     check_output_dir(out, "bundle")  # before any work: a target holding anything not ours is refused
@@ -186,4 +185,4 @@ def export_bundle(model: Mirasol, out: str | Path, precision: str = "fp32", *, o
                 export_bundle(model, reference, "fp32", opset=opset, validate=validate, max_batch=max_batch,
                               release_model=free_early, progress=progress)
             context = dataclasses.replace(context, fp32_bundle=Path(reference))
-        return write_bundle(out, context, source, validate)
+        return write_bundle(out, context, source, validate, calibration if kv == "int8" else None)

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "ttm)")
     parser.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                         help="fp16: fp16 weights and compute, fp32 kept where measurement demands; int8: calibrated "
-                             "Q/DQ")
+                             "Q/DQ; int4: weight-only int4 blocks (no calibration)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="bundle directory to write (replaced atomically; an existing one must be a bundle or "
                              "empty) (default: bundles/<model>-<precision>)")
@@ -66,10 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fp16-io", action="store_true", help="with fp16: graph inputs/outputs in fp16 too "
                                                                 "(default: fp32)")
     parser.add_argument("--calibration-data", metavar="SOURCE",
-                        help="int8: a directory of media files or .npz chunk files (mirasol-run --save-chunks), or "
-                             "'synthetic'")
+                        help="int8 and --kv-cache int8: a directory of media files or .npz chunk files (mirasol-run "
+                             "--save-chunks), or 'synthetic'; int4: where its accuracy report's held-out clips come "
+                             "from (default synthetic)")
     parser.add_argument("--calibration-clips", type=COUNT, default=16, metavar="N",
-                        help="int8: clips to calibrate on")
+                        help="int8, --kv-cache int8: clips to calibrate on")
     parser.add_argument("--int8-target", choices=["cpu", "cpu-dynamic", "tensorrt"],
                         help="int8: the runtime the quantization is made for: cpu / cpu-dynamic = ONNX Runtime on "
                              "the CPU; tensorrt = symmetric Q/DQ, the only int8 TensorRT builds (mirasol-build-engines "
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "--engine, else cpu)")
     parser.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                         help="int8: how activation ranges are chosen from the recorded activations")
+    parser.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                        help="how the AV autoregressor's KV cache is carried between chunks: float (as the graph "
+                             "computes) or int8 (half of fp16's bytes; fixed per-(head, channel) scales calibrated on "
+                             "--calibration-data, dequantized in the graph)")
     parser.add_argument("--reference-bundle", type=existing_dir, metavar="DIR",
                         help="fp16/int8: an fp32 bundle of this model to start from instead of exporting one "
                              "(checked against the model)")
@@ -100,6 +105,8 @@ def _export(args: argparse.Namespace) -> None:
         raise UsageError("--combiner changes a --preset; a checkpoint's combiner is in its config")
     if get_precision(args.precision).needs_calibration and args.calibration_data is None and not args.params_only:
         raise UsageError(f"--precision {args.precision} needs --calibration-data (media dir, .npz dir or 'synthetic')")
+    if args.kv_cache == "int8" and args.calibration_data is None and not args.params_only:
+        raise UsageError("--kv-cache int8 needs --calibration-data for its scales (media dir, .npz dir or 'synthetic')")
     if args.int8_target is None:
         args.int8_target = "tensorrt" if args.engine else "cpu"
     elif args.engine and args.precision == "int8" and args.int8_target != "tensorrt":
@@ -137,12 +144,12 @@ def _export(args: argparse.Namespace) -> None:
         from mirasol.runtime.triton.repository import check_repository
         check_repository(args.triton_dir)  # before the export, not after it
     calibration = None
-    if args.precision == "int8":
+    if args.calibration_data is not None:
         calibration = CalibrationOptions(args.calibration_data, clips=args.calibration_clips,
                                          target=args.int8_target, method=args.calibration_method)
     manifest = export_bundle(model, out, precision=args.precision, opset=args.opset, validate=args.validate,
                              max_batch=args.max_batch, reference=args.reference_bundle, fp16_io=args.fp16_io,
-                             calibration=calibration, release_model=True, progress=progress)
+                             calibration=calibration, kv=args.kv_cache, release_model=True, progress=progress)
     say("\n" + format_graph_sizes(out, manifest))
     if manifest.validation:
         say("\n" + format_validation(manifest.validation))

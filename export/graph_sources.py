@@ -17,13 +17,17 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnx
+from mirasol.calibration.external_data import write_graph
 from mirasol.calibration.fp16 import to_fp16
 from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.model import Mirasol
+from mirasol.runtime.bundle.manifest import GraphEntry
+from mirasol.runtime.bundle.reader import sha256_file
+from mirasol.runtime.bundle.tensors import TensorInfo
 from mirasol.runtime.errors import ExportError
 
-from .onnx_export import EXTERNAL_DATA_BYTES, export_graph, graph_metadata
-from .specs import GraphSpec
+from .onnx_export import export_graph, graph_metadata
+from .specs import GraphSpec, derived_axes
 
 Progress = Callable[[str], None]
 
@@ -61,14 +65,15 @@ class GraphSource(Protocol):
     def report(self, context: ExportContext, bundle: Path, graph_reports: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def save_graph(model: onnx.ModelProto, path: Path, precision: str) -> None:
-    """Write a transformed graph, its precision in metadata_props; weights over 2 GB go beside it (`.data`)."""
+def save_graph(model: onnx.ModelProto, path: Path, precision: str, weights_dir: Path | None = None) -> None:
+    """Write a transformed graph, its precision in metadata_props; weights over 2 GB go beside it (`.data`).
+    `weights_dir`: where the tensors it still reads from another graph's files are (a weightless transform of an
+    fp32 graph: `mirasol.calibration.external_data`). The model is consumed."""
     props = {p.key: p.value for p in model.metadata_props}
     props["mirasol.precision"] = precision
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
-    large = sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES
-    onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    write_graph(model, path, weights_dir)
 
 
 class TracedGraphs:
@@ -106,3 +111,19 @@ class Fp16Graphs:
 
     def report(self, context: ExportContext, bundle: Path, graph_reports: dict[str, Any]) -> dict[str, Any]:
         return {"fp16": graph_reports}
+
+
+def graph_entry(spec: GraphSpec, directory: Path) -> GraphEntry:
+    """The manifest entry of a graph file in `directory`, its IO dtypes read from the file itself."""
+    path = directory / spec.file
+    model = onnx.load(str(path), load_external_data=False)
+    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+              for i in (*model.graph.input, *model.graph.output)}
+    external = tuple(sorted({e.value for init in model.graph.initializer for e in init.external_data
+                             if e.key == "location"}))
+    return GraphEntry(
+        name=spec.name, file=spec.file, sha256=sha256_file(path),
+        inputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.inputs),
+        outputs=tuple(TensorInfo(t.name, dtypes[t.name], t.shape) for t in spec.outputs),
+        axes=derived_axes(spec), external_data=external,
+        external_sha256={name: sha256_file(directory / name) for name in external})

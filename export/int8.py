@@ -1,8 +1,12 @@
 """int8 graphs: each fp32 graph quantized with ranges calibrated on the activations the runtime really feeds it.
 
-The calibration clips stream through the fp32 bundle (`mirasol.calibration.quantize.record_feeds`); per graph the
-ranges are calibrated, the sensitivity sweep decides which groups stay fp32, and the recipe quantizes it
-(`cpu`, `cpu-dynamic` or `tensorrt`, `mirasol.calibration.int8_targets`). Ranges and sweep decisions are cached.
+The calibration clips stream once through the fp32 bundle (`mirasol.calibration.quantize.calibrate`): every call of
+every graph is folded into per-tensor ranges as it runs, and a few calls per graph are kept on disk for the
+sensitivity sweep. Then graph by graph: the sweep decides which groups stay fp32, and the recipe quantizes it
+(`cpu`, `cpu-dynamic` or `tensorrt`, `mirasol.calibration.int8_targets`). Every step works on the weightless fp32
+graph and reads its weights from the fp32 bundle's files a tensor at a time, and every graph is written with its
+weights beside it once they pass 2 GB, so memory is bounded by one fp32 bundle's ONNX Runtime sessions while
+calibrating (mirasol3b: ~13 GB) and by one graph's int8 weights afterwards. Ranges and sweep decisions are cached.
 Once the bundle is written, its report compares it with the fp32 bundle on held-out clips.
 """
 from __future__ import annotations
@@ -12,20 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
 from mirasol.calibration.data import load_clips
+from mirasol.calibration.external_data import load_weightless, with_shapes
 from mirasol.calibration.int8_targets import get_int8_recipe
+from mirasol.calibration.kv_cache import kv_codecs
 from mirasol.calibration.quantize import (CACHE_VERSION, KEEP_FACTOR, MAX_KEEP_WEIGHT_SHARE, METHODS, QUESTION_TOKENS,
-                                          SWEEP_SAMPLES, CalibrationCache, cache_key, calibrate_ranges,
-                                          default_cache_dir, record_feeds, sensitivity_sweep)
-from mirasol.calibration.record import FeedRecorder
+                                          SWEEP_SAMPLES, CalibrationCache, cache_key, calibrate, default_cache_dir,
+                                          sensitivity_sweep)
+from mirasol.calibration.ranges import collectors_for
 from mirasol.calibration.report import evaluate
-from mirasol.runtime.errors import ExportError
+from mirasol.calibration.samples import SampleStore
 from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.bundle.reports import format_quantization
+from mirasol.runtime.errors import ExportError
 
 from .graph_sources import ExportContext, PrecisionOptions, save_graph
 from .specs import GraphSpec
@@ -36,7 +41,7 @@ class Int8Graphs:
     needs_model = False
 
     def __init__(self, context: ExportContext, options: PrecisionOptions) -> None:
-        """Checks the options and loads the calibration clips; the fp32 bundle is recorded at the first write."""
+        """Checks the options and loads the calibration clips; the fp32 bundle is calibrated at the first write."""
         calibration = options.calibration
         if calibration is None:
             raise ExportError("int8 needs calibration data: mirasol-export --precision int8 --calibration-data "
@@ -54,17 +59,19 @@ class Int8Graphs:
         directory = Path(calibration.cache_dir) if calibration.cache_dir else default_cache_dir()
         self.cache = CalibrationCache(directory if calibration.use_cache else None)
         self.fp32_manifest: Manifest | None = None
-        self.recorder: FeedRecorder | None = None
+        self.samples: SampleStore | None = None
+        self.calls: dict[str, int] = {}
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
     def _prepare(self, context: ExportContext) -> Manifest:
-        """Once: cached ranges and sweeps of the fp32 graphs; what is not cached is recorded from the fp32 bundle."""
+        """Once: cached ranges and sweeps of the fp32 graphs; what is not cached is calibrated on the fp32 bundle."""
         if self.fp32_manifest is not None:
             return self.fp32_manifest
-        options, progress = self.options, context.progress
-        self.fp32_manifest = manifest = Manifest.read(context.fp32_source())
+        options, progress, bundle = self.options, context.progress, context.fp32_source()
+        self.fp32_manifest = manifest = Manifest.read(bundle)
         settings = {"method": options.method, "op_types": list(self.recipe.op_types),
-                    "max_samples": options.max_samples, "question_tokens": QUESTION_TOKENS,
-                    "version": CACHE_VERSION, "seed": options.seed, "onnxruntime": ort.__version__}
+                    "question_tokens": QUESTION_TOKENS, "version": CACHE_VERSION, "seed": options.seed,
+                    "onnxruntime": ort.__version__}
         self.range_keys = {name: cache_key("ranges", g.sha256, self.clip_set.digest, settings)
                            for name, g in manifest.graphs.items()}
         self.sweep_keys = {name: cache_key("sweep", self.range_keys[name], self.recipe.settings(), KEEP_FACTOR,
@@ -74,58 +81,70 @@ class Int8Graphs:
         self.cached = sorted(name for name in manifest.graphs
                              if (self.ranges[name] is not None or not self.recipe.uses_ranges)
                              and self.sweeps[name] is not None)
-        if len(self.cached) < len(manifest.graphs):
-            start = time.perf_counter()
-            self.recorder = record_feeds(context.fp32_source(), self.clip_set, options.max_samples, options.seed,
-                                         options.bar)
-            progress(f"recorded graph inputs in {time.perf_counter() - start:.1f}s: "
-                     + ", ".join(f"{g} {len(self.recorder.calls.get(g, []))}/{self.recorder.seen.get(g, 0)} calls"
-                                 for g in manifest.graphs))
-        else:
+        if len(self.cached) == len(manifest.graphs):
             progress(f"calibration cache hit ({self.cache.directory}): ranges and sweep decisions of every graph "
                      f"reused")
+            return manifest
+        start = time.perf_counter()
+        self._scratch = tempfile.TemporaryDirectory(prefix="mirasol-calibration-")
+        self.samples = SampleStore(self._scratch.name, SWEEP_SAMPLES, seed=options.seed)
+        uncalibrated = [(name, g.file) for name, g in manifest.graphs.items()
+                        if self.ranges[name] is None and self.recipe.uses_ranges]
+        collectors = collectors_for(bundle, uncalibrated, options.method, self.recipe.op_types)
+        with tempfile.TemporaryDirectory(prefix="mirasol-augmented-") as work:
+            chunks = calibrate(bundle, self.clip_set, collectors, Path(work), [self.samples], options.bar,
+                               options.threads)
+        for name, collector in collectors.items():
+            self.ranges[name] = collector.result()
+            self.cache.save_ranges(self.range_keys[name], self.ranges[name])
+        self.calls = {name: self.samples.seen(name) for name in manifest.graphs}
+        progress(f"calibrated on {chunks} chunks in {time.perf_counter() - start:.1f}s ({options.method}, every call: "
+                 + ", ".join(f"{g} {self.calls[g]} calls, {self.samples.kept(g)} kept for the sweep"
+                             for g in manifest.graphs) + ")")
         return manifest
 
     def write(self, context: ExportContext, spec: GraphSpec, path: Path) -> dict[str, Any]:
         manifest = self._prepare(context)
-        name, options = spec.name, self.options
+        name = spec.name
         start = time.perf_counter()
         fp32_path = context.fp32_source() / manifest.graphs[name].file
-        fp32_model = load_model_with_shape_infer(fp32_path)
-        feeds = [call.feeds for call in self.recorder.calls.pop(name, [])] if self.recorder is not None else []
-        if self.recorder is not None and not feeds:
-            raise ExportError(f"calibration recorded no inputs for graph {name!r}")
-        if self.ranges[name] is None and self.recipe.uses_ranges:
-            with tempfile.TemporaryDirectory(prefix="mirasol-calibrate-") as scratch:
-                self.ranges[name] = calibrate_ranges(fp32_path, feeds, options.method, self.recipe.op_types,
-                                                     Path(scratch))
-            self.cache.save_ranges(self.range_keys[name], self.ranges[name])
+        weights = fp32_path.parent
+        model = with_shapes(load_weightless(fp32_path))
         if self.sweeps[name] is None:
-            sample = [feeds[i] for i in np.linspace(0, len(feeds) - 1, min(SWEEP_SAMPLES, len(feeds))).astype(int)]
-            exclude, decision = sensitivity_sweep(name, fp32_model, self.ranges[name], self.recipe, sample,
-                                                  context.progress)
+            assert self.samples is not None and self._scratch is not None
+            if not self.samples.kept(name):
+                raise ExportError(f"calibration recorded no calls of graph {name!r}")
+            samples = self.samples
+            exclude, decision = sensitivity_sweep(
+                name, model, weights, self.ranges[name], self.recipe, lambda: samples.calls(name),
+                samples.kept(name), Path(self._scratch.name), context.progress)
             self.sweeps[name] = {"exclude": sorted(exclude), "report": decision}
             self.cache.save_sweep(self.sweep_keys[name], self.sweeps[name])
         sweep = self.sweeps[name]
-        save_graph(self.recipe.quantize(fp32_model, self.ranges[name], set(sweep["exclude"])), path, self.precision)
+        save_graph(self.recipe.quantize(model, self.ranges[name], set(sweep["exclude"]), weights), path,
+                   self.precision, weights)
         context.progress(f"quantized {spec.file} ({self.recipe.name}"
-                         f"{', ' + options.method if self.recipe.uses_ranges else ''}) in "
+                         f"{', ' + self.options.method if self.recipe.uses_ranges else ''}) in "
                          f"{time.perf_counter() - start:.1f}s")
         return sweep["report"]
 
     def report(self, context: ExportContext, bundle: Path, graph_reports: dict[str, Any]) -> dict[str, Any]:
         options, progress, manifest = self.options, context.progress, self._prepare(context)
+        if self._scratch is not None:  # the sweep's samples are no longer needed
+            self._scratch.cleanup()
+            self._scratch = self.samples = None
         start = time.perf_counter()
         accuracy = evaluate(context.fp32_source(), bundle, self.clip_set.held_out, bar=options.bar,
-                            int8_options=self.recipe.backend_options())
+                            options=self.recipe.backend_options(), codecs=kv_codecs(bundle), label="int8",
+                            progress=progress)
         progress(f"compared with fp32 on {len(self.clip_set.held_out)} held-out clips in "
                  f"{time.perf_counter() - start:.1f}s")
         report = {
             "format": "int8", "recipe": self.recipe.settings(),
             "method": options.method if self.recipe.uses_ranges else "dynamic (ranges per call)",
             "data": self.clip_set.describe(),
-            "calibration": {"max_samples_per_graph": options.max_samples, "question_tokens": QUESTION_TOKENS,
-                            "cached": self.cached},
+            "calibration": {"calls": self.calls, "streamed": "every call of every graph folded into running ranges",
+                            "question_tokens": QUESTION_TOKENS, "cached": self.cached},
             "sweep": graph_reports, "accuracy": accuracy,
             "reference": {"precision": "fp32", "graphs": {n: g.sha256 for n, g in manifest.graphs.items()},
                           "validation": manifest.validation}}

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from mirasol.calibration.external_data import EXTERNAL_DATA_BYTES
 from mirasol.model import Mirasol
 
 from . import DEFAULT_OPSET
 from .specs import GraphSpec
 
-EXTERNAL_DATA_BYTES = 1 << 31  # protobuf's 2 GB limit: larger graphs keep their weights beside them
 
 
 class _FlatInputs(nn.Module):

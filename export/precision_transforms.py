@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .graph_sources import ExportContext, Fp16Graphs, GraphSource, PrecisionOptions, TracedGraphs
+from .int4 import Int4Graphs
 from .int8 import Int8Graphs
 
 TRANSFORMS: dict[str, Callable[[ExportContext, PrecisionOptions], GraphSource]] = {
-    "fp32": TracedGraphs, "fp16": Fp16Graphs, "int8": Int8Graphs}
+    "fp32": TracedGraphs, "fp16": Fp16Graphs, "int8": Int8Graphs, "int4": Int4Graphs}

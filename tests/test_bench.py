@@ -106,6 +106,7 @@ def check_report(report: dict) -> None:
     for entry in costs["presets"].values():
         assert entry["fp16"]["chunk"]["io_device_bytes"] < entry["fp16"]["chunk"]["io_host_bytes"]
         assert all(est["int8"]["chunk_ms"] <= est["fp16"]["chunk_ms"] for est in entry["jetson_estimate"].values())
+    assert set(costs["jetson_fit"]) == set(costs["presets"])
 
     cuda = report["cuda"]
     assert isinstance(cuda["available"], bool)
@@ -151,6 +152,7 @@ def test_quick_report_has_every_section(quick_report: dict) -> None:
 
 def test_markdown_shows_every_section_and_target(quick_report: dict) -> None:
     markdown = to_markdown(quick_report)
+    assert "## Jetson memory" in markdown
     for heading in ("## Targets", "## Streaming", "## Flatness", "## Batched streams", "## Text", "## Overhead",
                     "## Memory", "## Ceiling", "## Floors", "## CUDA"):
         assert heading in markdown
@@ -237,6 +239,27 @@ def test_cost_model_counts_what_the_graphs_hold_and_compute(tiny_bundles, tiny_m
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
         model.text_step(torch.tensor([[5]]), torch.tensor([32]), cross, past)
     assert costs["token"]["flops"] == token_step_flops(c, 32)["total"] == counter.get_total_flops()
+
+
+def test_jetson_memory_budget_adds_up() -> None:
+    """mirasol3b on the 8 GB Orin Nano: fp16 weights do not fit; int8 and int4 do, int4 and an int8 KV cache leave
+    room for more streams; every plan adds up to at most the module's memory."""
+    from mirasol.export.bench.fit import fit_table
+    from mirasol.model import PRESETS
+
+    table = fit_table({"mirasol3b": PRESETS["mirasol3b"]}, {"nano": 8e9, "nx": 16e9})["mirasol3b"]
+    nano = table["nano"]
+    assert nano["fp16+kv-fp16"]["streams"] == 0 and not nano["fp16+kv-fp16"]["fits"]
+    assert 1 <= nano["int8+kv-fp16"]["streams"] < nano["int8+kv-int8"]["streams"] < nano["int4+kv-int8"]["streams"]
+    assert nano["int4+kv-fp16"]["weight_bytes"] < 0.55 * nano["int8+kv-fp16"]["weight_bytes"]
+    window = nano["int8+kv-int8"]["state_bytes"]["av_kv_window"]
+    assert nano["int8+kv-fp16"]["state_bytes"]["av_kv_window"] == 2 * window == 2 * 2 * 44 * 992 * 2048
+    for device in table.values():
+        for plan in device.values():
+            fixed = plan["reserve_bytes"] + plan["weight_bytes"] + sum(plan["activation_bytes"].values())
+            per_stream = plan["state_bytes_per_stream"]
+            assert fixed + plan["streams"] * per_stream <= plan["memory_bytes"] < fixed + (plan["streams"] + 1) * \
+                per_stream or plan["streams"] == 0
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.export.bundle import export_bundle
 from mirasol.model import load_checkpoint
 from mirasol.model.cli import demo as demo_main
@@ -18,12 +19,17 @@ HELD_OUT_START = 500  # clips of the test family beyond those train.py scored, n
 
 @pytest.fixture(scope="module")
 def demo_bundles(tmp_path_factory, demo_fp32_bundle):
-    fp16 = tmp_path_factory.mktemp("demo") / "fp16"
-    export_bundle(load_checkpoint(DEMO_CHECKPOINT), fp16, precision="fp16")
-    return {"fp32": demo_fp32_bundle, "fp16": fp16}
+    root = tmp_path_factory.mktemp("demo")
+    model = load_checkpoint(DEMO_CHECKPOINT)
+    export_bundle(model, root / "fp16", precision="fp16")
+    # int4 weights, and int4 with the AV KV cache in int8 (its scales calibrated on the demo task's clips)
+    export_bundle(model, root / "int4", "int4", reference=demo_fp32_bundle, validate=False)
+    export_bundle(model, root / "int4-kv8", "int4", reference=demo_fp32_bundle, validate=False, kv="int8",
+                  calibration=CalibrationOptions("synthetic", clips=4, held_out=1, bar=False, use_cache=False))
+    return {"fp32": demo_fp32_bundle, "fp16": root / "fp16", "int4": root / "int4", "int4-kv8": root / "int4-kv8"}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int4", "int4-kv8"])
 def test_shipped_model_answers_held_out_clips_through_the_bundle(demo_bundles, precision) -> None:
     pipe = Pipeline.load(demo_bundles[precision])
     clips = DemoTask(pipe.config).make_clips(20, seed=TEST_SEED, start=HELD_OUT_START, questions_per_clip=8)

@@ -50,7 +50,20 @@ ALLOWED = {
     ("model/demo_task.py", "DemoTask.make_clips", "rmdir"): "its own mkdtemp folder",
     ("model/demo_task.py", "DemoTask.make_clips", "savez"): "writes the temporary atomic_file gave it",
     ("model/training_state.py", "save_state", "save_file"): "writes the temporary atomic_file gave it",
-    ("export/graph_sources.py", "save_graph", "save"): "into atomic_directory's work directory (write_bundle)",
+    ("calibration/external_data.py", "write_graph", "save"): "the path its caller gives: a file in atomic_directory's "
+                                                              "work directory (save_graph) or in a TemporaryDirectory "
+                                                              "of its caller's (candidate_error, weightless_session)",
+    ("calibration/external_data.py", "write_graph", "open"): "the weights beside that path (same callers)",
+    ("calibration/quantize.py", "candidate_error", "unlink"): "its candidate in the sweep's TemporaryDirectory",
+    ("calibration/samples.py", "SampleStore.add", "open"): "into the TemporaryDirectory its owner made for it "
+                                                           "(export/int8.py, calibration/report.py)",
+    ("calibration/samples.py", "SampleStore.add", "savez"): "into that TemporaryDirectory",
+    ("calibration/samples.py", "SampleStore.add", "unlink"): "its own samples in that TemporaryDirectory",
+    ("export/kv_cache.py", "apply", "replace"): "a graph of the bundle in atomic_directory's work directory "
+                                                "(write_bundle)",
+    ("export/kv_cache.py", "apply", "save"): "into atomic_directory's work directory (write_bundle)",
+    ("export/kv_cache.py", "apply", "unlink"): "its float copy in atomic_directory's work directory (write_bundle)",
+    ("export/kv_cache.py", "check_graph", "savez"): "into its own TemporaryDirectory",
     ("export/onnx_export.py", "export_graph", "save"): "into atomic_directory's work directory (write_bundle)",
     ("export/validate.py", "record_references", "savez"): "into a TemporaryDirectory of its caller's",
     ("runtime/bundle/manifest.py", "Manifest.write", "write_text"): "into atomic_directory's work directory "

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=THREADS, metavar="N",
                         help="intra-op threads for ONNX Runtime and PyTorch (default: all CPUs)")
     parser.add_argument("--precisions", metavar="LIST",
-                        help="comma-separated runtime precisions: fp32,fp16,int8 (default: all; fp32 with --quick)")
+                        help="comma-separated runtime precisions: fp32,fp16,int8,int4 (default: all; fp32 with --quick)")
     parser.add_argument("--new-tokens", type=count, metavar="N",
                         help="new tokens per answer (default 64; 16 with --quick)")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the random init and inputs")

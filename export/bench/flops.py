@@ -86,20 +86,23 @@ def step_parameters(config: Any) -> dict[str, int]:
             "question": per_question}
 
 
-def step_costs(config: Any, weight_bytes: int, state_bytes: int, past_tokens: int = 32) -> dict[str, Any]:
+def step_costs(config: Any, weight_bytes: float, state_bytes: float, past_tokens: int = 32,
+               kv_bytes: float | None = None) -> dict[str, Any]:
     """What one chunk step and one generated token (`past_tokens` in the cache) cost at steady state (windows full),
-    with weights of `weight_bytes` and carried state of `state_bytes` per element: FLOPs, weight bytes read, carried
-    state read and written by the graphs, and the bytes crossing host<->device per step when the state stays on
-    the device ("io_device") and when it goes through the host every step ("io_host"). Inputs and returned outputs
-    are float32, token ids and positions int64."""
+    with weights of `weight_bytes` and carried state of `state_bytes` per element (the AV KV window at `kv_bytes`,
+    default `state_bytes`: 1 for an int8 KV cache): FLOPs, weight bytes read, carried state read and written by the
+    graphs, and the bytes crossing host<->device per step when the state stays on the device ("io_device") and when
+    it goes through the host every step ("io_host"). Inputs and returned outputs are float32, token ids and
+    positions int64."""
     c = config
     params = step_parameters(c)
     m, d = c.latents_per_chunk, c.d_model
-    memory = c.memory_size * d if c.combiner == "ttm" else 0
-    av_window = 2 * c.av_layers * c.av_cache_len * d  # keys and values of every layer, read and written back
+    kv = state_bytes if kv_bytes is None else kv_bytes
+    memory = state_bytes * (c.memory_size * d if c.combiner == "ttm" else 0)
+    av_window = kv * 2 * c.av_layers * c.av_cache_len * d  # keys and values of every layer, read and written back
     chunk_in = 4 * (c.frames_per_chunk * 3 * c.image_size ** 2 + c.n_mels * c.audio_frames_per_chunk)
     chunk_out = 4 * m * d  # av_context
-    chunk_state = state_bytes * (memory + av_window + c.text_memory_len * d)
+    chunk_state = memory + av_window + state_bytes * c.text_memory_len * d
     text_past = 2 * c.text_layers * past_tokens * d
     text_present = 2 * c.text_layers * (past_tokens + 1) * d
     cross = 2 * c.text_layers * c.text_memory_len * d
@@ -108,8 +111,8 @@ def step_costs(config: Any, weight_bytes: int, state_bytes: int, past_tokens: in
     return {
         "weights_total_bytes": weight_bytes * (params["chunk"] + params["token"] + params["question"]),
         "chunk": {"flops": chunk_step_flops(c)["total"], "weight_bytes": weight_bytes * params["chunk"],
-                  "state_read_bytes": state_bytes * (memory + av_window),
-                  "state_written_bytes": state_bytes * (memory + av_window + m * d),
+                  "state_read_bytes": memory + av_window,
+                  "state_written_bytes": memory + av_window + state_bytes * m * d,
                   "io_device_bytes": chunk_in + chunk_out,
                   "io_host_bytes": chunk_in + chunk_out + 2 * chunk_state},
         "token": {"flops": token_step_flops(c, past_tokens)["total"], "weight_bytes": weight_bytes * params["token"],

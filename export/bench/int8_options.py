@@ -20,7 +20,6 @@ What these measured on the `small` preset is summarised in `mirasol/calibration/
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,9 @@ from mirasol.runtime.pipeline import Pipeline
 
 from ...calibration.data import load_clips
 from ...calibration.int8_targets import CPU_CANDIDATES, TENSORRT, WEIGHT_OPS, Int8Recipe
-from ...calibration.quantize import calibrate_ranges, graph_error, record_feeds
+from ...calibration.quantize import graph_error, stream_clips
+from ...calibration.ranges import ranges_of
+from ...calibration.record import Call, FeedRecorder, RecordingBackend
 
 
 def _steady(graph: str, feeds: list[dict[str, np.ndarray]], config: dict, count: int) -> list[dict[str, np.ndarray]]:
@@ -50,64 +51,67 @@ def bench_graphs(bundle: Path, clips: int, rounds: int, names: list[str], per_ro
                  threads: int | None = None) -> None:
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
+    from mirasol.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
     manifest = Manifest.read(bundle)
     config = manifest.config
     clip_set = load_clips("synthetic", config, clips=clips, held_out=1, seed=seed)
     t0 = time.perf_counter()
-    recorder = record_feeds(bundle, clip_set, max_samples=48, seed=seed)
+    recorder = FeedRecorder(max_per_graph=48, seed=seed)
+    with Pipeline.load(bundle, backend=RecordingBackend(OnnxRuntimeBackend(), recorder), verify=False) as pipe:
+        stream_clips(pipe, clip_set.calibration, bar=False)
     print(f"recorded in {time.perf_counter() - t0:.1f}s: "
           + ", ".join(f"{g} {len(c)}" for g, c in recorder.calls.items()))
     candidates: dict[str, Int8Recipe] = {name: CPU_CANDIDATES[name] for name in names}
     candidates["tensorrt(emulated)"] = TENSORRT
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for graph, entry in manifest.graphs.items():
-            path = bundle / entry.file
-            feeds = recorder.feeds(graph)
-            model = load_model_with_shape_infer(path)
-            ranges = calibrate_ranges(path, feeds, "minmax", WEIGHT_OPS, work)
-            base_options = ort.SessionOptions()
+    for graph, entry in manifest.graphs.items():
+        path = bundle / entry.file
+        feeds = recorder.feeds(graph)
+        model = load_model_with_shape_infer(path)
+        ranges = ranges_of(path, feeds, "minmax", WEIGHT_OPS)
+        base_options = ort.SessionOptions()
+        if threads:
+            base_options.intra_op_num_threads = threads
+        reference = ort.InferenceSession(str(path), sess_options=base_options, providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in reference.get_outputs()]
+        calls = [Call(f, dict(zip(outputs, reference.run(outputs, f)))) for f in feeds]
+        sessions = {"fp32": reference}
+        errors = {"fp32": 0.0}
+        sizes = {"fp32": path.stat().st_size}
+        for name, recipe in candidates.items():
+            quantized = recipe.quantize(model, ranges)
+            options = recipe.session_options()
+            data = quantized.SerializeToString()
+            sizes[name] = len(data)
             if threads:
-                base_options.intra_op_num_threads = threads
-            reference = ort.InferenceSession(str(path), sess_options=base_options, providers=["CPUExecutionProvider"])
-            references = [reference.run(None, f) for f in feeds]
-            sessions = {"fp32": reference}
-            errors = {"fp32": 0.0}
-            sizes = {"fp32": path.stat().st_size}
-            for name, recipe in candidates.items():
-                quantized = recipe.quantize(model, ranges)
-                options = recipe.session_options()
-                data = quantized.SerializeToString()
-                sizes[name] = len(data)
-                errors[name] = graph_error(quantized, feeds, references, options)[0]
-                if threads:
-                    options.intra_op_num_threads = threads
-                sessions[name] = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
-            timing = _steady(graph, feeds, config, per_round)
-            times: dict[str, list[float]] = {name: [] for name in sessions}
-            cpu: dict[str, list[float]] = {name: [] for name in sessions}
-            order = list(sessions)
-            rng = np.random.default_rng(seed)
-            for session in sessions.values():  # warm-up
-                session.run(None, timing[0])
-            for _ in range(rounds):
-                for name in rng.permutation(order):
-                    session = sessions[name]
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    for feed in timing:
-                        session.run(None, feed)
-                    times[name].append((time.perf_counter() - start) / len(timing))
-                    cpu[name].append((time.process_time() - start_cpu) / len(timing))
-            base = float(np.median(times["fp32"]))
-            base_cpu = float(np.median(cpu["fp32"]))
-            print(f"\n{graph} ({len(feeds)} recorded calls; timing on {len(timing)} steady-state calls x {rounds} "
-                  f"rounds)")
-            print(f"  {'variant':<44} {'rel err':>9} {'wall ms':>9} {'vs fp32':>8} {'cpu ms':>8} {'vs fp32':>8} "
-                  f"{'MB':>6}")
-            for name in sessions:
-                median, median_cpu = float(np.median(times[name])), float(np.median(cpu[name]))
-                print(f"  {name:<44} {errors[name]:>9.4f} {median * 1e3:>9.3f} {base / median:>7.2f}x "
-                      f"{median_cpu * 1e3:>8.3f} {base_cpu / median_cpu:>7.2f}x {sizes[name] / 1e6:>6.1f}")
+                options.intra_op_num_threads = threads
+            sessions[name] = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+            errors[name] = graph_error(sessions[name], calls)[0]
+        timing = _steady(graph, feeds, config, per_round)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        cpu: dict[str, list[float]] = {name: [] for name in sessions}
+        order = list(sessions)
+        rng = np.random.default_rng(seed)
+        for session in sessions.values():  # warm-up
+            session.run(None, timing[0])
+        for _ in range(rounds):
+            for name in rng.permutation(order):
+                session = sessions[name]
+                start, start_cpu = time.perf_counter(), time.process_time()
+                for feed in timing:
+                    session.run(None, feed)
+                times[name].append((time.perf_counter() - start) / len(timing))
+                cpu[name].append((time.process_time() - start_cpu) / len(timing))
+        base = float(np.median(times["fp32"]))
+        base_cpu = float(np.median(cpu["fp32"]))
+        print(f"\n{graph} ({len(feeds)} recorded calls; timing on {len(timing)} steady-state calls x {rounds} "
+              f"rounds)")
+        print(f"  {'variant':<44} {'rel err':>9} {'wall ms':>9} {'vs fp32':>8} {'cpu ms':>8} {'vs fp32':>8} "
+              f"{'MB':>6}")
+        for name in sessions:
+            median, median_cpu = float(np.median(times[name])), float(np.median(cpu[name]))
+            print(f"  {name:<44} {errors[name]:>9.4f} {median * 1e3:>9.3f} {base / median:>7.2f}x "
+                  f"{median_cpu * 1e3:>8.3f} {base_cpu / median_cpu:>7.2f}x {sizes[name] / 1e6:>6.1f}")
 
 
 def bench_push(bundles: dict[str, Path], rounds: int, chunks: int, seed: int, threads: int | None = None

@@ -5,6 +5,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .fit import fit_markdown
 from .machine import describe
 from .stats import median, ratio
 
@@ -244,16 +245,16 @@ def _costs(report: dict[str, Any]) -> list[str]:
                      f"{_f(t['state_read_bytes'] / mb, 2)} / {_f(t['state_written_bytes'] / mb, 2)} | "
                      f"{_f(t['io_device_bytes'] / 1024, 1)} / {_f(t['io_host_bytes'] / 1024, 0)} |")
     lines += ["", f"{c['note']}.", "", "| device | preset | fp16 chunk ms | fp16 tokens/s | int8 chunk ms | "
-              "int8 tokens/s |", "|---|---|---:|---:|---:|---:|"]
+              "int8 tokens/s | int4 chunk ms | int4 tokens/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def fit(est: dict[str, Any]) -> str:
         return "" if est["weights_fit"] else " (does not fit)"
     for name, entry in c["presets"].items():
         for device, est in entry["jetson_estimate"].items():
-            f16, i8 = est["fp16"], est["int8"]
-            lines.append(f"| {device} | {name} | {_f(f16['chunk_ms'], 3)}{fit(f16)} | "
-                         f"{_f(f16['tokens_per_second'], 0)} | {_f(i8['chunk_ms'], 3)}{fit(i8)} | "
-                         f"{_f(i8['tokens_per_second'], 0)} |")
+            cells = [f"{_f(e['chunk_ms'], 3)}{fit(e)} | {_f(e['tokens_per_second'], 0)}"
+                     for e in (est["fp16"], est["int8"], est.get("int4"))
+                     if e is not None]
+            lines.append(f"| {device} | {name} | " + " | ".join(cells) + " |")
     here = c["measured_here"]
     lines.append(f"\nmeasured here ({here['engine']}, preset {c['this_run']}, this CPU): "
                  f"{_f(here['chunk_ms'])} ms per chunk, {_f(here['tokens_per_second'], 1)} tokens/s")
@@ -278,7 +279,7 @@ def _cuda(report: dict[str, Any]) -> list[str]:
 # the document's parts in order: a header, the targets, then one part per section
 RENDERERS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
     _header, _targets, _export, _streaming, _flatness, _batched, _text, _overhead, _memory, _ceiling, _floors,
-    _costs, _cuda)
+    _costs, fit_markdown, _cuda)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -14,7 +14,6 @@ from mirasol.calibration.quantize import CalibrationOptions
 from mirasol.model import Mirasol
 from mirasol.runtime.bundle.manifest import Manifest
 from mirasol.runtime.bundle.precisions import NAMES as PRECISION_NAMES
-from mirasol.runtime.bundle.precisions import get_precision
 from mirasol.runtime.bundle.tokenizer import ByteTokenizer
 
 from ..bundle import export_bundle
@@ -62,14 +61,14 @@ def checks(manifest: Manifest) -> str:
         passed = sum(bool(result.get("passed")) for result in manifest.validation.values())
         return f"validated against PyTorch: {passed} of {len(manifest.validation)} graphs passed"
     if manifest.quantization.get("accuracy"):
-        return "int8: compared with its validated fp32 bundle on held-out clips"
+        return f"{manifest.precision}: compared with its validated fp32 bundle on held-out clips"
     return "NOT validated: its manifest holds no validation results (exported with --no-validate?)"
 
 
 def export_bundles(source: Source, bundle: str | Path | None, precisions: Sequence[str], workdir: Path,
                    calibration_data: str, calibration_clips: int, progress: Progress
                    ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Bundles per precision: the given one, and those exported (fp32/fp16) or quantized (int8) here; with the
+    """Bundles per precision: the given one, and those exported (fp32/fp16) or quantized (int8/int4) here; with the
     report's "export" section (per precision: status, source, path, seconds, or why not)."""
     paths: dict[str, Path] = {}
     report: dict[str, Any] = {}
@@ -90,11 +89,11 @@ def export_bundles(source: Source, bundle: str | Path | None, precisions: Sequen
         out = workdir / f"bundle-{precision}"
         start = time.perf_counter()
         try:
-            # fp16 and int8 start from the fp32 bundle exported above (its graphs are traced once); the int8
-            # accuracy report is not what this tool measures: one held-out clip
+            # fp16, int8 and int4 start from the fp32 bundle exported above (its graphs are traced once); the
+            # int8 and int4 accuracy reports are not what this tool measures: one held-out clip
             calibration = CalibrationOptions(calibration_data, clips=calibration_clips, held_out=1)
             manifest = export_bundle(source.model, out, precision, reference=ours, progress=progress,
-                                     calibration=calibration if get_precision(precision).needs_calibration else None)
+                                     calibration=calibration)
             if precision == "fp32":
                 ours = out
         except Exception as failure:  # noqa: BLE001 - a failed precision is reported, the others still run

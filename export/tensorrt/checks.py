@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from .findings import Finding
 from .support_matrix import (
+    INT4_BLOCK_SIZES,
     MATRIX_VERSION,
     OP_SINCE,
     OPSET_RANGE,
@@ -101,10 +102,13 @@ class GraphChecker:
                     self.add("error", "", f"opset {opset.version} is outside the opsets TensorRT "
                              f"{MATRIX_VERSION} parses ({low} to {high})", "opset")
                 elif opset.version > OPSET_RANGE["10.0"][1] and _version(self.target) < _version(MATRIX_VERSION):
-                    self.add("warning", "", f"opset {opset.version}: TensorRT 10.0 documents opsets up to "
+                    int4 = bool(self._int4_weights())
+                    why = (" (for the INT4 weights' block-wise DequantizeLinear, which onnx-tensorrt imports from the "
+                           "scale's shape since TensorRT 10.0)" if int4 else "")
+                    remedy = ("" if int4 else f", or export with opset {OPSET_RANGE['10.0'][1]} or lower")
+                    self.add("warning", "", f"opset {opset.version}{why}: TensorRT 10.0 documents opsets up to "
                              f"{OPSET_RANGE['10.0'][1]} and {MATRIX_VERSION} up to {high}; check that TensorRT "
-                             f"{self.target} parses it, or export with opset {OPSET_RANGE['10.0'][1]} or lower",
-                             "opset")
+                             f"{self.target} parses it (build the engines once){remedy}", "opset")
 
     # -- dynamic input dimensions -------------------------------------------------------------------------------
     def check_io_dims(self) -> None:
@@ -258,13 +262,23 @@ class GraphChecker:
                 if name:
                     consumers.setdefault(name, []).append(n)
         outputs = {o.name for o in graph.output}
+        inputs = {i.name for i in graph.input}
+        int4 = self._int4_weights()
         has_qdq = False
+        io_qdq: list[str] = []
         for node in nodes:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
-            has_qdq = True
             label = node.name or f"{node.op_type}({', '.join(node.output)})"
             self._check_qdq_params(node, label, graph)
+            if (node.op_type == "DequantizeLinear" and node.input[0] in inputs) or (
+                    node.op_type == "QuantizeLinear" and node.output[0] in outputs):
+                io_qdq.append(node.input[0] if node.op_type == "DequantizeLinear" else node.output[0])
+                continue  # int8 network I/O (a carried int8 KV cache): quantized at the boundary, not for a MatMul
+            has_qdq = True
+            if node.input[0] in int4:
+                self._check_int4_weight(node, label, int4[node.input[0]], consumers, graph)
+                continue
             if node.op_type == "QuantizeLinear":
                 for user in consumers.get(node.output[0], []):
                     if user.op_type != "DequantizeLinear":
@@ -291,17 +305,55 @@ class GraphChecker:
                 if not data_inputs:
                     continue
                 quantized = [self._dequantized(node.input[i], producers) for i in data_inputs if i < len(node.input)]
-                if any(quantized) and not all(quantized):
+                weight_only = any(producers.get(node.input[i]) is not None and producers[node.input[i]].input[0] in int4
+                                  for i in data_inputs if i < len(node.input))
+                if any(quantized) and not all(quantized) and not weight_only:
                     label = node.name or f"{node.op_type}({', '.join(node.output)})"
                     self.add("warning", label, f"{node.op_type} has Q/DQ on only some of its data inputs; "
                              f"TensorRT runs it in int8 only when all of them are quantized (quantize all inputs "
                              f"of weighted ops)", "qdq-partial")
+        if io_qdq:
+            self.add("warning", "", f"int8 network inputs/outputs through Q/DQ at the boundary ({len(io_qdq)}, e.g. "
+                     f"{io_qdq[0]!r}: an int8 KV cache): the parser imports INT8 network I/O; not yet built on a "
+                     f"device: build the engines once, or export with --kv-cache float", "int8-io")
         expects_qdq = self.precision in PRECISIONS and PRECISIONS[self.precision].quantized
         if expects_qdq and not has_qdq:
             self.add("warning", "", f"the bundle is {self.precision} but this graph has no QuantizeLinear/"
                      "DequantizeLinear: TensorRT builds it in floating point", "qdq-missing")
         if self.precision in PRECISIONS and not expects_qdq and has_qdq:
             self.add("warning", "", f"the bundle is {self.precision} but this graph has Q/DQ nodes", "qdq-unexpected")
+
+    def _int4_weights(self) -> dict[str, Any]:
+        """The INT4 initializers (weights) by name."""
+        return {t.name: t for t in self.proto.graph.initializer if t.data_type == 22}
+
+    def _check_int4_weight(self, node: Any, label: str, weight: Any, consumers: Mapping[str, list[Any]],
+                           graph: Any) -> None:
+        """INT4 is weight-only in TensorRT: a DequantizeLinear of a constant rank-2 weight feeding a MatMul/Gemm's
+        weight input, with per-block scales (blocks of 64 or 128 along one axis) and an even last dimension."""
+        if node.op_type != "DequantizeLinear":
+            self.add("error", label, "INT4 is weight-only in TensorRT: only a DequantizeLinear of an INT4 constant",
+                     "int4")
+            return
+        dims = list(weight.dims)
+        scale = next((t for t in graph.initializer if t.name == node.input[1]), None) if len(node.input) > 1 else None
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        if len(dims) != 2:
+            self.add("error", label, f"INT4 weight {weight.name!r} has rank {len(dims)}; TensorRT's INT4 weight-only "
+                     f"quantization takes rank-2 weights", "int4")
+        elif block not in INT4_BLOCK_SIZES or scale is None or len(scale.dims) != 2 or sum(
+                d // max(int(s), 1) == 1 for d, s in zip(dims, scale.dims)) != 1:
+            self.add("error", label, f"INT4 weight {weight.name!r}: TensorRT needs per-block scales, blocks of "
+                     f"{' or '.join(map(str, INT4_BLOCK_SIZES))} along one axis (block_size {block}, scale "
+                     f"{list(scale.dims) if scale is not None else 'not a constant'})", "int4")
+        elif dims[-1] % 2:
+            self.add("error", label, f"INT4 weight {weight.name!r} {dims}: TensorRT packs INT4 two per byte along the "
+                     f"last dimension, which must be even", "int4")
+        for user in consumers.get(node.output[0], []):
+            if user.op_type not in ("MatMul", "Gemm") or list(user.input).index(node.output[0]) != 1:
+                self.add("error", label, f"INT4 weight {weight.name!r} feeds {user.op_type} "
+                         f"{user.name or user.output[0]!r}: TensorRT's INT4 is weight-only, for a MatMul/Gemm's "
+                         f"weight input", "int4")
 
     def _dequantized(self, name: str, producers: Mapping[str, Any]) -> bool:
         seen = 0

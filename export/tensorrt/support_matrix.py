@@ -121,4 +121,7 @@ QDQ_FUSABLE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 QDQ_PASS_THROUGH = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice",
                               "Concat", "Split", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
                               "Pad", "Expand", "Gather"})
+# INT4 is weight-only, with per-block scales of these block sizes (TensorRT "Quantization Schemes": "The supported
+# block sizes are {64, 128}. The block dimension should be one of the last two dimensions.")
+INT4_BLOCK_SIZES = (64, 128)
 WEIGHTED_DATA_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (0, 1), "ConvTranspose": (0, 1)}

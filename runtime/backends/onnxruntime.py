@@ -142,4 +142,4 @@ class OnnxRuntimeBackend(Backend):
 
 
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
-              "int32": "tensor(int32)"}
+              "int32": "tensor(int32)", "int8": "tensor(int8)"}

@@ -1,7 +1,7 @@
 """The precision registry: one entry per bundle precision says everything the toolkit decides by precision.
 
-- how exported graphs are checked: the tolerance against PyTorch (`abs + rel * max|ref|`), or none when a
-  calibration accuracy report checks them instead (int8);
+- how exported graphs are checked: the tolerance against PyTorch (`abs + rel * max|ref|`), or none when an
+  accuracy report against the fp32 bundle checks them instead (int8, int4);
 - whether the graphs carry Q/DQ nodes (the TensorRT readiness check expects them, or flags them);
 - how TensorRT builds engines of this precision: from which bundle precisions (a strongly typed network, the
   default, takes its types from the graph), and which builder flags a weakly typed network needs;
@@ -59,6 +59,13 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("int8", "int8 Q/DQ calibrated on recorded activations", None, quantized=True,
               needs_calibration=True, engine_sources=("int8",), weak_flags=("INT8",), weight_bytes=1, state_bytes=2,
               weak_fp16_fallback=True),
+    # int4: MatMul weights in blocks of 128 (or 64) with a float32 scale each, 0.5 + 4/128 bytes per weight; the
+    # other weights (norms, biases, embeddings, weights no block size divides) stay float32. Weak typing: INT4 for
+    # the weight-only DequantizeLinear, FP16 for the float layers (trtexec --int4 --fp16); strong typing (the
+    # default) keeps the graph's fp32 activations.
+    Precision("int4", "int4 weight-only blocks (DequantizeLinear, opset 21), float activations, no calibration",
+              None, quantized=True, needs_calibration=False, engine_sources=("int4",), weak_flags=("INT4",),
+              weight_bytes=0.5 + 4 / 128, state_bytes=2, weak_fp16_fallback=True),
 )}
 NAMES: tuple[str, ...] = tuple(PRECISIONS)
 

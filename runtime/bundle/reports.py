@@ -47,11 +47,12 @@ def format_fp16(reports: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def format_quantization(report: Mapping[str, Any]) -> str:
-    """An int8 bundle's report: per-graph and end-to-end agreement with the fp32 bundle, the sweep's choices."""
+    """A quantized bundle's report (int8, int4): per-graph and end-to-end agreement with the fp32 bundle, the int8
+    sweep's choices."""
     data = report.get("data", {})
     accuracy = report["accuracy"]
     recipe = report.get("recipe") or report.get("flavour") or {}  # "flavour": bundles written before the rename
-    lines = [f"int8 ({recipe.get('name', '?')}, {report['method']}) vs the fp32 bundle on "
+    lines = [f"{report.get('format', 'int8')} ({recipe.get('name', '?')}, {report['method']}) vs the fp32 bundle on "
              f"{accuracy['held_out_clips']} held-out clips ({accuracy['chunks']} chunks), data: "
              f"{data.get('kind')} ({data.get('generator')}, {data.get('source')})"]
     rows = [("graph", "output", "cosine", "min cos", "max abs err", "max rel err")]
