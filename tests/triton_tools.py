@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +84,23 @@ def infer(http, client, sequence, model: str = "mirasol", **options):
 
 
 def statistics(client, model: str = "mirasol") -> tuple[int, int]:
-    """(inference count, execution count) of the model so far."""
+    """(inference count, execution count) of the model so far, once settled: Triton counts a call when the model's
+    execute returns, which can be after the client has its responses (sent from inside execute); two reads 0.1 s
+    apart must agree (within 5 s)."""
     as_json = {"as_json": True} if "grpc" in type(client).__module__ else {}  # gRPC's JSON gives int64 as str
-    stats = client.get_inference_statistics(model, **as_json)["model_stats"][0]
-    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    def read() -> tuple[int, int]:
+        stats = client.get_inference_statistics(model, **as_json)["model_stats"][0]
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    last, deadline = read(), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def metrics(server: LocalServer) -> dict[tuple[str, frozenset], float]:
