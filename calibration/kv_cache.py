@@ -15,10 +15,9 @@ array. The graph already returns the next window; a token is quantized once, whe
 dequantized value with the same scale gives it back), so the error does not grow with the stream.
 
 The scales: `HEADROOM` x the per-(head, channel) largest magnitude of the `present_*` outputs of the fp32 graph while
-the calibration clips stream, / 127. Measured on `small` over 1,000 chunks (scenes changing every 16 chunks,
-calibrated on other scenes): relative context error 3.8e-4 / 4.0e-4 / 4.2e-4 at chunks 10 / 100 / 1,000 with 2x
-headroom, against 1.1e-3 / 3.2e-3 / 7.0e-4 without (values beyond the calibrated range clip when the input shifts);
-fp16 state gives 1.5e-5. Keys are cached before rotation, where per-channel scales suit their outlier channels.
+the calibration clips stream, / 127: without headroom, values beyond the calibrated range clip when the input moves
+away from the calibration scenes (docs/int8-int4.md measures the error over 1,000 chunks). Keys are cached before
+rotation, where per-channel scales suit their outlier channels.
 """
 from __future__ import annotations
 
