@@ -125,7 +125,7 @@ def atomic_file(path: str | os.PathLike[str], is_ours: Callable[[Path], bool] = 
     try:
         with output_errors(target):
             yield tmp
-            os.chmod(tmp, _file_mode(target))
+            os.chmod(tmp, _replacing_mode(target, directory=False))
             fsync(tmp)
             pause_point("file written, before it is put in place", target)
             _put_file(tmp, output)
@@ -194,13 +194,15 @@ def remove_file(path: Path, is_ours: Callable[[Path], bool], what: str) -> bool:
     return False
 
 
-def _file_mode(target: Path) -> int:
-    """Permissions for a file replacing `target`: the target's own (not a link's target's), else the umask's."""
+def _replacing_mode(target: Path, directory: bool) -> int:
+    """Permissions for a file (or directory) replacing `target`: the target's own where it is one (never a link's
+    target's), else what the umask gives."""
+    fresh = (0o777 if directory else 0o666) & ~_UMASK
     try:
         mode = os.lstat(target).st_mode
     except OSError:
-        return 0o666 & ~_UMASK
-    return mode & 0o7777 if stat.S_ISREG(mode) else 0o666 & ~_UMASK
+        return fresh
+    return mode & 0o7777 if (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)) else fresh
 
 
 # ---- named pipes ----------------------------------------------------------------------------------------------
@@ -286,7 +288,7 @@ def atomic_directory(target: str | os.PathLike[str], kind: str = "bundle") -> It
             yield work
             pause_point("written, before the swap", target)
             check_output_dir(given, kind)  # still ours: nothing of the user's moved in while we worked
-            os.chmod(work, directory_mode(target))
+            os.chmod(work, _replacing_mode(target, directory=True))
             _fsync_tree(work)
             pause_point("checked, before the swap", target)
             _swap_in(work, target, kind)
@@ -433,14 +435,6 @@ def _lock(directory: Path, wait: bool = False) -> int | None:
         return None
     return fd
 
-
-def directory_mode(target: Path) -> int:
-    """Permissions for a directory replacing `target`: the target's own, else what the umask gives."""
-    try:
-        mode = os.lstat(target).st_mode
-    except OSError:
-        return 0o777 & ~_UMASK
-    return mode & 0o7777 if stat.S_ISDIR(mode) else 0o777 & ~_UMASK
 
 
 __all__ = ["PAUSE_HOOK", "atomic_directory", "atomic_file", "fsync", "is_temporary", "make_directories",
