@@ -436,7 +436,6 @@ def _lock(directory: Path, wait: bool = False) -> int | None:
     return fd
 
 
-
 __all__ = ["PAUSE_HOOK", "atomic_directory", "atomic_file", "fsync", "is_temporary", "make_directories",
            "open_pipe", "pause_point", "prepare_output_dir", "recover", "remove_file", "rename_no_replace",
            "write_file", "write_marker"]
