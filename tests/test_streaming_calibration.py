@@ -85,8 +85,12 @@ def test_entropy_search_is_onnxruntimes_and_not_minmax(recorded: dict[str, Any])
     feeds = recorded["recorder"].feeds("combiner")
     minmax = _range_dict(ranges_of(path, feeds, "minmax", WEIGHT_OPS))
     entropy = _range_dict(ranges_of(path, feeds, "entropy", WEIGHT_OPS))
-    narrower = [n for n in minmax if entropy[n][1] - entropy[n][0] < 0.9 * (minmax[n][1] - minmax[n][0])]
-    assert len(narrower) >= len(minmax) // 4, (len(narrower), len(minmax))
+    # Measured on tiny: 17 of 70 ranges at most 0.9 of their min-max width, the narrowest 0.37. The bound sits far
+    # below that (floats differ between CPUs, and 17 against a bound of 70 // 4 failed on CI's CPU with 16).
+    width = {n: (entropy[n][1] - entropy[n][0]) / (minmax[n][1] - minmax[n][0]) for n in minmax}
+    assert max(width.values()) <= 1 + 1e-6, "an entropy range is wider than the data's min-max range"
+    narrower = [n for n, w in width.items() if w < 0.9]
+    assert len(narrower) >= len(minmax) // 10 and min(width.values()) < 0.7, sorted(width.values())
 
 
 def test_sample_store_keeps_a_bounded_uniform_sample(tmp_path: Path) -> None:
