@@ -49,6 +49,7 @@ def export_graph(spec: GraphSpec, model: Mirasol, path: Path, metadata: dict[str
             dynamic_shapes=dynamic_shapes, input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs], opset_version=opset, optimize=True, verbose=False)
     _name_output_axes(program.model, spec)
+    _drop_stack_traces(program.model)
     program.model.metadata_props.update(metadata)
     program.model.graph.name = spec.name
     weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
@@ -63,6 +64,17 @@ def graph_metadata(model: Mirasol, producer: dict[str, str], precision: str) -> 
     """What each graph carries in metadata_props: the config and the producing versions."""
     return {"mirasol.config": model.config.to_json(), "mirasol.precision": precision,
             **{f"mirasol.producer.{k}": v for k, v in producer.items()}}
+
+
+def _drop_stack_traces(model: ir.Model) -> None:
+    """Remove the Python stack trace the exporter stores on every node.
+
+    The traces name the exporting machine's absolute source paths (`/home/<user>/...`): a bundle would reveal them,
+    and its bytes and sizes would depend on where mirasol-edge was installed. Each node keeps its module scope.
+    """
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 def _name_output_axes(model: ir.Model, spec: GraphSpec) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +21,8 @@ from mirasol.runtime.pipeline import Pipeline
 
 from .conftest import make_model
 
+ROOT = Path(__file__).resolve().parents[1]
+
 GRAPHS = ("combiner", "av_autoregressor", "text_cross_kv", "text_decoder")
 
 
@@ -35,6 +38,7 @@ def test_bundle_is_complete_and_checked(tiny_bundles, name) -> None:
         file = path / graph["file"]
         assert sha256_file(file) == graph["sha256"]
         onnx.checker.check_model(str(file), full_check=True)
+        assert_names_no_source_path(file)
         model = onnx.load(str(file), load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}
         assert json.loads(props["mirasol.config"]) == manifest["config"]
@@ -166,3 +170,12 @@ def test_int8_tensorrt_target_is_tensorrt_ready(tiny_int8_trt_bundle) -> None:
     report = check_bundle(out)
     assert report.ok and not report.errors, report.format()
     assert json.loads((out / "manifest.json").read_text())["precision"] == "int8"
+    for graph in json.loads((out / "manifest.json").read_text())["graphs"].values():
+        assert_names_no_source_path(out / graph["file"])
+
+
+def assert_names_no_source_path(file: Path) -> None:
+    """No trace of the machine that exported the graph (the exporter stores stack traces with absolute paths):
+    a bundle's bytes do not depend on, or reveal, where mirasol-edge was installed."""
+    raw = file.read_bytes()
+    assert str(ROOT).encode() not in raw and b'File "/' not in raw, f"{file.name} names source paths"
