@@ -95,6 +95,15 @@ def test_fp16_rotary_angles_by_measurement(tiny_bundles) -> None:
     assert fp16_weights, "fp16 bundle has no fp16 weights"
 
 
+def test_graph_bytes_do_not_depend_on_where_they_are_written(tiny_bundles, tmp_path) -> None:
+    """The same model exported to another folder gives the same graphs, byte for byte: no path and nothing of the run
+    goes into a graph (the source paths in torch's stack traces are checked by `assert_names_no_source_path`)."""
+    other = tmp_path / "a" / "much" / "longer" / "path" / "to" / "the" / "bundle"
+    export_bundle(make_model("transformer"), other, precision="fp32")
+    ours, theirs = (json.loads((p / "manifest.json").read_text())["graphs"] for p in (tiny_bundles["transformer"], other))
+    assert {g: ours[g]["sha256"] for g in ours} == {g: theirs[g]["sha256"] for g in theirs}
+
+
 def _snapshot(path):
     return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
