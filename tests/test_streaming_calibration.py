@@ -85,7 +85,7 @@ def test_entropy_search_is_onnxruntimes_and_not_minmax(recorded: dict[str, Any])
     feeds = recorded["recorder"].feeds("combiner")
     minmax = _range_dict(ranges_of(path, feeds, "minmax", WEIGHT_OPS))
     entropy = _range_dict(ranges_of(path, feeds, "entropy", WEIGHT_OPS))
-    # Measured on tiny: 17 of 70 ranges at most 0.9 of their min-max width, the narrowest 0.37. The bound sits far
+    # Measured on tiny: 17 of 70 ranges below 0.9 of their min-max width, the narrowest 0.37. The bound sits far
     # below that (floats differ between CPUs, and 17 against a bound of 70 // 4 failed on CI's CPU with 16).
     width = {n: (entropy[n][1] - entropy[n][0]) / (minmax[n][1] - minmax[n][0]) for n in minmax}
     assert max(width.values()) <= 1 + 1e-6, "an entropy range is wider than the data's min-max range"
