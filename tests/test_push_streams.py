@@ -1,6 +1,9 @@
 """Pipeline.push_streams: several streams' chunks in one run of the push step, each equal to its stream alone."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
@@ -96,6 +99,25 @@ def assert_unchanged(before: list[tuple], streams) -> None:
         assert all(np.array_equal(counters[k], stream.counters[k]) for k in counters)
 
 
+@contextlib.contextmanager
+def second_av_run_fails(pipe: Pipeline) -> Iterator[list[int]]:
+    """The AV autoregressor's second run in the block raises BackendError; yields the runs counted."""
+    session = pipe.sessions["av_autoregressor"]
+    run, calls = session.run, []
+
+    def failing_second_run(feeds, output_names=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise BackendError("av_autoregressor: injected failure")
+        return run(feeds, output_names)
+
+    session.run = failing_second_run  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        session.run = run  # type: ignore[method-assign]
+
+
 def test_push_streams_changes_no_stream_when_any_run_fails(tiny_bundles) -> None:
     pipe = Pipeline.load(tiny_bundles["ttm"])
     new_chunk = chunk_source(pipe, seed=3)
@@ -110,21 +132,10 @@ def test_push_streams_changes_no_stream_when_any_run_fails(tiny_bundles) -> None
         pipe.push_streams(streams, bad)
     assert_unchanged(before, streams)
 
-    session = pipe.sessions["av_autoregressor"]
-    run, calls = session.run, []
-
-    def failing_second_run(feeds, output_names=None):
-        calls.append(1)
-        if len(calls) == 2:
-            raise BackendError("av_autoregressor: injected failure")
-        return run(feeds, output_names)
-
-    session.run = failing_second_run  # type: ignore[method-assign]
-    with pytest.raises(BackendError, match="injected"):
+    with second_av_run_fails(pipe) as calls, pytest.raises(BackendError, match="injected"):
         pipe.push_streams(streams, [new_chunk() for _ in streams])
     assert len(calls) == 2, "the first group ran, the second failed"
     assert_unchanged(before, streams)
-    session.run = run  # type: ignore[method-assign]
     assert len(pipe.push_streams(streams, [new_chunk() for _ in streams])) == 6
     assert [s.chunks for s in streams] == [2, 2, 2, 1, 1, 1]
 
@@ -220,19 +231,8 @@ def test_a_failed_call_leaves_stacked_streams_as_they_were(tiny_bundles) -> None
     for t in range(2):
         pipe.push_streams(streams, data[t])
         pipe.push_streams(twins, data[t])
-    session = pipe.sessions["av_autoregressor"]
-    run, calls = session.run, []
-
-    def failing_second_run(feeds, output_names=None):
-        calls.append(1)
-        if len(calls) == 2:
-            raise BackendError("av_autoregressor: injected failure")
-        return run(feeds, output_names)
-
-    session.run = failing_second_run  # type: ignore[method-assign]
-    with pytest.raises(BackendError, match="injected"):
+    with second_av_run_fails(pipe), pytest.raises(BackendError, match="injected"):
         pipe.push_streams(streams, data[2])
-    session.run = run  # type: ignore[method-assign]
     assert all(s._rows is not None for s in streams), "the stacked groups survive a failed call"
     for got, expected in zip(pipe.push_streams(streams, data[2]), pipe.push_streams(twins, data[2])):
         assert np.array_equal(got, expected)
